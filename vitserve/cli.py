@@ -1,0 +1,104 @@
+"""`vitserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = "random:tiny"
+# The sizes of the named workloads in DESIGN.md, as synthetic inputs for `--demo`.
+DEMO_IMAGE_SIZES = ((224, 224), (336, 336), (448, 448), (672, 672), (1008, 1008), (480, 640))
+DEMO_VIDEO_SHAPE = (16, 448, 448)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_input(path: Path) -> np.ndarray:
+    """An image file (decoded by Pillow, as RGB) or a .npy uint8 array (H×W×3 or T×H×W×3)."""
+    if path.suffix == ".npy":
+        return np.load(path)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def demo_inputs(seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """Smooth synthetic pictures with noise: deterministic, no files needed."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for height, width in DEMO_IMAGE_SIZES:
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+        noisy = base + rng.normal(0, 12, base.shape)
+        items.append((f"demo-image-{height}x{width}", np.clip(noisy, 0, 255).astype(np.uint8)))
+    frames, height, width = DEMO_VIDEO_SHAPE
+    video = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    items.append((f"demo-video-{frames}x{height}x{width}", video))
+    return items
+
+
+def checksum(values: torch.Tensor) -> str:
+    return hashlib.sha256(values.float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from vitserve.models import load_model
+    from vitserve.preprocess import PreprocessError, preprocess_image, preprocess_video
+
+    if not args.files and not args.demo:
+        print("vitserve encode: give image files (or .npy arrays), or --demo", file=sys.stderr)
+        return 2
+    items = demo_inputs() if args.demo else [(str(p), None) for p in args.files]
+    started = time.perf_counter()
+    model = load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    print(f"model {args.model} on {args.device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          f"parameters, attention {model.attention_backend}, loaded in {time.perf_counter() - started:.1f} s")
+    failures = 0
+    for name, array in items:
+        try:
+            array = read_input(Path(name)) if array is None else array
+            patches = preprocess_video(array) if array.ndim == 4 else preprocess_image(array)
+        except (OSError, PreprocessError) as err:
+            print(f"{name}: error: {err}", file=sys.stderr)
+            failures += 1
+            continue
+        started = time.perf_counter()
+        out = model.encode_patches(patches.pixel_values, patches.grid_thw)
+        elapsed = (time.perf_counter() - started) * 1e3
+        t, h, w = patches.grid_thw[0].tolist()
+        print(f"{name}: grid {t}x{h}x{w} -> embeddings {tuple(out.embeddings.shape)}, deepstack "
+              f"{tuple(out.deepstack.shape)}, sum {out.embeddings.double().sum().item():+.6e}, "
+              f"sha256 {checksum(out.embeddings)}, {elapsed:.1f} ms")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    encode = commands.add_parser("encode", help="encode image files and print shapes and checksums")
+    encode.add_argument("files", nargs="*", type=Path, help="image files, or .npy uint8 arrays (videos: T×H×W×3)")
+    encode.add_argument("--demo", action="store_true", help="encode built-in synthetic images and a video")
+    encode.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
+    encode.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    encode.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 elsewhere")
+    encode.set_defaults(handler=run_encode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Segment (varlen) attention backends: flash_attn, torch_varlen, sdpa.
+
+All take q, k, v as (tokens, heads, head_dim) and segment boundaries, and attend only
+within a segment. The choice is made once per model and logged once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Segments(Protocol):
+    cu_seqlens: torch.Tensor  # (segments + 1,) int32
+    max_seqlen: int
+    segment_lengths: Sequence[int] | None
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Segments], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Portable path. With host-known lengths: one SDPA call per segment (no quadratic mask);
+    without: one call with a block-diagonal mask built on the device (capturable)."""
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, heads, tokens, head_dim)
+    if segments.segment_lengths is not None:
+        lengths = list(segments.segment_lengths)
+        pieces = zip(*(x.split(lengths, dim=2) for x in (q, k, v)))
+        out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in pieces], dim=2)
+    else:
+        token = torch.arange(q.shape[2], device=q.device)
+        segment_id = torch.searchsorted(segments.cu_seqlens[1:], token.to(torch.int32), right=True)  # (tokens,)
+        mask = segment_id[:, None] == segment_id[None, :]  # (tokens, tokens) block diagonal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out[0].transpose(0, 1)  # (tokens, heads, head_dim)
+
+
+def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = segments.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen)  # (tokens, heads, head_dim)
+
+
+def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu = segments.cu_seqlens
+    return flash_attn_varlen_func(q, k, v, cu, cu, segments.max_seqlen, segments.max_seqlen, causal=False)
+
+
+_FUNCTIONS: dict[str, AttentionFn] = {
+    "flash_attn": flash_attn_attention,
+    "torch_varlen": torch_varlen_attention,
+    "sdpa": sdpa_attention,
+}
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends that can run here, best first."""
+    names = []
+    if device.type == "cuda" and dtype in HALF_DTYPES:
+        if importlib.util.find_spec("flash_attn") is not None:
+            names.append("flash_attn")
+        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+            names.append("torch_varlen")
+    names.append("sdpa")
+    return names
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def select_attention(requested: str | None, device: torch.device, dtype: torch.dtype) -> tuple[str, AttentionFn]:
+    """The requested backend, or the best available one; an unavailable request is an error."""
+    available = available_backends(device, dtype)
+    if requested is None:
+        name = available[0]
+    elif requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {list(BACKENDS)}")
+    elif requested not in available:
+        raise ValueError(
+            f"attention backend {requested!r} is not available on {device.type} with {dtype} "
+            f"(flash_attn and torch_varlen need CUDA and float16/bfloat16; flash_attn needs the "
+            f"flash-attn package); available here: {available}"
+        )
+    else:
+        name = requested
+    key = (name, device.type, str(dtype))
+    if key not in _logged:
+        _logged.add(key)
+        log.info("attention backend: %s (%s, %s; available: %s)", name, device.type, dtype, ", ".join(available))
+    return name, _FUNCTIONS[name]

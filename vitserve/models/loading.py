@@ -1,0 +1,181 @@
+"""`load_model`: a local Hugging Face checkpoint directory or a `random:` preset."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .presets import PRESET_PREFIX, init_random_, preset_config
+from .qwen3_vl.config import Qwen3VLVisionConfig
+from .qwen3_vl.model import Qwen3VLVisionTower
+
+log = logging.getLogger(__name__)
+
+FULL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # config.json of the whole VLM, with a vision_config
+VISION_MODEL_TYPES = ("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe")  # a bare vision tower's config.json
+VISION_PREFIXES = ("model.visual.", "visual.")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory cannot be loaded as a Qwen3-VL vision tower."""
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attention: str | None = None,
+) -> Qwen3VLVisionTower:
+    """Load a vision tower in eval mode.
+
+    `source` is a checkpoint directory (config.json plus *.safetensors, vision tensors under
+    `model.visual.`, `visual.` or, for a saved bare tower, no prefix) or a preset such as
+    `random:qwen3-vl-8b`. `dtype` defaults to bfloat16 on CUDA and float32 elsewhere.
+    `attention` picks `flash_attn`, `torch_varlen` or `sdpa` (default: the best available).
+    """
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if str(source).startswith(PRESET_PREFIX):
+        config = preset_config(str(source))
+        model = Qwen3VLVisionTower(config)
+        init_random_(model)
+        model.to(device=device, dtype=dtype)
+    else:
+        directory = Path(source)
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"model source {str(source)!r} is neither a checkpoint directory nor a preset "
+                f"({PRESET_PREFIX}<name>, e.g. {PRESET_PREFIX}tiny)"
+            )
+        config, bare = read_vision_config(directory)
+        with torch.device("meta"):
+            model = Qwen3VLVisionTower(config)
+        state = read_vision_tensors(directory, model, bare, device, dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    model.select_attention(attention)
+    log.info("loaded %s: %d layers, hidden %d, out %d, %s on %s, attention %s", source, config.depth,
+             config.hidden_size, config.out_hidden_size, dtype, device, model.attention_backend)
+    return model
+
+
+def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool]:
+    """The tower's config, and whether the directory holds a bare tower (no VLM around it)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json: expected a Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if "vision_config" in raw:
+        if not isinstance(raw["vision_config"], dict):
+            raise CheckpointError(f"{path}: vision_config must be a JSON object")
+        if model_type not in FULL_MODEL_TYPES:
+            raise CheckpointError(
+                f"{path} has model_type {model_type!r}; vitserve loads Qwen3-VL vision towers "
+                f"(model_type one of {list(FULL_MODEL_TYPES)} with a vision_config)"
+            )
+        vision, bare = raw["vision_config"], False
+    elif model_type in VISION_MODEL_TYPES and ("depth" in raw or "num_hidden_layers" in raw):
+        vision, bare = raw, True
+    else:
+        raise CheckpointError(
+            f"{path} has model_type {model_type!r} and no Qwen3-VL vision_config; vitserve loads Qwen3-VL "
+            f"vision towers (model_type one of {list(FULL_MODEL_TYPES)}, or {VISION_MODEL_TYPES[0]!r} "
+            "for a saved bare tower)"
+        )
+    try:
+        return Qwen3VLVisionConfig.from_hf(vision), bare
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def _tensor_files(directory: Path) -> dict[str, str]:
+    """Tensor name -> file name, from the shard index or the file headers."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index with a weight_map: {err}") from err
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        return dict(weight_map)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} has no *.safetensors files (nor {INDEX_FILE})")
+    names: dict[str, str] = {}
+    for file in files:
+        with _open_safetensors(file) as handle:
+            for name in handle.keys():
+                if name in names:
+                    raise CheckpointError(f"tensor {name} is in both {names[name]} and {file.name} in {directory}")
+                names[name] = file.name
+    return names
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def read_vision_tensors(
+    directory: Path, model: Qwen3VLVisionTower, bare: bool, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Memory-map and read only the vision tensors, checking names and shapes against `model`."""
+    files = _tensor_files(directory)
+    prefixes = ("",) if bare else VISION_PREFIXES
+    found = [p for p in prefixes if any(name.startswith(p) for name in files)]
+    if not found:
+        raise CheckpointError(f"{directory} has no vision tensors under {' or '.join(VISION_PREFIXES)}")
+    if len(found) > 1:
+        raise CheckpointError(f"{directory} has vision tensors under both {found[0]} and {found[1]}; keep one copy")
+    prefix = found[0]
+    vision = {name[len(prefix):]: name for name in files if name.startswith(prefix)}
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    missing = sorted(set(expected) - set(vision))
+    extra = sorted(set(vision) - set(expected))
+    if missing:
+        shown = ", ".join(prefix + m for m in missing[:8])
+        raise CheckpointError(f"{directory} lacks {len(missing)} vision tensor(s) the config needs: {shown}")
+    if extra:
+        shown = ", ".join(f"{vision[e]} (in {files[vision[e]]})" for e in extra[:8])
+        raise CheckpointError(f"{directory} has {len(extra)} vision tensor(s) the config does not use: {shown}")
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for short, full in vision.items():
+        by_file.setdefault(files[full], []).append(short)
+    for file_name, shorts in sorted(by_file.items()):
+        path = directory / file_name
+        if not path.is_file():
+            raise CheckpointError(f"{directory / INDEX_FILE} names {file_name}, which does not exist")
+        with _open_safetensors(path) as handle:
+            present = set(handle.keys())
+            for short in shorts:
+                full = vision[short]
+                if full not in present:
+                    raise CheckpointError(f"{directory / INDEX_FILE} places {full} in {file_name}, which lacks it")
+                shape = tuple(handle.get_slice(full).get_shape())
+                if shape != expected[short]:
+                    raise CheckpointError(
+                        f"tensor {full} in {file_name} has shape {list(shape)}, but the config "
+                        f"needs {list(expected[short])}"
+                    )
+                state[short] = handle.get_tensor(full).to(device=device, dtype=dtype)
+    return state

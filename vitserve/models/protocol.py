@@ -1,0 +1,117 @@
+"""The encoder protocol: what the runner, scheduler and engine may know about a vision tower.
+
+A window of work is a packed run of patch tokens from several items (images or videos).
+Each item is described by one row of an int64 *layout* tensor, the only per-window
+metadata that has to travel to the device:
+
+    (t, h, w, token_offset, sequence_offset)      grid in patch units, offsets into the window
+
+Everything per token (position-embedding taps, rotary angles, segment boundaries) is
+derived from the layout on the device, with static shapes, so that a captured graph can
+replay any mix of items that fits its capacities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+
+import torch
+
+LAYOUT_COLUMNS = ("t", "h", "w", "token_offset", "sequence_offset")
+
+
+@dataclass(frozen=True)
+class EncoderGeometry:
+    """Shapes that packing and output buffers depend on."""
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    in_channels: int
+    hidden_size: int
+    out_hidden_size: int
+    num_deepstack: int
+
+    @property
+    def patch_dim(self) -> int:
+        """Width of one row of `pixel_values`: C * T * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_factor(self) -> int:
+        """Patch tokens per output token."""
+        return self.merge_size**2
+
+
+class EncoderOutput(NamedTuple):
+    embeddings: torch.Tensor  # (tokens / merge², out_hidden)
+    deepstack: torch.Tensor  # (num_deepstack, tokens / merge², out_hidden)
+
+
+@runtime_checkable
+class VisionEncoder(Protocol):
+    """A vision tower that can run packed windows of items.
+
+    `metadata` must be free of data-dependent shapes and host syncs given its static
+    arguments, so it can run inside a CUDA graph; `forward` must not sync either.
+    """
+
+    geometry: EncoderGeometry
+
+    def item_tokens(self, t: int, h: int, w: int) -> int:
+        """Patch tokens of one item with grid (t, h, w)."""
+        ...
+
+    def item_sequences(self, t: int, h: int, w: int) -> int:
+        """Attention sequences (segments) of one item."""
+        ...
+
+    def metadata(
+        self,
+        layout: torch.Tensor,
+        num_tokens: int,
+        num_sequences: int,
+        max_seqlen: int,
+        segment_lengths: Sequence[int] | None = None,
+    ) -> "object":
+        """Per-token metadata for a window of `num_tokens` tokens (padding included).
+
+        `layout` is (items, 5) int64 on the model's device. Tokens past the last item form
+        one padding segment; `num_sequences` counts the real segments, the padding one and
+        any empty ones up to the capacity. `segment_lengths`, when the host knows them,
+        lets backends that need host lengths (SDPA) avoid a dense mask.
+        """
+        ...
+
+    def forward(self, pixel_values: torch.Tensor, metadata: object) -> EncoderOutput:
+        """Encode packed patches (tokens, patch_dim) with metadata from `metadata`."""
+        ...
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Host-side description of a packed window, built from grids."""
+
+    layout: torch.Tensor  # (items, 5) int64, see LAYOUT_COLUMNS
+    num_tokens: int
+    num_sequences: int
+    segment_lengths: tuple[int, ...]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.segment_lengths, default=0)
+
+
+def pack_grids(encoder: VisionEncoder, grids: Sequence[Sequence[int]]) -> PackedLayout:
+    """Lay items out back to back, in the given order, with no padding."""
+    rows, segment_lengths = [], []
+    tokens = sequences = 0
+    for t, h, w in grids:
+        rows.append((t, h, w, tokens, sequences))
+        item_tokens, item_sequences = encoder.item_tokens(t, h, w), encoder.item_sequences(t, h, w)
+        segment_lengths += [item_tokens // item_sequences] * item_sequences
+        tokens += item_tokens
+        sequences += item_sequences
+    layout = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(LAYOUT_COLUMNS))
+    return PackedLayout(layout, tokens, sequences, tuple(segment_lengths))

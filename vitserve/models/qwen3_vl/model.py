@@ -1,0 +1,207 @@
+"""The Qwen3-VL vision tower (also the Qwen3-VL-MoE one): our implementation, HF parameter names.
+
+Module and parameter names match Hugging Face's `Qwen3VLVisionModel`, so checkpoints load
+by name. The forward reads only tensors prepared by `metadata`, so it has no host syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import AttentionFn, select_attention
+from ..protocol import EncoderGeometry, EncoderOutput, pack_grids
+from .config import Qwen3VLVisionConfig
+from .metadata import TokenMetadata, build_token_metadata
+
+LAYER_NORM_EPS = 1e-6  # hard-coded by the reference implementation
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: Qwen3VLVisionConfig):
+        super().__init__()
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        # Kept as a Conv3d for checkpoint names; kernel == stride, so it runs as one GEMM.
+        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=True)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)  # (hidden, C*T*P*P)
+        return F.linear(pixel_values.to(weight.dtype), weight, self.proj.bias)  # (tokens, hidden)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel j with channel j + head_dim/2, in float32 as the reference does."""
+    first, second = x.float().chunk(2, dim=-1)  # (tokens, heads, head_dim / 2) each
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return rotated.to(x.dtype)  # (tokens, heads, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3VLVisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor, meta: TokenMetadata, attend: AttentionFn) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, -1).unbind(1)  # (tokens, heads, head_dim) each
+        q = apply_rotary(q, meta.rope_cos, meta.rope_sin)
+        k = apply_rotary(k, meta.rope_cos, meta.rope_sin)
+        out = attend(q, k, v, meta)  # (tokens, heads, head_dim)
+        return self.proj(out.reshape(tokens, -1))  # (tokens, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen3VLVisionConfig):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Qwen3VLVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.attn = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, meta: TokenMetadata, attend: AttentionFn) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), meta, attend)
+        return x + self.mlp(self.norm2(x))  # (tokens, hidden)
+
+
+class PatchMerger(nn.Module):
+    """2x2 merge of consecutive patches. The final merger normalises each patch before the
+    merge; the deepstack mergers normalise the merged vector after it."""
+
+    def __init__(self, config: Qwen3VLVisionConfig, norm_after_merge: bool):
+        super().__init__()
+        merged = config.hidden_size * config.spatial_merge_size**2
+        self.merged = merged
+        self.norm_after_merge = norm_after_merge
+        self.norm = nn.LayerNorm(merged if norm_after_merge else config.hidden_size, eps=LAYER_NORM_EPS)
+        self.linear_fc1 = nn.Linear(merged, merged)
+        self.linear_fc2 = nn.Linear(merged, config.out_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_after_merge:
+            x = self.norm(x.view(-1, self.merged))  # (tokens / 4, 4 * hidden)
+        else:
+            x = self.norm(x).view(-1, self.merged)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # (tokens / 4, out_hidden), exact erf GELU
+
+
+class Qwen3VLVisionTower(nn.Module):
+    """Implements the `VisionEncoder` protocol."""
+
+    def __init__(self, config: Qwen3VLVisionConfig, attention: str | None = None):
+        super().__init__()
+        self.config = config
+        self.geometry = EncoderGeometry(
+            patch_size=config.patch_size,
+            temporal_patch_size=config.temporal_patch_size,
+            merge_size=config.spatial_merge_size,
+            in_channels=config.in_channels,
+            hidden_size=config.hidden_size,
+            out_hidden_size=config.out_hidden_size,
+            num_deepstack=len(config.deepstack_visual_indexes),
+        )
+        self.patch_embed = PatchEmbed(config)
+        self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.merger = PatchMerger(config, norm_after_merge=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            PatchMerger(config, norm_after_merge=True) for _ in config.deepstack_visual_indexes
+        )
+        self._deepstack_at = {layer: j for j, layer in enumerate(config.deepstack_visual_indexes)}
+        self.requested_attention = attention
+        self.attention_backend: str | None = None
+        self._attend: AttentionFn | None = None
+
+    # -- protocol ---------------------------------------------------------------------------
+    def item_tokens(self, t: int, h: int, w: int) -> int:
+        return t * h * w
+
+    def item_sequences(self, t: int, h: int, w: int) -> int:
+        return t  # each temporal patch (frame pair) attends only within itself
+
+    def metadata(
+        self,
+        layout: torch.Tensor,
+        num_tokens: int,
+        num_sequences: int,
+        max_seqlen: int,
+        segment_lengths: Sequence[int] | None = None,
+    ) -> TokenMetadata:
+        return build_token_metadata(self.config, layout, num_tokens, num_sequences, max_seqlen, segment_lengths)
+
+    def forward(self, pixel_values: torch.Tensor, meta: TokenMetadata) -> EncoderOutput:
+        attend = self._attend or self.select_attention(self.requested_attention)
+        x = self.patch_embed(pixel_values)  # (tokens, hidden)
+        positions = (self.pos_embed.weight[meta.pos_index] * meta.pos_weight[..., None]).sum(1)  # (tokens, hidden) fp32
+        x = x + positions.to(x.dtype)
+        deepstack = []
+        for layer, block in enumerate(self.blocks):
+            x = block(x, meta, attend)
+            if layer in self._deepstack_at:
+                deepstack.append(self.deepstack_merger_list[self._deepstack_at[layer]](x))
+        embeddings = self.merger(x)  # (tokens / 4, out_hidden)
+        if deepstack:
+            stacked = torch.stack(deepstack)  # (num_deepstack, tokens / 4, out_hidden)
+        else:
+            stacked = embeddings.new_empty((0, *embeddings.shape))
+        return EncoderOutput(embeddings, stacked)
+
+    # -- conveniences -----------------------------------------------------------------------
+    def select_attention(self, requested: str | None) -> AttentionFn:
+        """Pick (and remember) the attention backend for this model's device and dtype."""
+        weight = self.patch_embed.proj.weight
+        self.attention_backend, self._attend = select_attention(requested, weight.device, weight.dtype)
+        self.requested_attention = requested
+        return self._attend
+
+    @torch.inference_mode()
+    def encode_patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> EncoderOutput:
+        """Eager reference path on Hugging Face processor outputs.
+
+        `pixel_values` is (sum t*h*w, C*T*P*P); `grid_thw` is (items, 3) in patch units.
+        """
+        grids = _grid_list(grid_thw)
+        packed = pack_grids(self, grids)
+        _check_patches(pixel_values, packed.num_tokens, self.geometry, grids)
+        device = self.patch_embed.proj.weight.device
+        meta = self.metadata(
+            packed.layout.to(device), packed.num_tokens, packed.num_sequences, packed.max_seqlen, packed.segment_lengths
+        )
+        return self.forward(pixel_values.to(device), meta)
+
+
+def _grid_list(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else [list(g) for g in grid_thw]
+    if not rows or any(len(r) != 3 for r in rows):
+        raise ValueError(f"grid_thw must be a non-empty (items, 3) list of (t, h, w), got {rows!r}")
+    return [(int(t), int(h), int(w)) for t, h, w in rows]
+
+
+def _check_patches(pixel_values: torch.Tensor, tokens: int, geometry: EncoderGeometry, grids: list) -> None:
+    merge = geometry.merge_size
+    for t, h, w in grids:
+        if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+            raise ValueError(
+                f"grid (t={t}, h={h}, w={w}) is invalid: t, h, w must be positive and h, w multiples of "
+                f"the merge size {merge}"
+            )
+    expected = (tokens, geometry.patch_dim)
+    if pixel_values.dim() != 2 or tuple(pixel_values.shape) != expected:
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grids} needs {expected} "
+            "(sum of t*h*w rows of C*T*P*P values)"
+        )

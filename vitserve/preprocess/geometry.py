@@ -1,0 +1,150 @@
+"""Resized sizes and patch grids: Qwen's smart_resize for images and for videos.
+
+The arithmetic (Python's banker's `round`, float `sqrt`, floor/ceil on the same
+expressions) follows the Hugging Face Qwen2-VL / Qwen3-VL processors operation for
+operation, because a one-pixel difference in the resized size changes the token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vitserve.preprocess.config import PreprocessConfig
+from vitserve.preprocess.errors import PreprocessError
+
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """One image or video: its input size, resized size and patch grid."""
+
+    is_video: bool
+    frames: int  # input frames; 1 for an image
+    height: int
+    width: int
+    resized_height: int
+    resized_width: int
+    grid_t: int
+    grid_h: int
+    grid_w: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_t * self.grid_h * self.grid_w
+
+    @property
+    def needs_resize(self) -> bool:
+        return (self.resized_height, self.resized_width) != (self.height, self.width)
+
+
+def check_aspect_ratio(height: int, width: int) -> None:
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise PreprocessError(
+            f"aspect ratio {ratio:.1f} (H×W = {height}×{width}) is over {MAX_ASPECT_RATIO}; "
+            f"crop or pad the input so that the long side is at most {MAX_ASPECT_RATIO}× the short side"
+        )
+
+
+def smart_resize_image(
+    height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor` with min <= h*w <= max pixels."""
+    check_aspect_ratio(height, width)
+    resized_height = round(height / factor) * factor
+    resized_width = round(width / factor) * factor
+    if resized_height * resized_width > max_pixels:
+        shrink = math.sqrt((height * width) / max_pixels)
+        resized_height = max(factor, math.floor(height / shrink / factor) * factor)
+        resized_width = max(factor, math.floor(width / shrink / factor) * factor)
+    elif resized_height * resized_width < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        resized_height = math.ceil(height * grow / factor) * factor
+        resized_width = math.ceil(width * grow / factor) * factor
+    return resized_height, resized_width
+
+
+def smart_resize_video(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    temporal_factor: int,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+) -> tuple[int, int]:
+    """Per-frame (height, width) for a clip; the pixel limits apply to frames*h*w.
+
+    Differs from the image rule as Qwen3-VL's video processor does: sides shorter than
+    `factor` are first scaled up (keeping the aspect ratio), and the limits count frames.
+    """
+    if num_frames < temporal_factor:
+        raise PreprocessError(
+            f"a video needs at least {temporal_factor} frames for the resize rule, got {num_frames}"
+        )
+    if height < factor or width < factor:
+        upscale = max(factor / height, factor / width)
+        height = int(height * upscale)
+        width = int(width * upscale)
+    check_aspect_ratio(height, width)
+    resized_height = round(height / factor) * factor
+    resized_width = round(width / factor) * factor
+    rounded_frames = round(num_frames / temporal_factor) * temporal_factor
+    if rounded_frames * resized_height * resized_width > max_pixels:
+        shrink = math.sqrt((num_frames * height * width) / max_pixels)
+        resized_height = max(factor, math.floor(height / shrink / factor) * factor)
+        resized_width = max(factor, math.floor(width / shrink / factor) * factor)
+    elif rounded_frames * resized_height * resized_width < min_pixels:
+        grow = math.sqrt(min_pixels / (num_frames * height * width))
+        resized_height = math.ceil(height * grow / factor) * factor
+        resized_width = math.ceil(width * grow / factor) * factor
+    return resized_height, resized_width
+
+
+def plan_image(height: int, width: int, config: PreprocessConfig) -> ItemPlan:
+    resized_height, resized_width = smart_resize_image(
+        height,
+        width,
+        factor=config.factor,
+        min_pixels=config.image_min_pixels,
+        max_pixels=config.image_max_pixels,
+    )
+    return ItemPlan(
+        is_video=False,
+        frames=1,
+        height=height,
+        width=width,
+        resized_height=resized_height,
+        resized_width=resized_width,
+        grid_t=1,  # the single frame is repeated to fill one temporal patch
+        grid_h=resized_height // config.patch_size,
+        grid_w=resized_width // config.patch_size,
+    )
+
+
+def plan_video(frames: int, height: int, width: int, config: PreprocessConfig) -> ItemPlan:
+    """A clip shorter than one temporal patch is sized as the padded clip (its last frame repeated)."""
+    temporal = config.temporal_patch_size
+    resized_height, resized_width = smart_resize_video(
+        max(frames, temporal),
+        height,
+        width,
+        temporal_factor=temporal,
+        factor=config.factor,
+        min_pixels=config.video_min_pixels,
+        max_pixels=config.video_max_pixels,
+    )
+    return ItemPlan(
+        is_video=True,
+        frames=frames,
+        height=height,
+        width=width,
+        resized_height=resized_height,
+        resized_width=resized_width,
+        grid_t=-(-frames // temporal),  # frames padded up to a multiple of the temporal patch
+        grid_h=resized_height // config.patch_size,
+        grid_w=resized_width // config.patch_size,
+    )

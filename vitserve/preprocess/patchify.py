@@ -1,0 +1,55 @@
+"""Frames to patch rows in Qwen-VL's layout, and the fused rescale + normalise.
+
+Rows run over (grid_t, grid_h/m, grid_w/m, m, m): the m×m patches that the merger joins
+are adjacent. Columns run over (C, T, P, P), T holding consecutive frames. Images fill
+the temporal patch by repeating their frame; videos are padded to a multiple of T by
+repeating their last frame.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vitserve.preprocess.config import PreprocessConfig
+
+# HF fuses rescale (1/255) and normalise into (x - mean*255) / (std*255) in float32; the
+# scaled mean/std are float32 products computed the same way so the results are bitwise equal.
+_INVERSE_RESCALE = 1.0 / (1 / 255)
+
+
+def patchify_into(frames: torch.Tensor, out: torch.Tensor, config: PreprocessConfig) -> None:
+    """Write uint8 frames (B, F, C, h, w) of B equal-sized items into their rows, as float.
+
+    `out` holds the B items' rows back to back: (B*t*h*w/P², C*T*P*P). The copy goes
+    straight into a permuted view of `out`, so nothing intermediate is allocated; padding
+    frames are written from a broadcast view of the last frame.
+    """
+    batch, num_frames, channels, height, width = frames.shape
+    patch, merge, temporal = config.patch_size, config.merge_size, config.temporal_patch_size
+    grid_t = -(-num_frames // temporal)
+    blocks_h, blocks_w = height // (patch * merge), width // (patch * merge)
+    # (B, t, h/m, w/m, m, m, C, T, P, P) -> (B, t, T, C, h/m, m, P, w/m, m, P): `out` seen as frames
+    out_frames = out.view(batch, grid_t, blocks_h, blocks_w, merge, merge, channels, temporal, patch, patch)
+    out_frames = out_frames.permute(0, 1, 7, 6, 2, 4, 8, 3, 5, 9)
+    # (B, F, C, h, w) -> (B, F, C, h/m, m, P, w/m, m, P)
+    frame_blocks = frames.unflatten(4, (blocks_w, merge, patch)).unflatten(3, (blocks_h, merge, patch))
+    full = num_frames // temporal
+    if full:
+        out_frames[:, :full].copy_(frame_blocks[:, : full * temporal].unflatten(1, (full, temporal)))
+    remainder = num_frames - full * temporal
+    last_frame = frame_blocks[:, -1:]  # (B, 1, C, h/m, m, P, w/m, m, P)
+    if remainder == 1:  # every slot of the last temporal patch shows the last frame (all images)
+        out_frames[:, full].copy_(last_frame.expand(-1, temporal, *last_frame.shape[2:]))
+    elif remainder:
+        out_frames[:, full, :remainder].copy_(frame_blocks[:, full * temporal :])
+        padding = last_frame.expand(-1, temporal - remainder, *last_frame.shape[2:])
+        out_frames[:, full, remainder:].copy_(padding)
+
+
+def normalize_(pixel_values: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """In place on rows (N, C*T*P*P) of 0..255 values: (x - mean*255) / (std*255) per channel."""
+    mean = torch.tensor(config.image_mean, dtype=torch.float32, device=pixel_values.device) * _INVERSE_RESCALE
+    std = torch.tensor(config.image_std, dtype=torch.float32, device=pixel_values.device) * _INVERSE_RESCALE
+    by_channel = pixel_values.view(pixel_values.shape[0], 3, config.patch_dim // 3)  # (N, C, T*P*P)
+    by_channel.sub_(mean[:, None]).div_(std[:, None])
+    return pixel_values
