@@ -3,9 +3,10 @@
 Two bf16 runs that differ in one kernel's accumulation order differ by about 1.2e-4 of cosine
 on this random tower: HF's own bf16 output is only ~0.99988 from its float32 output, and HF with
 SDPA's flash kernel differs from HF with SDPA's default pick (cuDNN on an H100) by as much. So
-the checks are: with the same attention kernel (sdpa) we are bit-identical to HF; with
+the checks are: with the same attention kernel (sdpa) we agree with HF; with
 torch_varlen we stay within 2e-4 of cosine of HF's runs and are at least as close to the
-float32 reference as HF's own bf16 run is.
+float32 reference as HF's own bf16 run is. (The patch embedding runs as a GEMM, not HF's conv
+kernel, which is 30x slower here, so results are not bit-identical to HF even with SDPA.)
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def test_outputs_are_finite(runs):
     assert all(torch.isfinite(x).all() for x in runs["ours"])
 
 
-def test_same_attention_kernel_is_bit_identical_to_hf(runs):
-    assert all(torch.equal(a, b) for a, b in zip(runs["ours_sdpa"], runs["hf_default"], strict=True))
+def test_same_attention_kernel_agrees_with_hf(runs):
+    cosines = per_item_cosines(runs["ours_sdpa"], runs["hf_default"])
+    print(f"\nours sdpa vs HF sdpa (default kernel): worst per-item cosine {min(cosines):.7f}")
+    assert min(cosines) >= MIN_COSINE
 
 
 @pytest.mark.parametrize("reference", ["hf_default", "hf_flash"])

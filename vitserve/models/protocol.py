@@ -115,3 +115,28 @@ def pack_grids(encoder: VisionEncoder, grids: Sequence[Sequence[int]]) -> Packed
         sequences += item_sequences
     layout = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(LAYOUT_COLUMNS))
     return PackedLayout(layout, tokens, sequences, tuple(segment_lengths))
+
+
+def grid_list(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+    """`grid_thw` as a list of (t, h, w) ints."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else [list(g) for g in grid_thw]
+    if not rows or any(len(r) != 3 for r in rows):
+        raise ValueError(f"grid_thw must be a non-empty (items, 3) list of (t, h, w), got {rows!r}")
+    return [(int(t), int(h), int(w)) for t, h, w in rows]
+
+
+def check_patches(pixel_values: torch.Tensor, tokens: int, geometry: EncoderGeometry, grids: list) -> None:
+    """Raise ValueError unless `pixel_values` is (tokens, patch_dim) and every grid is valid."""
+    merge = geometry.merge_size
+    for t, h, w in grids:
+        if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
+            raise ValueError(
+                f"grid (t={t}, h={h}, w={w}) is invalid: t, h, w must be positive and h, w multiples of "
+                f"the merge size {merge}"
+            )
+    expected = (tokens, geometry.patch_dim)
+    if pixel_values.dim() != 2 or tuple(pixel_values.shape) != expected:
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grids} needs {expected} "
+            "(sum of t*h*w rows of C*T*P*P values)"
+        )

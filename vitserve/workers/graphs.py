@@ -1,0 +1,60 @@
+"""CUDA graphs of the static window, one per budget, in one memory pool."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .static_window import StaticWindow
+
+WARMUP_RUNS = 2  # eager runs on a side stream before capture: kernel selection, allocator, cuDNN plans
+
+
+@dataclass(frozen=True)
+class CaptureReport:
+    keys: tuple[tuple[int, int], ...]  # (budget, segment slots) of every graph
+    seconds: float
+    graph_bytes: int  # device memory the graphs' pool took
+    buffer_bytes: int  # the static buffers
+
+
+class BudgetGraphs:
+    def __init__(self, window: StaticWindow):
+        self.window = window
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (budget, slots) -> graph
+
+    @torch.inference_mode()
+    def capture(self, keys: list[tuple[int, int]], progress: bool = True) -> CaptureReport:
+        """Capture a graph per (budget, slots), largest first, so smaller graphs reuse the largest's blocks."""
+        keys = sorted(keys, reverse=True)
+        started = time.perf_counter()
+        torch.cuda.synchronize()
+        reserved_before = torch.cuda.memory_reserved()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                for budget, slots in keys:
+                    self.window.stage_dummy(budget)
+                    self.window.forward(budget, slots)
+        torch.cuda.current_stream().wait_stream(side)
+        for budget, slots in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
+            self.window.stage_dummy(budget)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.window.forward(budget, slots)
+            self.graphs[budget, slots] = graph
+        torch.cuda.synchronize()
+        return CaptureReport(
+            keys=tuple(keys),
+            seconds=time.perf_counter() - started,
+            graph_bytes=torch.cuda.memory_reserved() - reserved_before,
+            buffer_bytes=self.window.nbytes,
+        )
+
+    def replay(self, budget: int, slots: int) -> None:
+        self.graphs[budget, slots].replay()

@@ -1,0 +1,187 @@
+"""The model runner: packs items into windows and runs each as a graph replay or eagerly.
+
+    runner = ModelRunner(model, WindowConfig(min_budget=256, max_budget=8192))
+    runner.capture()                       # CUDA: capture every budget, measure the cost model
+    result = runner.encode(pixel_values, grid_thw)
+    result.embeddings(0), result.deepstack(0)   # views into one pinned host buffer
+
+Every window's used output rows are copied once, non-blocking, into the output buffer (the
+caller's, e.g. shared memory, or a pinned one made here); items are offsets into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vitserve.models import VisionEncoder, check_patches, grid_list, pack_grids
+
+from .capacities import Capacities, WindowConfig, resolve_capacities
+from .cost_model import CostModel, time_ms
+from .graphs import BudgetGraphs, CaptureReport
+from .packing import ItemShape, Window, oversize_reason, pack
+from .static_window import StaticWindow
+from .stats import RunnerStats
+
+log = logging.getLogger(__name__)
+
+EAGER_CALIBRATION_TOKENS = (256, 1024, 4096, 16384)
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    offset: int  # first row of the item in the output buffer
+    rows: int  # output tokens (patch tokens / merge²)
+
+
+@dataclass
+class EncodeResult:
+    output: torch.Tensor  # (rows, 1 + deepstack, out_hidden): row r holds the embedding, then deepstack
+    items: list[ItemOutput]  # in the caller's order
+    done: torch.cuda.Event | None = None  # recorded after the last copy; None when already complete
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+    def embeddings(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        return self.output[item.offset:item.offset + item.rows, 0]  # (rows, out_hidden)
+
+    def deepstack(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        return self.output[item.offset:item.offset + item.rows, 1:].transpose(0, 1)  # (deepstack, rows, out_hidden)
+
+
+class ModelRunner:
+    def __init__(self, model: VisionEncoder, config: WindowConfig | None = None):
+        config = config or WindowConfig()
+        weight = next(model.parameters())
+        self.model = model
+        self.device, self.dtype = weight.device, weight.dtype
+        self.capacities: Capacities = resolve_capacities(config, model.geometry)
+        self.use_graphs = config.graphs and self.device.type == "cuda"
+        self.window = StaticWindow(model, self.capacities, self.device, self.dtype)
+        self.graphs = BudgetGraphs(self.window) if self.use_graphs else None
+        self.cost = CostModel()
+        self.stats = RunnerStats()
+        self.capture_report: CaptureReport | None = None
+
+    # -- start-up ---------------------------------------------------------------------------
+    def capture(self, progress: bool = True) -> CaptureReport | None:
+        """Capture the budget graphs (CUDA with graphs on) and measure the cost model."""
+        if self.graphs is not None:
+            self.capture_report = self.graphs.capture(self.padded_shapes(), progress=progress)
+            log.info("captured %d graphs in %.1f s: %.0f MiB for graphs, %.0f MiB for buffers",
+                     len(self.capture_report.keys), self.capture_report.seconds,
+                     self.capture_report.graph_bytes / 2**20, self.capture_report.buffer_bytes / 2**20)
+        self.calibrate()
+        return self.capture_report
+
+    def padded_shapes(self) -> list[tuple[int, int]]:
+        """Every (budget, segment slots) a window can take; one graph each."""
+        return [(b, s) for b in self.capacities.budgets for s in self.capacities.slot_tiers]
+
+    @torch.inference_mode()
+    def calibrate(self) -> CostModel:
+        """Measure each padded window shape and eager runs at a few sizes on this device."""
+        for budget, slots in self.padded_shapes():
+            self.window.stage_dummy(budget)
+            if self.graphs is not None:
+                run = lambda key=(budget, slots): self.graphs.replay(*key)  # noqa: E731
+            else:
+                run = lambda key=(budget, slots): self.window.forward(*key)  # noqa: E731
+            self.cost.padded_ms[budget, slots] = time_ms(run, self.device)
+        points = []
+        for tokens in [t for t in EAGER_CALIBRATION_TOKENS if t <= 2 * self.capacities.max_budget]:
+            side = max(2, round(tokens**0.5 / 2) * 2)
+            grid = [(1, side, side)]
+            pixels = torch.randn(side * side, self.model.geometry.patch_dim, device=self.device)
+            points.append((side * side, time_ms(lambda: self.model.encode_patches(pixels, grid), self.device)))
+        self.cost.eager_points = sorted(points)
+        return self.cost
+
+    # -- encoding ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]],
+               out: torch.Tensor | None = None, wait: bool = True) -> EncodeResult:
+        """Encode packed patches of several items; `out` is (rows, 1 + deepstack, out_hidden) when given."""
+        grids = grid_list(grid_thw)
+        shapes = [ItemShape(self.model.item_tokens(*g), self.model.item_sequences(*g)) for g in grids]
+        pixel_offsets = [0]
+        for shape in shapes:
+            pixel_offsets.append(pixel_offsets[-1] + shape.tokens)
+        check_patches(pixel_values, pixel_offsets[-1], self.model.geometry, grids)
+        pixel_values = pixel_values.to(self.device, non_blocking=True)  # one upload, then device copies
+        merge = self.capacities.merge_factor
+        total_rows = pixel_offsets[-1] // merge
+        out = self._output_buffer(total_rows) if out is None else _check_output(out, total_rows, self.window.output)
+
+        items: list[ItemOutput | None] = [None] * len(grids)
+        cursor = 0
+        for window in pack(shapes, self.capacities):
+            sequences = sum(shapes[i].sequences for i in window.items)
+            rows = window.tokens // merge
+            shape = None if window.budget is None else (window.budget, self.capacities.fitting_slots(sequences))
+            if shape is not None and (not self.use_graphs or self.cost.prefer_padded(window.tokens, shape)):
+                first_rows = self._run_static(window, shape, grids, pixel_values, pixel_offsets)
+                out[cursor:cursor + rows].copy_(self.window.output[:rows], non_blocking=True)
+                self.stats.record_padded(window, sequences, replayed=self.graphs is not None)
+            else:
+                first_rows = self._run_eager(window, grids, pixel_values, pixel_offsets, out[cursor:cursor + rows])
+                reason = oversize_reason(shapes[window.items[0]], self.capacities) or "cheaper_than_graph"
+                self.stats.record_eager(window, sequences, reason)
+            for index, first in zip(window.items, first_rows):
+                items[index] = ItemOutput(cursor + first, shapes[index].tokens // merge)
+            cursor += rows
+
+        result = EncodeResult(out, items)
+        if self.device.type == "cuda":
+            result.done = torch.cuda.Event()
+            result.done.record()
+        if wait:
+            result.wait()
+        return result
+
+    def _run_static(self, window: Window, shape: tuple[int, int], grids, pixel_values, pixel_offsets) -> list[int]:
+        first_rows = self.window.stage(window, grids, pixel_values, pixel_offsets)
+        if self.graphs is not None:
+            self.graphs.replay(*shape)
+        else:
+            # Eager over the same buffers; host-known segment lengths spare SDPA a dense mask.
+            self.window.forward(*shape, self.window.host_segment_lengths(window, grids, shape[1]))
+        return first_rows
+
+    def _run_eager(self, window: Window, grids, pixel_values, pixel_offsets, destination: torch.Tensor) -> list[int]:
+        """Unpadded forward of the window's items (too large for any budget, or cheaper than its graph)."""
+        window_grids = [grids[i] for i in window.items]
+        pixels = torch.cat([pixel_values[pixel_offsets[i]:pixel_offsets[i + 1]] for i in window.items])
+        packed = pack_grids(self.model, window_grids)
+        meta = self.model.metadata(packed.layout.to(self.device), packed.num_tokens, packed.num_sequences,
+                                   packed.max_seqlen, packed.segment_lengths)
+        encoded = self.model(pixels.to(self.dtype), meta)
+        destination[:, 0].copy_(encoded.embeddings, non_blocking=True)
+        destination[:, 1:].copy_(encoded.deepstack.transpose(0, 1), non_blocking=True)
+        first_rows, row = [], 0
+        for t, h, w in window_grids:
+            first_rows.append(row)
+            row += self.model.item_tokens(t, h, w) // self.capacities.merge_factor
+        return first_rows
+
+    def _output_buffer(self, rows: int) -> torch.Tensor:
+        shape = (rows, *self.window.output.shape[1:])
+        return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+
+
+def _check_output(out: torch.Tensor, rows: int, static_output: torch.Tensor) -> torch.Tensor:
+    expected = (rows, *static_output.shape[1:])
+    if tuple(out.shape) != expected or out.dtype != static_output.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"output buffer must be a contiguous {static_output.dtype} tensor of shape {expected}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
