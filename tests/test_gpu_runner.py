@@ -21,7 +21,7 @@ def runner():
     model = load_model("random:qwen3-vl-8b", device="cuda", dtype=torch.bfloat16)
     runner = ModelRunner(model, WindowConfig(budgets=BUDGETS, max_items=16, max_sequences=32))
     runner.capture(progress=False)
-    runner.cost.eager_points.clear()  # no eager prediction: every window that fits replays its graph
+    runner.cost.eager_base_points.clear()  # no eager prediction: every window that fits replays its graph
     return runner
 
 

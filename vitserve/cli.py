@@ -79,6 +79,34 @@ def run_encode(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from vitserve.bench import report
+    from vitserve.bench.runner_bench import METHODS
+    from vitserve.bench.runner_bench import run_bench as bench
+    from vitserve.bench.workloads import WORKLOADS
+    from vitserve.workers import WindowConfig
+
+    if not torch.cuda.is_available():
+        print("vitserve bench: needs a CUDA device (it times CUDA graphs against eager baselines)", file=sys.stderr)
+        return 2
+    names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
+        return 2
+    window = WindowConfig(min_budget=args.min_budget, max_budget=args.max_budget)
+    methods = tuple(args.methods.split(","))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"vitserve bench: unknown methods {unknown}; choose from {list(METHODS)}", file=sys.stderr)
+        return 2
+    result = bench(args.model, names, args.requests, methods, window=window)
+    print(report.table(result))
+    for path in report.write(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -90,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     encode.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 elsewhere")
     encode.set_defaults(handler=run_encode)
+    bench = commands.add_parser("bench", help="time the named workloads: HF eager, torch.compile, vitserve eager and graphs")
+    bench.add_argument("--model", default="random:qwen3-vl-8b", help="checkpoint directory or preset")
+    bench.add_argument("--workloads", default="all", help="comma-separated names, or all")
+    bench.add_argument("--requests", type=int, default=40, help="requests per workload")
+    bench.add_argument("--min-budget", type=int, default=256)
+    bench.add_argument("--max-budget", type=int, default=8192)
+    bench.add_argument("--methods", default="hf-eager,hf-compile,vitserve-eager,vitserve-graphs",
+                       help="comma-separated: hf-eager, hf-compile (torch.compile of the HF model), vitserve-eager, "
+                            "vitserve-graphs")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.txt/.png")
+    bench.set_defaults(handler=run_bench)
     return parser
 
 

@@ -37,6 +37,8 @@ class WindowConfig:
 
     def __post_init__(self) -> None:
         if self.budgets is not None:
+            if isinstance(self.budgets, (str, bytes)) or not hasattr(self.budgets, "__iter__"):
+                raise ValueError(f"budgets must be a sequence of ints, e.g. (256, 512), got {self.budgets!r}")
             object.__setattr__(self, "budgets", tuple(self.budgets))
 
 
@@ -78,7 +80,7 @@ class Capacities:
 
 
 def derive_budgets(min_budget: int, max_budget: int, merge_factor: int) -> tuple[int, ...]:
-    budgets, power = [], 1
+    budgets, power = [min_budget], 1
     while power <= max_budget:
         for size in (power, power * 3 // 2):
             if min_budget <= size <= max_budget and size % merge_factor == 0:
@@ -126,9 +128,11 @@ def resolve_capacities(config: WindowConfig, geometry: EncoderGeometry) -> Capac
         max_sequences = SEQUENCES_PER_ITEM * max_items
     _check_positive("max_sequences", max_sequences)
     if max_sequences < max_items:
+        derived = " (derived from the smallest budget)" if config.max_items is None else ""
         raise ValueError(
-            f"max_sequences {max_sequences} is below max_items {max_items}: every item has at least one "
-            f"attention sequence, so raise max_sequences to {max_items} or more"
+            f"max_sequences {max_sequences} is below max_items {max_items}{derived}: every item has at least "
+            f"one attention sequence, so raise max_sequences to {max_items} or more, or set max_items to "
+            f"{max_sequences} or less"
         )
     return Capacities(budgets, max_items, max_sequences, merge)
 

@@ -1,8 +1,10 @@
-"""Measured cost of windows: each padded window shape's run (a graph replay on CUDA), and eager
-runs by token count.
+"""Measured cost of windows, built at capture from timings on this device.
 
-Built at capture from timings on this device; the runner uses it to choose graph or eager
-for a window, and the scheduler to predict when a window will finish.
+A window's time is a part that grows with its tokens (GEMMs, norms, launch overhead), which
+depends on how it runs (a padded shape's graph, or eager by token count), plus attention,
+which grows with the sum of squared segment lengths: one 4096-token image costs far more
+than sixteen 256-token ones. The runner uses the model to choose graph or eager per window;
+the scheduler uses it to predict when a window will finish.
 """
 
 from __future__ import annotations
@@ -16,36 +18,40 @@ from typing import Callable
 import torch
 
 TIMED_RUNS = 5
+Shape = tuple[int, int]  # (budget, segment slots)
 
 
 @dataclass
 class CostModel:
-    padded_ms: dict[tuple[int, int], float] = field(default_factory=dict)  # (budget, slots) -> time
-    eager_points: list[tuple[int, float]] = field(default_factory=list)  # (tokens, ms), sorted
+    attention_ms_per_token2: float = 0.0  # attention time per (segment length)², summed over segments
+    padded_base_ms: dict[Shape, float] = field(default_factory=dict)  # padded window time without attention
+    eager_base_points: list[tuple[int, float]] = field(default_factory=list)  # (tokens, ms without attention)
 
-    def eager_ms(self, tokens: int) -> float:
-        """Piecewise-linear in tokens between measured sizes, extended linearly past them."""
-        points = self.eager_points
+    def padded_ms(self, shape: Shape, square_tokens: int) -> float:
+        """Time of a padded window; `square_tokens` sums squared segment lengths, padding's included."""
+        return self.padded_base_ms[shape] + self.attention_ms_per_token2 * square_tokens
+
+    def eager_ms(self, tokens: int, square_tokens: int) -> float:
+        """Time of an unpadded eager run; base piecewise-linear in tokens, extended linearly."""
+        points = self.eager_base_points
         if not points:
             return float("nan")
         if len(points) == 1:
-            return points[0][1] * tokens / points[0][0]
-        index = min(max(bisect.bisect_left([p[0] for p in points], tokens), 1), len(points) - 1)
-        (x0, y0), (x1, y1) = points[index - 1], points[index]
-        return max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0)
+            base = points[0][1] * tokens / points[0][0]
+        else:
+            index = min(max(bisect.bisect_left([p[0] for p in points], tokens), 1), len(points) - 1)
+            (x0, y0), (x1, y1) = points[index - 1], points[index]
+            base = max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0)
+        return base + self.attention_ms_per_token2 * square_tokens
 
-    def window_ms(self, tokens: int, shape: tuple[int, int] | None) -> float:
-        """Predicted time of a window: its padded shape's run, or eager when it has none."""
-        if shape is not None and shape in self.padded_ms:
-            return self.padded_ms[shape]
-        return self.eager_ms(tokens)
-
-    def prefer_padded(self, tokens: int, shape: tuple[int, int] | None) -> bool:
-        """A padded window (graph) that is slower than running the tokens eagerly is not used."""
-        if shape is None or shape not in self.padded_ms:
+    def prefer_padded(self, shape: Shape | None, tokens: int, square_tokens: int, padding: int) -> bool:
+        """Run padded (graph) unless that is predicted slower than running the tokens eagerly."""
+        if shape is None or shape not in self.padded_base_ms:
             return False
-        eager = self.eager_ms(tokens)
-        return eager != eager or self.padded_ms[shape] <= eager  # NaN: nothing measured, trust the graph
+        eager = self.eager_ms(tokens, square_tokens)
+        if eager != eager:  # nothing measured eagerly: trust the graph
+            return True
+        return self.padded_ms(shape, square_tokens + padding**2) <= eager
 
 
 def time_ms(run: Callable[[], None], device: torch.device, runs: int = TIMED_RUNS) -> float:

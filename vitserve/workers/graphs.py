@@ -22,7 +22,8 @@ class CaptureReport:
 
 
 class BudgetGraphs:
-    def __init__(self, window: StaticWindow):
+    def __init__(self, window: StaticWindow, extra_buffer_bytes: int = 0):
+        self.extra_buffer_bytes = extra_buffer_bytes  # other static buffers, for the report
         self.window = window
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (budget, slots) -> graph
 
@@ -53,7 +54,7 @@ class BudgetGraphs:
             keys=tuple(keys),
             seconds=time.perf_counter() - started,
             graph_bytes=torch.cuda.memory_reserved() - reserved_before,
-            buffer_bytes=self.window.nbytes,
+            buffer_bytes=self.window.nbytes + self.extra_buffer_bytes,
         )
 
     def replay(self, budget: int, slots: int) -> None:

@@ -22,6 +22,7 @@ from vitserve.models import VisionEncoder, check_patches, grid_list, pack_grids
 from .capacities import Capacities, WindowConfig, resolve_capacities
 from .cost_model import CostModel, time_ms
 from .graphs import BudgetGraphs, CaptureReport
+from .output_copy import OutputCopier
 from .packing import ItemShape, Window, oversize_reason, pack
 from .static_window import StaticWindow
 from .stats import RunnerStats
@@ -29,6 +30,7 @@ from .stats import RunnerStats
 log = logging.getLogger(__name__)
 
 EAGER_CALIBRATION_TOKENS = (256, 1024, 4096, 16384)
+CALIBRATION_SEGMENT = 256  # tokens per segment where attention is a small part of the time
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class ModelRunner:
         self.capacities: Capacities = resolve_capacities(config, model.geometry)
         self.use_graphs = config.graphs and self.device.type == "cuda"
         self.window = StaticWindow(model, self.capacities, self.device, self.dtype)
-        self.graphs = BudgetGraphs(self.window) if self.use_graphs else None
+        self.copier = OutputCopier(self.window.output)
+        self.graphs = BudgetGraphs(self.window, self.copier.nbytes) if self.use_graphs else None
         self.cost = CostModel()
         self.stats = RunnerStats()
         self.capture_report: CaptureReport | None = None
@@ -88,22 +91,41 @@ class ModelRunner:
 
     @torch.inference_mode()
     def calibrate(self) -> CostModel:
-        """Measure each padded window shape and eager runs at a few sizes on this device."""
+        """Measure the cost model: attention per squared token, each padded shape, eager by tokens."""
+        merge = self.model.geometry.merge_size
+        short = CALIBRATION_SEGMENT
+        largest = self.capacities.max_budget
+        many = max(1, min(largest // short, self.capacities.max_sequences))
+        top_slots = self.capacities.slot_tiers[-1]
+        one_long, _ = self._time_padded(largest, top_slots, 1)
+        many_short, length = self._time_padded(largest, top_slots, many)
+        squares = largest**2 - many * length**2
+        self.cost.attention_ms_per_token2 = max(one_long - many_short, 0.0) / squares if squares > 0 else 0.0
         for budget, slots in self.padded_shapes():
-            self.window.stage_dummy(budget)
-            if self.graphs is not None:
-                run = lambda key=(budget, slots): self.graphs.replay(*key)  # noqa: E731
-            else:
-                run = lambda key=(budget, slots): self.window.forward(*key)  # noqa: E731
-            self.cost.padded_ms[budget, slots] = time_ms(run, self.device)
+            segments = max(1, min(slots - 1, budget // short))
+            elapsed, length = self._time_padded(budget, slots, segments)
+            padding = budget - segments * length
+            square = segments * length**2 + padding**2
+            self.cost.padded_base_ms[budget, slots] = max(elapsed - self.cost.attention_ms_per_token2 * square, 0.0)
         points = []
-        for tokens in [t for t in EAGER_CALIBRATION_TOKENS if t <= 2 * self.capacities.max_budget]:
-            side = max(2, round(tokens**0.5 / 2) * 2)
-            grid = [(1, side, side)]
-            pixels = torch.randn(side * side, self.model.geometry.patch_dim, device=self.device)
-            points.append((side * side, time_ms(lambda: self.model.encode_patches(pixels, grid), self.device)))
-        self.cost.eager_points = sorted(points)
+        largest_eager = 2 * self.capacities.max_budget
+        sizes = sorted({min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget})
+        for tokens in sizes:
+            segment = min(short, tokens)
+            frames = max(1, tokens // segment)
+            grid = [(frames, merge, segment // merge)]
+            pixels = torch.randn(frames * segment, self.model.geometry.patch_dim, device=self.device)
+            elapsed = time_ms(lambda: self.model.encode_patches(pixels, grid), self.device)
+            points.append((frames * segment, max(elapsed - self.cost.attention_ms_per_token2 * frames * segment**2, 0.0)))
+        self.cost.eager_base_points = sorted(points)
         return self.cost
+
+    def _time_padded(self, budget: int, slots: int, segments: int) -> tuple[float, int]:
+        """Time of a padded window of `segments` equal segments, and their length."""
+        length = self.window.stage_dummy(budget, segments)
+        if self.graphs is not None:
+            return time_ms(lambda: self.graphs.replay(budget, slots), self.device), length
+        return time_ms(lambda: self.window.forward(budget, slots), self.device), length
 
     # -- encoding ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -127,22 +149,23 @@ class ModelRunner:
             sequences = sum(shapes[i].sequences for i in window.items)
             rows = window.tokens // merge
             shape = None if window.budget is None else (window.budget, self.capacities.fitting_slots(sequences))
-            if shape is not None and (not self.use_graphs or self.cost.prefer_padded(window.tokens, shape)):
+            square = sum(self.model.item_tokens(*grids[i]) ** 2 // self.model.item_sequences(*grids[i])
+                         for i in window.items)
+            if shape is not None and (not self.use_graphs or self.cost.prefer_padded(
+                    shape, window.tokens, square, window.padding)):
                 first_rows = self._run_static(window, shape, grids, pixel_values, pixel_offsets)
-                out[cursor:cursor + rows].copy_(self.window.output[:rows], non_blocking=True)
+                self.copier.copy(self.window.output[:rows], out[cursor:cursor + rows])
                 self.stats.record_padded(window, sequences, replayed=self.graphs is not None)
             else:
                 first_rows = self._run_eager(window, grids, pixel_values, pixel_offsets, out[cursor:cursor + rows])
-                reason = oversize_reason(shapes[window.items[0]], self.capacities) or "cheaper_than_graph"
+                reason = oversize_reason(shapes[window.items[0]], self.capacities)
+                reason = reason or ("cheaper_than_graph" if shape in self.cost.padded_base_ms else "not_captured")
                 self.stats.record_eager(window, sequences, reason)
             for index, first in zip(window.items, first_rows):
                 items[index] = ItemOutput(cursor + first, shapes[index].tokens // merge)
             cursor += rows
 
-        result = EncodeResult(out, items)
-        if self.device.type == "cuda":
-            result.done = torch.cuda.Event()
-            result.done.record()
+        result = EncodeResult(out, items, done=self.copier.barrier())
         if wait:
             result.wait()
         return result
@@ -164,8 +187,9 @@ class ModelRunner:
         meta = self.model.metadata(packed.layout.to(self.device), packed.num_tokens, packed.num_sequences,
                                    packed.max_seqlen, packed.segment_lengths)
         encoded = self.model(pixels.to(self.dtype), meta)
-        destination[:, 0].copy_(encoded.embeddings, non_blocking=True)
-        destination[:, 1:].copy_(encoded.deepstack.transpose(0, 1), non_blocking=True)
+        # One contiguous block, as the static window lays it out, then one copy.
+        block = torch.cat([encoded.embeddings[:, None], encoded.deepstack.transpose(0, 1)], dim=1)
+        self.copier.copy(block, destination)  # (rows, 1 + deepstack, out_hidden)
         first_rows, row = [], 0
         for t, h, w in window_grids:
             first_rows.append(row)
@@ -180,8 +204,9 @@ class ModelRunner:
 def _check_output(out: torch.Tensor, rows: int, static_output: torch.Tensor) -> torch.Tensor:
     expected = (rows, *static_output.shape[1:])
     if tuple(out.shape) != expected or out.dtype != static_output.dtype or not out.is_contiguous():
+        layout = "" if out.is_contiguous() else ", not contiguous"
         raise ValueError(
             f"output buffer must be a contiguous {static_output.dtype} tensor of shape {expected}, "
-            f"got {out.dtype} {tuple(out.shape)}"
+            f"got {out.dtype} {tuple(out.shape)}{layout}"
         )
     return out

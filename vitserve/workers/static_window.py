@@ -77,16 +77,19 @@ class StaticWindow:
             self._staged[slot] = event
         return output_rows
 
-    def stage_dummy(self, budget: int) -> None:
-        """A valid layout for warm-up and timing: one item filling `budget` as one row of merge windows."""
+    def stage_dummy(self, budget: int, segments: int = 1) -> int:
+        """A valid layout for warm-up and timing: one video of `segments` equal frames (each a row
+        of merge windows) filling as much of `budget` as they can. Returns the segment length."""
         merge = self.model.geometry.merge_size
+        length = budget // segments // self.merge * self.merge
         layout = self._staging[self._next_slot].clone()  # (items, 5) host; off the ring, used once
         layout[:, 0] = 0
         layout[:, 1:3] = merge
         layout[:, 3] = budget
         layout[:, 4] = self.sequence_slots
-        layout[0] = torch.tensor((1, merge, budget // merge, 0, 0))
+        layout[0] = torch.tensor((segments, merge, length // merge, 0, 0))
         self.layout.copy_(layout)
+        return length
 
     def forward(self, budget: int, slots: int, segment_lengths: Sequence[int] | None = None) -> None:
         """Encode `budget` staged tokens with `slots` segment slots into the output prefix.

@@ -1,0 +1,1 @@
+"""Benchmarks: the named workloads of DESIGN.md through the runner and the baselines."""

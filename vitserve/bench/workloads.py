@@ -1,0 +1,57 @@
+"""The named workloads of DESIGN.md, as seeded synthetic requests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+ARENA_SIDES = (224, 336, 448, 672, 1008)
+ARENA_WEIGHTS = (0.2, 0.3, 0.2, 0.2, 0.1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    purpose: str
+
+    def request_shapes(self, rng: random.Random) -> list[tuple[int, ...]]:
+        """Input shapes of one request: (H, W) images, (T, H, W) videos."""
+        if self.name == "single-448":
+            return [(448, 448)]
+        if self.name == "arena-mix":
+            count = rng.randint(1, 4)
+            return [(s, s) for s in rng.choices(ARENA_SIDES, weights=ARENA_WEIGHTS, k=count)]
+        if self.name == "many-336":
+            return [(336, 336)] * 20
+        if self.name == "video-448":
+            return [(16, 448, 448)]
+        raise ValueError(f"unknown workload {self.name!r}")
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("single-448", "latency floor of one small item"),
+        Workload("arena-mix", "realistic mixed traffic"),
+        Workload("many-336", "many small items per request"),
+        Workload("video-448", "frames as attention sequences"),
+    )
+}
+
+
+def synthetic_item(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A uint8 image (H, W, 3) or video (T, H, W, 3): a smooth gradient with noise."""
+    *frames, height, width = shape
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    if frames:
+        base = np.broadcast_to(base, (frames[0], height, width, 3))
+    return np.clip(base + rng.normal(0, 16, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_requests(name: str, count: int, seed: int = 0) -> list[list[np.ndarray]]:
+    workload = WORKLOADS[name]
+    shapes_rng, pixel_rng = random.Random(seed), np.random.default_rng(seed)
+    return [[synthetic_item(s, pixel_rng) for s in workload.request_shapes(shapes_rng)] for _ in range(count)]
