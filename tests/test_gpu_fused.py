@@ -1,4 +1,4 @@
-"""On a GPU: the fused rotary kernel equals the float32 reference rotation."""
+"""On a GPU: the fused kernels (rotary, GELU in the GEMM epilogue) equal the unfused reference."""
 
 import pytest
 import torch
@@ -22,3 +22,17 @@ def test_fused_rotary_matches_reference(heads, head_dim):
         torch.testing.assert_close(ours, reference, rtol=2 ** -7, atol=1e-3)
         assert (ours != reference).float().mean().item() < 0.01
     assert torch.equal(v, v_ref)
+
+
+def test_fused_mlp_gelu_is_the_tanh_gelu():
+    from vitserve.models.qwen3_vl.config import Qwen3VLVisionConfig
+    from vitserve.models.qwen3_vl.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(Qwen3VLVisionConfig(hidden_size=1152, intermediate_size=4304, num_heads=16)).cuda().bfloat16()
+    x = torch.randn(784, 1152, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fused = mlp(x)
+        reference = mlp.linear_fc2(torch.nn.functional.gelu(mlp.linear_fc1(x), approximate="tanh"))
+    cosine = torch.nn.functional.cosine_similarity(fused.double().flatten(), reference.double().flatten(), dim=0)
+    assert cosine.item() > 0.99999
