@@ -94,7 +94,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
         return 2
-    window = WindowConfig(min_budget=args.min_budget, max_budget=args.max_budget)
+    try:
+        budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
+        window = WindowConfig(budgets=budgets, min_budget=args.min_budget, max_budget=args.max_budget)
+    except ValueError as err:
+        print(f"vitserve bench: --budgets: {err}", file=sys.stderr)
+        return 2
     methods = tuple(args.methods.split(","))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="random:qwen3-vl-8b", help="checkpoint directory or preset")
     bench.add_argument("--workloads", default="all", help="comma-separated names, or all")
     bench.add_argument("--requests", type=int, default=40, help="requests per workload")
+    bench.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
     bench.add_argument("--min-budget", type=int, default=256)
     bench.add_argument("--max-budget", type=int, default=8192)
     bench.add_argument("--methods", default="hf-eager,hf-compile,vitserve-eager,vitserve-graphs",
