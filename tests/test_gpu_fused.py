@@ -36,3 +36,23 @@ def test_fused_mlp_gelu_is_the_tanh_gelu():
         reference = mlp.linear_fc2(torch.nn.functional.gelu(mlp.linear_fc1(x), approximate="tanh"))
     cosine = torch.nn.functional.cosine_similarity(fused.double().flatten(), reference.double().flatten(), dim=0)
     assert cosine.item() > 0.99999
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_add_layer_norm_matches_unfused(dtype):
+    from vitserve.models.add_norm import add_layer_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(1152, eps=1e-6).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+        norm.bias.add_(0.1 * torch.randn_like(norm.bias))
+    x = 4 * torch.randn(1000, 1152, device="cuda", dtype=dtype)
+    branch = torch.randn(1000, 1152, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        total, normed = add_layer_norm(x, branch, norm)
+        reference_total = x + branch
+        reference = norm(reference_total)
+    assert torch.equal(total, reference_total)
+    tolerance = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(normed, reference, rtol=tolerance, atol=tolerance)

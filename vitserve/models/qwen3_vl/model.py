@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..add_norm import add_layer_norm
 from ..attention import AttentionFn, select_attention
 from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
 from ..rotary import rotary_qk
@@ -74,9 +75,12 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, meta: TokenMetadata, attend: AttentionFn) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), meta, attend)
-        return x + self.mlp(self.norm2(x))  # (tokens, hidden)
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, meta: TokenMetadata, attend: AttentionFn,
+                next_norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block on the residual stream `x` and `normed` = norm1(x); returns the new stream
+        and `next_norm` of it (the next block's norm1, or the merger's norm after the last block)."""
+        x, normed = add_layer_norm(x, self.attn(normed, meta, attend), self.norm2)
+        return add_layer_norm(x, self.mlp(normed), next_norm)  # (tokens, hidden) each
 
 
 class PatchMerger(nn.Module):
@@ -94,10 +98,12 @@ class PatchMerger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_after_merge:
-            x = self.norm(x.view(-1, self.merged))  # (tokens / 4, 4 * hidden)
-        else:
-            x = self.norm(x).view(-1, self.merged)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # (tokens / 4, out_hidden), exact erf GELU
+            return self.project(self.norm(x.view(-1, self.merged)))  # (tokens / 4, out_hidden)
+        return self.project(self.norm(x).view(-1, self.merged))
+
+    def project(self, merged: torch.Tensor) -> torch.Tensor:
+        """The MLP after the norm: (tokens / 4, 4 * hidden) -> (tokens / 4, out_hidden), exact erf GELU."""
+        return self.linear_fc2(F.gelu(self.linear_fc1(merged)))
 
 
 class Qwen3VLVisionTower(nn.Module):
@@ -149,12 +155,14 @@ class Qwen3VLVisionTower(nn.Module):
         x = self.patch_embed(pixel_values)  # (tokens, hidden)
         positions = (self.pos_embed.weight[meta.pos_index] * meta.pos_weight[..., None]).sum(1)  # (tokens, hidden) fp32
         x = x + positions.to(x.dtype)
+        normed = self.blocks[0].norm1(x)
+        next_norms = [block.norm1 for block in self.blocks[1:]] + [self.merger.norm]
         deepstack = []
-        for layer, block in enumerate(self.blocks):
-            x = block(x, meta, attend)
+        for layer, (block, next_norm) in enumerate(zip(self.blocks, next_norms)):
+            x, normed = block(x, normed, meta, attend, next_norm)
             if layer in self._deepstack_at:
                 deepstack.append(self.deepstack_merger_list[self._deepstack_at[layer]](x))
-        embeddings = self.merger(x)  # (tokens / 4, out_hidden)
+        embeddings = self.merger.project(normed.view(-1, self.merger.merged))  # (tokens / 4, out_hidden)
         if deepstack:
             stacked = torch.stack(deepstack)  # (num_deepstack, tokens / 4, out_hidden)
         else:
