@@ -89,3 +89,10 @@ def test_encode_patches_rejects_inconsistent_inputs(model):
         model.encode_patches(torch.zeros(15, 1536), [(1, 3, 5)])
     with pytest.raises(ValueError, match="non-empty"):
         model.encode_patches(pixels, [])
+
+
+def test_one_dimensional_grid_is_rejected_with_an_example(model):
+    pixels = torch.zeros(16, model.geometry.patch_dim)
+    for grid in (torch.tensor([1, 4, 4]), [1, 4, 4]):
+        with pytest.raises(ValueError, match=r"\(items, 3\).*e\.g\. \[\[1, 4, 4\]\]"):
+            model.encode_patches(pixels, grid)

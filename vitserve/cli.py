@@ -22,7 +22,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def read_input(path: Path) -> np.ndarray:
     """An image file (decoded by Pillow, as RGB) or a .npy uint8 array (H×W×3 or T×H×W×3)."""
     if path.suffix == ".npy":
-        return np.load(path)
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise OSError(f"not a numeric .npy array (expected uint8 H×W×3 or T×H×W×3): {err}") from err
     from PIL import Image
 
     with Image.open(path) as image:
@@ -31,16 +34,12 @@ def read_input(path: Path) -> np.ndarray:
 
 def demo_inputs(seed: int = 0) -> list[tuple[str, np.ndarray]]:
     """Smooth synthetic pictures with noise: deterministic, no files needed."""
+    from vitserve.bench.workloads import synthetic_item
+
     rng = np.random.default_rng(seed)
-    items = []
-    for height, width in DEMO_IMAGE_SIZES:
-        y, x = np.mgrid[0:height, 0:width]
-        base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
-        noisy = base + rng.normal(0, 12, base.shape)
-        items.append((f"demo-image-{height}x{width}", np.clip(noisy, 0, 255).astype(np.uint8)))
+    items = [(f"demo-image-{h}x{w}", synthetic_item((h, w), rng)) for h, w in DEMO_IMAGE_SIZES]
     frames, height, width = DEMO_VIDEO_SHAPE
-    video = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
-    items.append((f"demo-video-{frames}x{height}x{width}", video))
+    items.append((f"demo-video-{frames}x{height}x{width}", synthetic_item(DEMO_VIDEO_SHAPE, rng)))
     return items
 
 
@@ -89,6 +88,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("vitserve bench: needs a CUDA device (it times CUDA graphs against eager baselines)", file=sys.stderr)
         return 2
+    if args.requests < 2:
+        print("vitserve bench: --requests must be at least 2 (p99 needs several samples)", file=sys.stderr)
+        return 2
     names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
@@ -105,7 +107,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"vitserve bench: unknown methods {unknown}; choose from {list(METHODS)}", file=sys.stderr)
         return 2
-    result = bench(args.model, names, args.requests, methods, window=window)
+    try:
+        result = bench(args.model, names, args.requests, methods, window=window)
+    except ValueError as err:  # capacities or model source the user can fix
+        print(f"vitserve bench: {err}", file=sys.stderr)
+        return 2
     print(report.table(result))
     for path in report.write(result, args.out):
         print(f"wrote {path}")

@@ -119,9 +119,9 @@ def pack_grids(encoder: VisionEncoder, grids: Sequence[Sequence[int]]) -> Packed
 
 def grid_list(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
     """`grid_thw` as a list of (t, h, w) ints."""
-    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else [list(g) for g in grid_thw]
-    if not rows or any(len(r) != 3 for r in rows):
-        raise ValueError(f"grid_thw must be a non-empty (items, 3) list of (t, h, w), got {rows!r}")
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
+    if not rows or any(not isinstance(r, (list, tuple)) or len(r) != 3 for r in rows):
+        raise ValueError(f"grid_thw must be a non-empty (items, 3) list of (t, h, w), e.g. [[1, 4, 4]]; got {rows!r}")
     return [(int(t), int(h), int(w)) for t, h, w in rows]
 
 

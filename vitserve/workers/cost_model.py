@@ -10,6 +10,7 @@ the scheduler uses it to predict when a window will finish.
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ class CostModel:
         else:
             index = min(max(bisect.bisect_left([p[0] for p in points], tokens), 1), len(points) - 1)
             (x0, y0), (x1, y1) = points[index - 1], points[index]
-            base = max(y0 + (y1 - y0) * (tokens - x0) / (x1 - x0), 0.0)
+            slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+            base = max(y0 + slope * (tokens - x0), 0.0)
         return base + self.attention_ms_per_token2 * square_tokens
 
     def prefer_padded(self, shape: Shape | None, tokens: int, square_tokens: int, padding: int) -> bool:
@@ -49,7 +51,7 @@ class CostModel:
         if shape is None or shape not in self.padded_base_ms:
             return False
         eager = self.eager_ms(tokens, square_tokens)
-        if eager != eager:  # nothing measured eagerly: trust the graph
+        if math.isnan(eager):  # nothing measured eagerly: trust the graph
             return True
         return self.padded_ms(shape, square_tokens + padding**2) <= eager
 

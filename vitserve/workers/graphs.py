@@ -32,8 +32,6 @@ class BudgetGraphs:
         """Capture a graph per (budget, slots), largest first, so smaller graphs reuse the largest's blocks."""
         keys = sorted(keys, reverse=True)
         started = time.perf_counter()
-        torch.cuda.synchronize()
-        reserved_before = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -43,6 +41,9 @@ class BudgetGraphs:
                     self.window.stage_dummy(budget)
                     self.window.forward(budget, slots)
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's activations are not the graphs' memory
+        reserved_before = torch.cuda.memory_reserved()
         for budget, slots in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
             self.window.stage_dummy(budget)
             graph = torch.cuda.CUDAGraph()

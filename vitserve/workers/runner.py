@@ -109,23 +109,24 @@ class ModelRunner:
             self.cost.padded_base_ms[budget, slots] = max(elapsed - self.cost.attention_ms_per_token2 * square, 0.0)
         points = []
         largest_eager = 2 * self.capacities.max_budget
-        sizes = sorted({min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget})
-        for tokens in sizes:
-            segment = min(short, tokens)
-            frames = max(1, tokens // segment)
+        wanted = {min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget}
+        # (frames, segment) per size, as measured: sizes that round to the same run are timed once.
+        runs = sorted({(max(1, t // min(short, t)), min(short, t) // merge * merge) for t in wanted})
+        for frames, segment in runs:
             grid = [(frames, merge, segment // merge)]
             pixels = torch.randn(frames * segment, self.model.geometry.patch_dim, device=self.device)
             elapsed = time_ms(lambda: self.model.encode_patches(pixels, grid), self.device)
             points.append((frames * segment, max(elapsed - self.cost.attention_ms_per_token2 * frames * segment**2, 0.0)))
-        self.cost.eager_base_points = sorted(points)
+        self.cost.eager_base_points = sorted(dict(points).items())
         return self.cost
 
     def _time_padded(self, budget: int, slots: int, segments: int) -> tuple[float, int]:
         """Time of a padded window of `segments` equal segments, and their length."""
         length = self.window.stage_dummy(budget, segments)
-        if self.graphs is not None:
+        if self.graphs is not None and self.graphs.graphs:
             return time_ms(lambda: self.graphs.replay(budget, slots), self.device), length
-        return time_ms(lambda: self.window.forward(budget, slots), self.device), length
+        lengths = [length] * segments + [budget - segments * length]  # as encode passes them eagerly
+        return time_ms(lambda: self.window.forward(budget, slots, lengths), self.device), length
 
     # -- encoding ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -146,11 +147,10 @@ class ModelRunner:
         items: list[ItemOutput | None] = [None] * len(grids)
         cursor = 0
         for window in pack(shapes, self.capacities):
-            sequences = sum(shapes[i].sequences for i in window.items)
+            sequences = window.sequences
             rows = window.tokens // merge
             shape = None if window.budget is None else (window.budget, self.capacities.fitting_slots(sequences))
-            square = sum(self.model.item_tokens(*grids[i]) ** 2 // self.model.item_sequences(*grids[i])
-                         for i in window.items)
+            square = sum(shapes[i].tokens ** 2 // shapes[i].sequences for i in window.items)
             if shape is not None and (not self.use_graphs or self.cost.prefer_padded(
                     shape, window.tokens, square, window.padding)):
                 first_rows = self._run_static(window, shape, grids, pixel_values, pixel_offsets)
@@ -182,19 +182,16 @@ class ModelRunner:
     def _run_eager(self, window: Window, grids, pixel_values, pixel_offsets, destination: torch.Tensor) -> list[int]:
         """Unpadded forward of the window's items (too large for any budget, or cheaper than its graph)."""
         window_grids = [grids[i] for i in window.items]
-        pixels = torch.cat([pixel_values[pixel_offsets[i]:pixel_offsets[i + 1]] for i in window.items])
+        pixels = torch.cat([pixel_values[pixel_offsets[i]:pixel_offsets[i + 1]] for i in window.items])  # (tokens, patch_dim)
         packed = pack_grids(self.model, window_grids)
-        meta = self.model.metadata(packed.layout.to(self.device), packed.num_tokens, packed.num_sequences,
-                                   packed.max_seqlen, packed.segment_lengths)
+        layout = packed.layout.pin_memory() if self.device.type == "cuda" else packed.layout
+        meta = self.model.metadata(layout.to(self.device, non_blocking=True), packed.num_tokens,
+                                   packed.num_sequences, packed.max_seqlen, packed.segment_lengths)
         encoded = self.model(pixels.to(self.dtype), meta)
         # One contiguous block, as the static window lays it out, then one copy.
         block = torch.cat([encoded.embeddings[:, None], encoded.deepstack.transpose(0, 1)], dim=1)
         self.copier.copy(block, destination)  # (rows, 1 + deepstack, out_hidden)
-        first_rows, row = [], 0
-        for t, h, w in window_grids:
-            first_rows.append(row)
-            row += self.model.item_tokens(t, h, w) // self.capacities.merge_factor
-        return first_rows
+        return (packed.layout[:, 3] // self.capacities.merge_factor).tolist()  # host tensor: no sync
 
     def _output_buffer(self, rows: int) -> torch.Tensor:
         shape = (rows, *self.window.output.shape[1:])
@@ -203,6 +200,11 @@ class ModelRunner:
 
 def _check_output(out: torch.Tensor, rows: int, static_output: torch.Tensor) -> torch.Tensor:
     expected = (rows, *static_output.shape[1:])
+    if static_output.is_cuda and out.device.type == "cpu" and not out.is_pinned():
+        raise ValueError(
+            "output buffer is in pageable host memory, which would serialise every window's copy: pin it "
+            "(torch.empty(..., pin_memory=True), or register a shared-memory slab with cudaHostRegister)"
+        )
     if tuple(out.shape) != expected or out.dtype != static_output.dtype or not out.is_contiguous():
         layout = "" if out.is_contiguous() else ", not contiguous"
         raise ValueError(

@@ -54,11 +54,7 @@ class StaticWindow:
         if self._staged[slot] is not None:
             self._staged[slot].synchronize()  # the slot's previous upload must have left the host
         layout = self._staging[slot].numpy()  # (items, 5) host view, written without allocating
-        # Unused rows sit past every token and segment, so no token or segment maps to them.
-        layout[:, 0] = 0
-        layout[:, 1:3] = self.model.geometry.merge_size
-        layout[:, 3] = budget
-        layout[:, 4] = self.sequence_slots
+        self._fill_unused(layout, budget)
         token = sequence = 0
         output_rows = []
         for row, index in enumerate(window.items):
@@ -82,14 +78,18 @@ class StaticWindow:
         of merge windows) filling as much of `budget` as they can. Returns the segment length."""
         merge = self.model.geometry.merge_size
         length = budget // segments // self.merge * self.merge
-        layout = self._staging[self._next_slot].clone()  # (items, 5) host; off the ring, used once
-        layout[:, 0] = 0
-        layout[:, 1:3] = merge
-        layout[:, 3] = budget
-        layout[:, 4] = self.sequence_slots
+        layout = torch.empty_like(self._staging[0])  # (items, 5) host
+        self._fill_unused(layout.numpy(), budget)
         layout[0] = torch.tensor((segments, merge, length // merge, 0, 0))
         self.layout.copy_(layout)
         return length
+
+    def _fill_unused(self, layout, budget: int) -> None:
+        """Unused rows sit past every token and segment, so no token or segment maps to them."""
+        layout[:, 0] = 0
+        layout[:, 1:3] = self.model.geometry.merge_size
+        layout[:, 3] = budget
+        layout[:, 4] = self.sequence_slots
 
     def forward(self, budget: int, slots: int, segment_lengths: Sequence[int] | None = None) -> None:
         """Encode `budget` staged tokens with `slots` segment slots into the output prefix.
@@ -109,5 +109,6 @@ class StaticWindow:
             t, h, w = grids[index]
             sequences = self.model.item_sequences(t, h, w)
             lengths += [self.model.item_tokens(t, h, w) // sequences] * sequences
-        lengths.append(window.budget - window.tokens)
-        return lengths + [0] * (slots - len(lengths))
+        if window.budget > window.tokens:
+            lengths.append(window.budget - window.tokens)
+        return lengths  # empty slots need no entry: SDPA would run once per empty segment
