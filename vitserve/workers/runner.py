@@ -125,7 +125,8 @@ class ModelRunner:
         length = self.window.stage_dummy(budget, segments)
         if self.graphs is not None and self.graphs.graphs:
             return time_ms(lambda: self.graphs.replay(budget, slots), self.device), length
-        lengths = [length] * segments + [budget - segments * length]  # as encode passes them eagerly
+        padding = budget - segments * length
+        lengths = [length] * segments + ([padding] if padding else [])  # as encode passes them eagerly
         return time_ms(lambda: self.window.forward(budget, slots, lengths), self.device), length
 
     # -- encoding ---------------------------------------------------------------------------
