@@ -38,12 +38,14 @@ def main() -> None:
     report = runner.capture(progress=False)
     print(f"capture: {len(report.keys)} graphs in {report.seconds:.1f} s, graphs {report.graph_bytes/2**20:.0f} MiB, "
           f"buffers {report.buffer_bytes/2**20:.0f} MiB, capacities {runner.capacities}")
-    print("replay ms per (budget, slots):", {k: round(v, 3) for k, v in runner.cost.padded_ms.items()})
-    print("eager ms by tokens:", [(t, round(v, 2)) for t, v in runner.cost.eager_points])
+    cost = runner.cost
+    print(f"attention {cost.attention_ms_per_token2 * 1e6:.3f} ms per million squared tokens")
+    print("replay base ms per (budget, slots):", {k: round(v, 3) for k, v in cost.padded_base_ms.items()})
+    print("eager base ms by tokens:", [(t, round(v, 2)) for t, v in cost.eager_base_points])
     one = torch.rand(784, 1536, device="cuda") * 2 - 1
     grid = [(1, 28, 28)]
     print(f"single-448 runner.encode: {time_ms(lambda: runner.encode(one, grid), torch.device('cuda'), runs=20):.3f} ms; "
-          f"replay only {runner.cost.padded_ms[1024, 2]:.3f} ms; eager {time_ms(lambda: model.encode_patches(one, grid), torch.device('cuda'), runs=10):.2f} ms")
+          f"replay predicted {cost.padded_ms((1024, 2), 784**2 + 240**2):.3f} ms; eager {time_ms(lambda: model.encode_patches(one, grid), torch.device('cuda'), runs=10):.2f} ms")
     # Host time of one encode call, to see staging overhead.
     torch.cuda.synchronize()
     began = time.perf_counter()
