@@ -57,21 +57,32 @@ class StaticWindow:
         self._fill_unused(layout, budget)
         token = sequence = 0
         output_rows = []
+        run_source = run_target = run_tokens = 0  # items adjacent in the input go up in one copy
         for row, index in enumerate(window.items):
             t, h, w = grids[index]
             tokens = self.model.item_tokens(t, h, w)
             layout[row] = (t, h, w, token, sequence)
             start = pixel_offsets[index]
-            self.pixels[token:token + tokens].copy_(pixel_values[start:start + tokens], non_blocking=True)
+            if run_tokens and start != run_source + run_tokens:
+                self._copy_pixels(pixel_values, run_source, run_target, run_tokens)
+                run_tokens = 0
+            if not run_tokens:
+                run_source, run_target = start, token
+            run_tokens += tokens
             output_rows.append(token // self.merge)
             token += tokens
             sequence += self.model.item_sequences(t, h, w)
+        self._copy_pixels(pixel_values, run_source, run_target, run_tokens)
         self.layout.copy_(self._staging[slot], non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
             self._staged[slot] = event
         return output_rows
+
+    def _copy_pixels(self, pixel_values: torch.Tensor, source: int, target: int, tokens: int) -> None:
+        rows = pixel_values[source:source + tokens]  # (tokens, C*T*P*P)
+        self.pixels[target:target + tokens].copy_(rows, non_blocking=True)
 
     def stage_dummy(self, budget: int, segments: int = 1) -> int:
         """A valid layout for warm-up and timing: one video of `segments` equal frames (each a row
