@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import transformers
+from hf_reference import perturb_
 from vitserve.models import Qwen3VLVisionTower
 
 
@@ -30,15 +31,6 @@ TINY_TEXT = dict(
 
 
 # -- checkpoints written by Hugging Face ----------------------------------------------------
-
-
-@torch.no_grad()
-def perturb_(model: torch.nn.Module, seed: int) -> None:
-    """HF init leaves norms at 1/0 and biases at 0: move them so weight comparisons mean something."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "norm" in name or name.endswith("bias"):
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
 
 
 def hf_tower(seed: int = 0) -> transformers.Qwen3VLVisionModel:
