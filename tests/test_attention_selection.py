@@ -42,7 +42,7 @@ def random_qkv(tokens: int, heads: int = 4, head_dim: int = 16, *, dtype=torch.f
 
 
 def test_backend_names():
-    assert ATTENTION_BACKENDS == ("flash_attn", "torch_varlen", "sdpa")
+    assert ATTENTION_BACKENDS == ("flash_attn", "triton", "torch_varlen", "sdpa")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -65,12 +65,12 @@ def test_explicit_sdpa():
 def test_unknown_backend_lists_the_backends(requested):
     with pytest.raises(
         ValueError,
-        match=re.escape(f"unknown attention backend {requested!r}; choose one of ['flash_attn', 'torch_varlen', 'sdpa']"),
+        match=re.escape(f"unknown attention backend {requested!r}; choose one of ['flash_attn', 'triton', 'torch_varlen', 'sdpa']"),
     ):
         select_attention(requested, CPU, torch.float32)
 
 
-@pytest.mark.parametrize("requested", ["torch_varlen", "flash_attn"])
+@pytest.mark.parametrize("requested", ["torch_varlen", "triton", "flash_attn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backend_on_cpu_names_what_is_available(requested, dtype):
     with pytest.raises(ValueError) as info:
@@ -81,7 +81,7 @@ def test_gpu_backend_on_cpu_names_what_is_available(requested, dtype):
     assert message.endswith("available here: ['sdpa']")
 
 
-@pytest.mark.parametrize("requested", ["torch_varlen", "flash_attn"])
+@pytest.mark.parametrize("requested", ["torch_varlen", "triton", "flash_attn"])
 def test_load_model_with_unavailable_backend(requested):
     with pytest.raises(ValueError, match=rf"attention backend '{requested}' is not available on cpu.*available here: \['sdpa'\]"):
         load_model("random:tiny", attention=requested)
@@ -210,7 +210,7 @@ def test_torch_varlen_matches_sdpa_on_cuda(head_dim):
     assert "torch_varlen" in available_backends(cuda, torch.bfloat16)
     name, varlen = select_attention("torch_varlen", cuda, torch.bfloat16)
     assert name == "torch_varlen"
-    assert select_attention(None, cuda, torch.bfloat16)[0] in ("flash_attn", "torch_varlen")
+    assert select_attention(None, cuda, torch.bfloat16)[0] in ("flash_attn", "triton", "torch_varlen")
 
     lengths = [784, 400, 256, 64]
     q, k, v = random_qkv(sum(lengths), heads=16, head_dim=head_dim, dtype=torch.bfloat16, device=cuda, seed=7)
@@ -238,7 +238,7 @@ def test_cuda_model_defaults_to_a_varlen_backend():
         pytest.skip("needs CUDA")
     model = load_model("random:tiny", device="cuda")
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert model.attention_backend in ("flash_attn", "torch_varlen")
+    assert model.attention_backend in ("flash_attn", "triton", "torch_varlen")
     grids = [(1, 8, 8), (2, 4, 6)]
     tokens = sum(t * h * w for t, h, w in grids)
     pixel_values = torch.randn(tokens, model.geometry.patch_dim, generator=torch.Generator().manual_seed(0))

@@ -8,20 +8,27 @@ from vitserve.models.rotary import rotary_qk, rotate_half_pairs
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.parametrize("head_width", [None, 80, 128])
 @pytest.mark.parametrize("heads,head_dim", [(16, 72), (16, 64), (4, 24)])
-def test_fused_rotary_matches_reference(heads, head_dim):
+def test_fused_rotary_matches_reference(heads, head_dim, head_width):
     tokens = 1000
     generator = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(tokens, 3 * heads * head_dim, device="cuda", generator=generator).to(torch.bfloat16)
     angles = torch.rand(tokens, 1, head_dim // 2, device="cuda", generator=generator) * 100
     cos, sin = angles.cos(), angles.sin()
-    q, k, v = rotary_qk(qkv, cos, sin, heads)
+    if head_width is not None and head_width < head_dim:
+        pytest.skip("narrower than the head")
+    q, k, v = rotary_qk(qkv, cos, sin, heads, head_width)
     q_ref, k_ref, v_ref = qkv.view(tokens, 3, heads, head_dim).unbind(1)
     # Identical float32 arithmetic up to fused multiply-adds: at most one bf16 rounding step apart.
     for ours, reference in ((q, rotate_half_pairs(q_ref, cos, sin)), (k, rotate_half_pairs(k_ref, cos, sin))):
         torch.testing.assert_close(ours, reference, rtol=2 ** -7, atol=1e-3)
         assert (ours != reference).float().mean().item() < 0.01
     assert torch.equal(v, v_ref)
+    if head_width is not None and head_width > head_dim:  # padded heads: zeros past head_dim in q, k and v
+        for x in (q, k, v):
+            assert x.stride(1) == head_width
+            assert not x.as_strided((tokens, heads, head_width), x.stride())[..., head_dim:].any()
 
 
 def test_fused_mlp_gelu_is_the_tanh_gelu():

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitserve.models.attention import BACKENDS as ATTENTION_BACKENDS
+
 DEFAULT_MODEL = "random:tiny"
 # The sizes of the named workloads in DESIGN.md, as synthetic inputs for `--demo`.
 DEMO_IMAGE_SIZES = ((224, 224), (336, 336), (448, 448), (672, 672), (1008, 1008), (480, 640))
@@ -108,7 +110,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"vitserve bench: unknown methods {unknown}; choose from {list(METHODS)}", file=sys.stderr)
         return 2
     try:
-        result = bench(args.model, names, args.requests, methods, window=window)
+        result = bench(args.model, names, args.requests, methods, window=window, attention=args.attention)
     except ValueError as err:  # capacities or model source the user can fix
         print(f"vitserve bench: {err}", file=sys.stderr)
         return 2
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workloads", default="all", help="comma-separated names, or all")
     bench.add_argument("--requests", type=int, default=40, help="requests per workload")
     bench.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
+    bench.add_argument("--attention", choices=ATTENTION_BACKENDS, help="vitserve's attention backend (default: best available)")
     bench.add_argument("--min-budget", type=int, default=256)
     bench.add_argument("--max-budget", type=int, default=8192)
     bench.add_argument("--methods", default="hf-eager,hf-compile,vitserve-eager,vitserve-graphs",

@@ -12,7 +12,7 @@ def table(result: dict) -> str:
     rows = result["rows"]
     baseline = {r["workload"]: r for r in rows if r["method"] == BASELINE}
     lines = [
-        f"{result['model']} on {result['device']}, bf16; matmul {result['matmul_tflops']:.0f} TFLOP/s; "
+        f"{result['model']} on {result['device']}, bf16, attention {result.get('attention')}; matmul {result['matmul_tflops']:.0f} TFLOP/s; "
         f"{result['capture']['graphs']} graphs captured in {result['capture']['seconds']:.1f} s "
         f"({result['capture']['graph_mib']:.0f} MiB graphs, {result['capture']['buffer_mib']:.0f} MiB buffers)",
         f"{'workload':<11} {'method':<16} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'floor ms':>8} "

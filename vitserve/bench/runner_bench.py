@@ -115,9 +115,10 @@ METHODS = ("hf-eager", "hf-compile", "vitserve-eager", "vitserve-graphs")
 
 
 def run_bench(model_source: str, workloads: list[str], requests_per_workload: int,
-              methods_wanted: tuple[str, ...] = METHODS, window: WindowConfig | None = None, warmup: int = 3) -> dict:
+              methods_wanted: tuple[str, ...] = METHODS, window: WindowConfig | None = None, warmup: int = 3,
+              attention: str | None = None) -> dict:
     device = torch.device("cuda")
-    model = load_model(model_source, device=device, dtype=torch.bfloat16)
+    model = load_model(model_source, device=device, dtype=torch.bfloat16, attention=attention)
     runner = ModelRunner(model, window or WindowConfig())
     capture = runner.capture()
     rate = matmul_rate(device)
@@ -167,6 +168,7 @@ def run_bench(model_source: str, workloads: list[str], requests_per_workload: in
             log.info("%s %s: p50 %.2f ms, %.1f images/s", name, method, rows[-1].p50_ms, rows[-1].images_per_s)
     return {
         "model": model_source,
+        "attention": model.attention_backend,
         "device": torch.cuda.get_device_name(device),
         "matmul_tflops": rate / 1e12,
         "capture": {"graphs": len(capture.keys), "seconds": capture.seconds,

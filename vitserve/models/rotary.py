@@ -24,32 +24,46 @@ def rotate_half_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return rotated.to(x.dtype)  # (tokens, heads, head_dim)
 
 
-def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_width: int | None = None):
     """(tokens, 3 * hidden) projection -> rotated q, rotated k, and v, each (tokens, heads, head_dim).
 
-    `cos` and `sin` are (tokens, 1, head_dim / 2) float32.
+    `cos` and `sin` are (tokens, 1, head_dim / 2) float32. With `head_width` > head_dim, all
+    three are views of a buffer whose heads are `head_width` wide with zeros past head_dim (what
+    the Triton segment-attention kernel loads without channel masks); v is then copied too.
     """
     tokens = qkv.shape[0]
     q, k, v = qkv.view(tokens, 3, heads, -1).unbind(1)  # (tokens, heads, head_dim) each
-    if triton is None or not qkv.is_cuda:
-        return rotate_half_pairs(q, cos, sin), rotate_half_pairs(k, cos, sin), v
     head_dim = q.shape[-1]
-    rotated = torch.empty(2, tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)  # (q|k, tokens, heads, head_dim)
-    _rotary_kernel[(tokens, 2)](
+    width = head_width or head_dim
+    if width < head_dim:
+        raise ValueError(f"head_width {width} is narrower than head_dim {head_dim}")
+    if triton is None or not qkv.is_cuda:
+        rotated = (rotate_half_pairs(q, cos, sin), rotate_half_pairs(k, cos, sin), v)
+        if width == head_dim:
+            return rotated
+        padded = torch.nn.functional.pad(torch.stack(rotated), (0, width - head_dim))  # (3, tokens, heads, width)
+        return tuple(padded[..., :head_dim].unbind(0))
+    outputs = 2 if width == head_dim else 3  # v is only copied when its heads must be widened
+    rotated = torch.empty(outputs, tokens, heads, width, dtype=qkv.dtype, device=qkv.device)  # (q|k|v, tokens, heads, width)
+    half = head_dim // 2
+    _rotary_kernel[(tokens, outputs)](
         qkv, cos, sin, rotated, qkv.stride(0), tokens,
-        HEADS=heads, HALF=head_dim // 2,
-        BLOCK_HEADS=triton.next_power_of_2(heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        HEADS=heads, HALF=half, WIDTH=width,
+        BLOCK_HEADS=triton.next_power_of_2(heads), BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_PAD=triton.next_power_of_2(max(1, width - head_dim)),
     )
-    return rotated[0], rotated[1], v
+    views = rotated[..., :head_dim]  # (outputs, tokens, heads, head_dim)
+    return views[0], views[1], (views[2] if outputs == 3 else v)
 
 
 if triton is not None:
 
     @triton.jit
     def _rotary_kernel(qkv, cos, sin, out, qkv_row_stride, tokens, HEADS: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                       WIDTH: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       BLOCK_PAD: tl.constexpr):
         token = tl.program_id(0)
-        which = tl.program_id(1)  # 0: q, 1: k
+        which = tl.program_id(1)  # 0: q, 1: k (both rotated), 2: v (copied)
         head = tl.arange(0, BLOCK_HEADS)[:, None]
         channel = tl.arange(0, BLOCK_HALF)[None, :]
         mask = (head < HEADS) & (channel < HALF)
@@ -58,6 +72,14 @@ if triton is not None:
         second = tl.load(source + HALF, mask=mask).to(tl.float32)
         c = tl.load(cos + token * HALF + channel, mask=channel < HALF)
         s = tl.load(sin + token * HALF + channel, mask=channel < HALF)
-        target = out + (which * tokens + token) * HEADS * 2 * HALF + head * 2 * HALF + channel
+        turn = which < 2
+        c = tl.where(turn, c, 1.0)  # v passes through unchanged (exact: x * 1 - y * 0)
+        s = tl.where(turn, s, 0.0)
+        target = out + (which * tokens + token) * HEADS * WIDTH + head * WIDTH + channel
         tl.store(target, (first * c - second * s).to(out.dtype.element_ty), mask=mask)
         tl.store(target + HALF, (second * c + first * s).to(out.dtype.element_ty), mask=mask)
+        if WIDTH > 2 * HALF:
+            pad = tl.arange(0, BLOCK_PAD)[None, :]
+            tl.store(out + (which * tokens + token) * HEADS * WIDTH + head * WIDTH + 2 * HALF + pad,
+                     tl.zeros([BLOCK_HEADS, BLOCK_PAD], dtype=out.dtype.element_ty),
+                     mask=(head < HEADS) & (pad < WIDTH - 2 * HALF))

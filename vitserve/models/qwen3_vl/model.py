@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..add_norm import add_layer_norm
-from ..attention import AttentionFn, select_attention
+from ..attention import AttentionFn, head_width, select_attention
 from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
 from ..rotary import rotary_qk
 from .config import Qwen3VLVisionConfig
@@ -39,12 +39,13 @@ class Attention(nn.Module):
     def __init__(self, config: Qwen3VLVisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
+        self.head_width = config.head_dim  # memory width of q, k, v heads, as the attention backend wants
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor, meta: TokenMetadata, attend: AttentionFn) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = rotary_qk(self.qkv(x), meta.rope_cos, meta.rope_sin, self.num_heads)  # (tokens, heads, head_dim) each
+        q, k, v = rotary_qk(self.qkv(x), meta.rope_cos, meta.rope_sin, self.num_heads, self.head_width)  # (tokens, heads, head_dim) each
         out = attend(q, k, v, meta)  # (tokens, heads, head_dim)
         return self.proj(out.reshape(tokens, -1))  # (tokens, hidden)
 
@@ -175,6 +176,8 @@ class Qwen3VLVisionTower(nn.Module):
         weight = self.patch_embed.proj.weight
         self.attention_backend, self._attend = select_attention(requested, weight.device, weight.dtype)
         self.requested_attention = requested
+        for block in self.blocks:
+            block.attn.head_width = head_width(self.attention_backend, self.config.head_dim)
         return self._attend
 
     @torch.inference_mode()
