@@ -188,3 +188,34 @@ def test_max_sequences_below_max_items_is_rejected():
                         "raise max_sequences to 4 or more"),
     ):
         resolve(budgets=(64,), max_items=4, max_sequences=3)
+
+
+# -- extra budgets: exact fits for common item sizes ----------------------------------------------
+
+
+def test_extra_budgets_join_the_derived_ones():
+    capacities = resolve(extra_budgets=[784, 1764, 1024])  # a list is taken; 1024 is already derived
+    assert capacities.budgets == (256, 384, 512, 768, 784, 1024, 1536, 1764, 2048, 3072, 4096, 6144, 8192)
+    assert capacities.fitting_budget(784) == 784 and capacities.fitting_budget(785) == 1024
+
+
+def test_extra_budgets_with_an_explicit_list_say_where_they_belong():
+    with pytest.raises(ValueError, match=re.escape("extra_budgets [784] only add to derived budgets: put them into "
+                                                   "budgets [512, 784, 1024] instead")):
+        resolve(budgets=(512, 1024), extra_budgets=(784,))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (786, "extra budget 786 must be a multiple of 4 (merge size squared): use 788"),
+    (16384, "extra budget 16384 is outside min_budget..max_budget (256..8192): widen the range or drop it"),
+    (128, "extra budget 128 is outside min_budget..max_budget (256..8192): widen the range or drop it"),
+    (0, "every extra budget must be a positive integer, got 0"),
+])
+def test_bad_extra_budgets_are_rejected_with_the_fix(extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve(extra_budgets=(extra,))
+
+
+def test_extra_budgets_must_be_a_sequence():
+    with pytest.raises(ValueError, match=re.escape("extra_budgets must be a sequence of ints, e.g. (784,), got 784")):
+        WindowConfig(extra_budgets=784)  # type: ignore[arg-type]

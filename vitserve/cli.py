@@ -100,9 +100,11 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     try:
         budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
-        window = WindowConfig(budgets=budgets, min_budget=args.min_budget, max_budget=args.max_budget)
+        extra = tuple(int(b) for b in args.extra_budgets.split(",")) if args.extra_budgets else ()
+        window = WindowConfig(budgets=budgets, min_budget=args.min_budget, max_budget=args.max_budget,
+                              extra_budgets=extra)
     except ValueError as err:
-        print(f"vitserve bench: --budgets: {err}", file=sys.stderr)
+        print(f"vitserve bench: --budgets/--extra-budgets: {err}", file=sys.stderr)
         return 2
     methods = tuple(args.methods.split(","))
     unknown = [m for m in methods if m not in METHODS]
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=40, help="requests per workload")
     bench.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
     bench.add_argument("--attention", choices=ATTENTION_BACKENDS, help="vitserve's attention backend (default: best available)")
+    bench.add_argument("--extra-budgets", help="comma-separated budgets added to the derived ones: exact fits for "
+                       "common item sizes, e.g. 784 for 448x448 images")
     bench.add_argument("--min-budget", type=int, default=256)
     bench.add_argument("--max-budget", type=int, default=8192)
     bench.add_argument("--methods", default="hf-eager,hf-compile,vitserve-eager,vitserve-graphs",

@@ -24,6 +24,8 @@ class WindowConfig:
 
     budgets: explicit token budgets; otherwise derived from min_budget..max_budget in steps
         of about 1.41x (2^k and 1.5 * 2^k), so a window pads by at most a third.
+    extra_budgets: added to the derived budgets: exact fits for item sizes common in your
+        traffic (784 tokens for a 448x448 image pads to 1024 otherwise, 30% more work).
     max_items / max_sequences: per-window capacities; derived from the smallest budget.
     graphs: capture CUDA graphs (on CUDA); False runs the very same path eagerly.
     """
@@ -31,6 +33,7 @@ class WindowConfig:
     budgets: tuple[int, ...] | None = None
     min_budget: int = DEFAULT_MIN_BUDGET
     max_budget: int = DEFAULT_MAX_BUDGET
+    extra_budgets: tuple[int, ...] = ()
     max_items: int | None = None
     max_sequences: int | None = None
     graphs: bool = True
@@ -40,6 +43,9 @@ class WindowConfig:
             if isinstance(self.budgets, (str, bytes)) or not hasattr(self.budgets, "__iter__"):
                 raise ValueError(f"budgets must be a sequence of ints, e.g. (256, 512), got {self.budgets!r}")
             object.__setattr__(self, "budgets", tuple(self.budgets))
+        if isinstance(self.extra_budgets, (str, bytes)) or not hasattr(self.extra_budgets, "__iter__"):
+            raise ValueError(f"extra_budgets must be a sequence of ints, e.g. (784,), got {self.extra_budgets!r}")
+        object.__setattr__(self, "extra_budgets", tuple(self.extra_budgets))
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,11 @@ def derive_budgets(min_budget: int, max_budget: int, merge_factor: int) -> tuple
 def resolve_capacities(config: WindowConfig, geometry: EncoderGeometry) -> Capacities:
     merge = geometry.merge_factor
     if config.budgets is not None:
+        if config.extra_budgets:
+            raise ValueError(
+                f"extra_budgets {list(config.extra_budgets)} only add to derived budgets: put them into "
+                f"budgets {sorted(set(config.budgets) | set(config.extra_budgets))} instead"
+            )
         budgets = _check_budget_list(config.budgets, merge)
     else:
         _check_positive("min_budget", config.min_budget)
@@ -111,6 +122,15 @@ def resolve_capacities(config: WindowConfig, geometry: EncoderGeometry) -> Capac
                     f"{_round_up(value, merge)}"
                 )
         budgets = derive_budgets(config.min_budget, config.max_budget, merge)
+        for extra in config.extra_budgets:
+            _check_positive("every extra budget", extra)
+            if extra % merge:
+                raise ValueError(f"extra budget {extra} must be a multiple of {merge} (merge size squared): use "
+                                 f"{_round_up(extra, merge)}")
+            if not config.min_budget <= extra <= config.max_budget:
+                raise ValueError(f"extra budget {extra} is outside min_budget..max_budget "
+                                 f"({config.min_budget}..{config.max_budget}): widen the range or drop it")
+        budgets = tuple(sorted(set(budgets) | set(config.extra_budgets)))
 
     smallest = budgets[0]
     max_items = config.max_items
