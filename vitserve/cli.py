@@ -85,7 +85,6 @@ def run_bench(args: argparse.Namespace) -> int:
     from vitserve.bench.runner_bench import METHODS
     from vitserve.bench.runner_bench import run_bench as bench
     from vitserve.bench.workloads import WORKLOADS
-    from vitserve.workers import WindowConfig
 
     if not torch.cuda.is_available():
         print("vitserve bench: needs a CUDA device (it times CUDA graphs against eager baselines)", file=sys.stderr)
@@ -99,10 +98,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
         return 2
     try:
-        budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
-        extra = tuple(int(b) for b in args.extra_budgets.split(",")) if args.extra_budgets else ()
-        window = WindowConfig(budgets=budgets, min_budget=args.min_budget, max_budget=args.max_budget,
-                              extra_budgets=extra)
+        window = _window_config(args)
     except ValueError as err:
         print(f"vitserve bench: --budgets/--extra-budgets: {err}", file=sys.stderr)
         return 2
@@ -122,6 +118,40 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from vitserve.engine import EngineConfig
+    from vitserve.engine.serve import run
+    from vitserve.scheduler import SchedulerConfig
+
+    try:
+        window = _window_config(args)
+        scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
+                                    max_queued_tokens=args.max_queued_tokens)
+        config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
+                              window=window, scheduler=scheduler, output_windows=args.output_windows)
+    except ValueError as err:
+        print(f"vitserve serve: {err}", file=sys.stderr)
+        return 2
+    run(config, args.endpoint)
+    return 0
+
+
+def _window_config(args: argparse.Namespace):
+    from vitserve.workers import WindowConfig
+
+    budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
+    extra = tuple(int(b) for b in args.extra_budgets.split(",")) if args.extra_budgets else ()
+    return WindowConfig(budgets=budgets, min_budget=args.min_budget, max_budget=args.max_budget, extra_budgets=extra)
+
+
+def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
+    parser.add_argument("--extra-budgets", help="comma-separated budgets added to the derived ones: exact fits for "
+                        "common item sizes, e.g. 784 for 448x448 images")
+    parser.add_argument("--min-budget", type=int, default=256)
+    parser.add_argument("--max-budget", type=int, default=8192)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -137,17 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="random:qwen3-vl-8b", help="checkpoint directory or preset")
     bench.add_argument("--workloads", default="all", help="comma-separated names, or all")
     bench.add_argument("--requests", type=int, default=40, help="requests per workload")
-    bench.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
     bench.add_argument("--attention", choices=ATTENTION_BACKENDS, help="vitserve's attention backend (default: best available)")
-    bench.add_argument("--extra-budgets", help="comma-separated budgets added to the derived ones: exact fits for "
-                       "common item sizes, e.g. 784 for 448x448 images")
-    bench.add_argument("--min-budget", type=int, default=256)
-    bench.add_argument("--max-budget", type=int, default=8192)
+    _add_budget_arguments(bench)
     bench.add_argument("--methods", default="hf-eager,hf-compile,vitserve-eager,vitserve-graphs",
                        help="comma-separated: hf-eager, hf-compile (torch.compile of the HF model), vitserve-eager, "
                             "vitserve-graphs")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.txt/.png")
     bench.set_defaults(handler=run_bench)
+    serve = commands.add_parser("serve", help="run the engine behind a ZeroMQ endpoint until SIGINT/SIGTERM")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
+    serve.add_argument("--devices", default="cpu", help="comma-separated torch devices, one worker each, e.g. cuda:0,cuda:1")
+    serve.add_argument("--endpoint", default="ipc:///tmp/vitserve.sock", help="ipc://PATH (local, shared memory) or "
+                       "tcp://HOST:PORT (outputs inline)")
+    serve.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 elsewhere")
+    _add_budget_arguments(serve)
+    serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"))
+    serve.add_argument("--max-queued-items", type=int, default=4096)
+    serve.add_argument("--max-queued-tokens", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--output-windows", type=int, default=16,
+                       help="shared-memory output per worker, in windows of the largest budget")
+    serve.set_defaults(handler=run_serve)
     return parser
 
 

@@ -1,1 +1,8 @@
-"""Filled by a later issue (see DESIGN.md)."""
+"""The engine: worker processes, the scheduler loop and request life cycles (embedded API),
+and the ZeroMQ frontend that serves them to clients."""
+
+from .admission import AdmissionError, AdmittedItem, admit
+from .config import EngineConfig
+from .engine import Engine, EngineError
+
+__all__ = ["AdmissionError", "AdmittedItem", "Engine", "EngineConfig", "EngineError", "admit"]

@@ -1,1 +1,20 @@
-"""Filled by a later issue (see DESIGN.md)."""
+"""The scheduler: a bounded queue ordered by priority and deadline, budget windows formed
+against the runner's capacities, deadline-aware flushing and dispatch to workers."""
+
+from .config import POLICIES, SchedulerConfig
+from .queue import QueuedItem, Request, RequestQueue
+from .scheduler import Dispatch, Failure, Predictor, Scheduler, WorkerState, deadline_at
+
+__all__ = [
+    "POLICIES",
+    "Dispatch",
+    "Failure",
+    "Predictor",
+    "QueuedItem",
+    "Request",
+    "RequestQueue",
+    "Scheduler",
+    "SchedulerConfig",
+    "WorkerState",
+    "deadline_at",
+]

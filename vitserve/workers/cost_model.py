@@ -56,6 +56,20 @@ class CostModel:
         return self.padded_ms(shape, square_tokens + padding**2) <= eager
 
 
+def window_ms(cost: CostModel, capacities, tokens: int, sequences: int, square_tokens: int) -> float:
+    """Predicted time of a window as the runner will run it: its padded graph, or eagerly when
+    that is cheaper or no budget holds it. `capacities` is the runner's `Capacities`."""
+    budget = capacities.fitting_budget(tokens)
+    eager = cost.eager_ms(tokens, square_tokens)
+    if budget is None:
+        return eager
+    shape = (budget, capacities.fitting_slots(sequences))
+    if shape not in cost.padded_base_ms:
+        return eager
+    padded = cost.padded_ms(shape, square_tokens + (budget - tokens) ** 2)
+    return padded if math.isnan(eager) else min(padded, eager)
+
+
 def time_ms(run: Callable[[], None], device: torch.device, runs: int = TIMED_RUNS) -> float:
     """Median wall time of `run` after one warm-up, synchronised on CUDA."""
     run()

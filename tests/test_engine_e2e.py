@@ -1,0 +1,170 @@
+"""The engine end to end on the CPU: `vitserve serve` as a real process with a real worker
+process, clients over real ipc:// and tcp:// sockets, and the embedded Engine.
+
+Results must equal the model's eager `encode_patches` on the same inputs; every request of
+many concurrent clients is answered exactly once; nothing stays leased and no shared-memory
+file remains after shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitserve import Engine, EngineConfig
+from vitserve.client import AsyncClient, Client
+from vitserve.engine import EngineError
+from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
+from vitserve.models import load_model
+from vitserve.preprocess import preprocess_image, preprocess_video
+from vitserve.workers import WindowConfig
+
+WINDOW = WindowConfig(min_budget=64, max_budget=2048)
+TOLERANCE = dict(atol=1e-5, rtol=1e-5)  # float32; windows pack items differently than one eager call
+
+
+def inputs() -> list:
+    """Images of several sizes and aspect ratios, a video, and a preprocessed item."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (96, 48, 3), (40, 120, 3))]
+    video = rng.integers(0, 256, (4, 64, 80, 3), dtype=np.uint8)
+    patches = preprocess_image(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    return [*images, video, (patches.pixel_values, patches.grid_thw)]
+
+
+@pytest.fixture(scope="module")
+def expected() -> list:
+    model = load_model("random:tiny")
+    outputs = []
+    for item in inputs():
+        if isinstance(item, tuple):
+            pixel_values, grid = item
+        else:
+            patches = preprocess_video(item) if item.ndim == 4 else preprocess_image(item)
+            pixel_values, grid = patches
+        outputs.append(model.encode_patches(pixel_values, grid))
+    return outputs
+
+
+def check(result, indices: list[int], expected: list) -> None:
+    assert len(result.items) == len(indices)
+    for item, index in zip(result.items, indices):
+        torch.testing.assert_close(item.embeddings, expected[index].embeddings, **TOLERANCE)
+        torch.testing.assert_close(item.deepstack, expected[index].deepstack, **TOLERANCE)
+
+
+def slab_files(pid: int) -> list[str]:
+    return [name for name in os.listdir(SHM_DIR) if (parsed := parse_slab_name(name)) and parsed[0] == pid]
+
+
+@pytest.fixture(scope="module", params=["ipc", "tcp"])
+def server(request, tmp_path_factory):
+    """`vitserve serve` in its own process; yields its endpoint and checks a clean SIGTERM exit."""
+    if request.param == "ipc":
+        endpoint = f"ipc://{tmp_path_factory.mktemp('sock')}/vitserve.sock"
+    else:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, "--min-budget", "64",
+               "--max-budget", "2048", "--output-windows", "64"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if "ready" not in line:
+        process.kill()
+        pytest.fail(f"vitserve serve did not start: {line}{process.stderr.read()}")
+    yield endpoint, process
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, process.stderr.read()
+    assert slab_files(process.pid) == []
+
+
+def test_client_results_equal_encode_patches(server, expected):
+    endpoint, _ = server
+    with Client(endpoint) as client:
+        assert client.welcome.model == "random:tiny" and client.welcome.num_deepstack == 2
+        with client.encode(inputs()) as result:
+            check(result, list(range(5)), expected)
+        with client.encode([inputs()[1]], deadline_ms=60_000, priority=3) as result:
+            check(result, [1], expected)
+
+
+def test_four_clients_250_concurrent_requests_each_answered_once(server, expected):
+    endpoint, _ = server
+    items = inputs()
+
+    async def one_client(seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        plans = [sorted(rng.choice(len(items), size=rng.integers(1, 4), replace=False).tolist()) for _ in range(250)]
+        async def one_request(plan: list[int]) -> None:
+            with await client.encode([items[i] for i in plan]) as result:  # read, then release at once
+                check(result, plan, expected)
+
+        async with AsyncClient(endpoint) as client:
+            answered = await asyncio.gather(*(one_request(plan) for plan in plans))  # all 250 in flight at once
+        return len(answered)
+
+    async def all_clients() -> list[int]:
+        return await asyncio.gather(*(one_client(seed) for seed in range(4)))
+
+    assert asyncio.run(all_clients()) == [250] * 4
+
+
+def test_errors_come_back_with_codes(server, expected):
+    endpoint, _ = server
+    with Client(endpoint) as client:
+        with pytest.raises(EngineError) as info:
+            client.encode([np.zeros((8, 8), dtype=np.uint8)])
+        assert info.value.code == "invalid_input"
+        with pytest.raises(EngineError) as info:
+            client.encode([np.zeros((4000, 4000, 3), dtype=np.uint8)])  # over 2 x the largest budget in tokens
+        assert info.value.code == "too_large"
+        with client.encode([inputs()[0]]) as result:  # the connection still serves
+            check(result, [0], expected)
+
+
+def test_embedded_engine_gives_the_same_results_and_cleans_up(expected):
+    async def run() -> tuple[int, dict]:
+        async with Engine(EngineConfig(window=WINDOW)) as engine:
+            with await engine.encode(inputs()) as result:
+                check(result, list(range(5)), expected)
+            results = await asyncio.gather(*(engine.encode([inputs()[i % 5]]) for i in range(40)))
+            for i, result in enumerate(results):
+                check(result, [i % 5], expected)
+                result.release()
+            await asyncio.sleep(0.05)  # releases are delivered through the loop
+            return os.getpid(), engine.stats()
+
+    pid, stats = asyncio.run(run())
+    assert stats == {"queued_items": 0.0, "requests_open": 0.0, "windows_in_flight": 0.0, "slots_leased": 0.0}
+    assert slab_files(pid) == []
+
+
+def test_embedded_engine_copies_to_an_output_device(expected):
+    async def run() -> None:
+        async with Engine(EngineConfig(window=WINDOW, output_device="cpu")) as engine:
+            result = await engine.encode([inputs()[0]])
+            assert result.released  # copied out: no slot stays leased
+            check(result, [0], expected)
+            assert engine.stats()["slots_leased"] == 0.0
+
+    asyncio.run(run())
+
+
+def test_worker_that_cannot_start_says_why(tmp_path: Path):
+    async def run() -> None:
+        async with Engine(EngineConfig(model=str(tmp_path / "missing"), window=WINDOW, startup_timeout_s=120)):
+            pass
+
+    with pytest.raises(RuntimeError, match=r"worker 0 .* failed to start: .*missing"):
+        asyncio.run(run())

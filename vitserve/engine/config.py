@@ -1,0 +1,56 @@
+"""EngineConfig: what a user sets to run the engine, checked when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vitserve.preprocess import PreprocessConfig
+from vitserve.scheduler import SchedulerConfig
+from vitserve.workers import WindowConfig
+
+DEFAULT_MODEL = "random:tiny"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """model: checkpoint directory or preset. devices: one worker process per entry ("cuda:0",
+    "cpu"). output_windows: each worker's shared-memory output, in windows of the largest
+    budget; a window leases the rows it needs until every request with items in it is released.
+    max_item_tokens: the largest single item admitted (items over the largest budget run
+    eagerly); larger ones get `too_large`."""
+
+    model: str = DEFAULT_MODEL
+    devices: tuple[str, ...] = ("cpu",)
+    dtype: str | None = None  # default: bfloat16 on CUDA, float32 on the CPU
+    window: WindowConfig = field(default_factory=WindowConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    output_windows: int = 16
+    max_item_tokens: int | None = None  # default: twice the largest budget
+    startup_timeout_s: float = 600.0
+    cpu_threads_per_worker: int | None = None
+    output_device: str | None = None  # embedded engine: copy results to this torch device
+
+    def __post_init__(self) -> None:
+        devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
+        object.__setattr__(self, "devices", devices)
+        if not devices:
+            raise ValueError("devices is empty: name at least one, e.g. ('cuda:0',) or ('cpu',)")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16 (or None for the default)")
+        value = self.output_windows
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise ValueError(f"output_windows must be an integer >= 2 (one window fills while clients read another), "
+                             f"got {value!r}")
+        if self.max_item_tokens is not None and (not isinstance(self.max_item_tokens, int) or self.max_item_tokens < 1):
+            raise ValueError(f"max_item_tokens must be a positive integer or None, got {self.max_item_tokens!r}")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s must be > 0 seconds, got {self.startup_timeout_s!r}")
+
+    @property
+    def largest_budget(self) -> int:
+        return self.window.budgets[-1] if self.window.budgets else self.window.max_budget
+
+    @property
+    def item_token_limit(self) -> int:
+        return self.max_item_tokens or 2 * self.largest_budget

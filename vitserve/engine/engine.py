@@ -1,0 +1,345 @@
+"""The engine core: worker processes, the scheduler loop, shared-memory slots and the life of
+every request, in the caller's event loop.
+
+    async with Engine(EngineConfig(model="random:qwen3-vl-8b", devices=("cuda:0",))) as engine:
+        with await engine.encode([image, video], deadline_ms=200) as result:
+            result.items[0].embeddings      # a tensor viewing shared memory
+
+Every accepted request ends exactly once: its future gets the output references, or an
+EngineError with a code. A window's slot is held once per request with items in it and is
+free again when all of them are released (or failed, or cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import zmq.asyncio
+
+from vitserve.ipc.messages import ArrayRef, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerReady
+from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
+from vitserve.ipc.slab_maps import SlabReader, remove_stale_slabs
+from vitserve.ipc.slabs import SlabPool, Slot
+from vitserve.scheduler import Dispatch, Request, Scheduler, WorkerState, deadline_at
+from vitserve.workers import Capacities, CostModel
+from vitserve.workers.cost_model import window_ms
+from vitserve.workers.process import WorkerSpec
+
+from .admission import AdmissionError, AdmittedItem, admit
+from .config import EngineConfig
+from .worker_handle import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+SLOTS_PER_WINDOW = 64  # a largest window's output spans this many slots; smaller windows lease fewer
+
+
+class EngineError(Exception):
+    """A request that ended without a result; `code` is one of the wire protocol's error codes."""
+
+    def __init__(self, code: str, message: str, retry_after_ms: float | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass(eq=False)
+class _Pending:
+    items: list[AdmittedItem]
+    future: asyncio.Future
+    outputs: list[OutputRef | None]
+    slots: list[tuple[int, Slot]] = field(default_factory=list)  # (worker, slot) held for this request
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.capacities: Capacities | None = None
+        self.ready: WorkerReady | None = None
+        self.scheduler: Scheduler | None = None
+        self._handles: list[WorkerHandle] = []
+        self._pools: dict[int, SlabPool] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._windows: dict[int, tuple[Dispatch, Slot]] = {}
+        self._keys = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+        self._poke = asyncio.Event()
+        self._reader = SlabReader()
+        self._closing = False
+        self._context: zmq.asyncio.Context | None = None
+        self._socket_dir: str | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        removed = remove_stale_slabs()
+        if removed:
+            log.warning("removed %d shared-memory slabs left by a crashed engine", len(removed))
+        config = self.config
+        self._context = zmq.asyncio.Context()
+        self._socket_dir = tempfile.mkdtemp(prefix="vitserve-")
+        for worker, device in enumerate(config.devices):
+            spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}", model=config.model,
+                              device=device, dtype=config.dtype, window=config.window, preprocess=config.preprocess,
+                              threads=config.cpu_threads_per_worker, log_level=logging.getLogger().level)
+            self._handles.append(WorkerHandle(spec, self._context))
+        try:
+            readies = await asyncio.gather(*(h.start(config.startup_timeout_s) for h in self._handles))
+            self._setup(readies)
+        except BaseException:
+            await self.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._dispatch_loop(), name="vitserve-dispatch")]
+        self._tasks += [loop.create_task(self._receive_loop(h), name=f"vitserve-receive-{h.worker}")
+                        for h in self._handles]
+
+    def _setup(self, readies: Sequence[WorkerReady]) -> None:
+        first = readies[0]
+        shape = (first.budgets, first.max_items, first.max_sequences, first.merge_factor)
+        for ready in readies[1:]:
+            if (ready.budgets, ready.max_items, ready.max_sequences, ready.merge_factor) != shape:
+                raise RuntimeError(f"workers disagree on capacities: {first} vs {ready}")
+        self.ready = first
+        self.capacities = Capacities(*shape)
+        self.row_shape = (1 + first.num_deepstack, first.out_hidden)
+        self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(np.float32 if first.dtype == "float32" else np.uint16).itemsize
+        window_rows = self.capacities.max_budget // first.merge_factor
+        largest_rows = max(window_rows, self.config.item_token_limit // first.merge_factor)
+        self.slot_rows = max(1, window_rows // SLOTS_PER_WINDOW)
+        slots = max(self.config.output_windows * -(-window_rows // self.slot_rows), -(-largest_rows // self.slot_rows))
+        states = []
+        for ready in readies:
+            self._pools[ready.worker] = SlabPool(f"w{ready.worker}", self.slot_rows * self.row_bytes, slots)
+            cost = CostModel(ready.cost.attention_ms_per_token2,
+                             {(b, s): ms for b, s, ms in ready.cost.padded_base_ms},
+                             [tuple(p) for p in ready.cost.eager_base_points])
+            predict = functools.partial(window_ms, cost, self.capacities)
+            states.append(WorkerState(ready.worker, lambda t, s, q, predict=predict: predict(t, s, q),
+                                      free_rows=slots * self.slot_rows))
+        self.scheduler = Scheduler(self.config.scheduler, self.capacities, states)
+
+    async def close(self) -> None:
+        """Fail what is still pending with `shutting_down`, stop the workers, remove every slab."""
+        self._closing = True
+        for key in list(self._pending):
+            self._fail(key, "shutting_down", "the engine is shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(h.stop() for h in self._handles), return_exceptions=True)
+        for pool in self._pools.values():
+            pool.close()
+        self._reader.close()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    # -- requests ------------------------------------------------------------------------------
+    async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
+        """Encode images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs.
+
+        The result's tensors view shared memory until `release()` (or the `with` block's end, or
+        garbage collection); raises EngineError with a code when the request fails."""
+        key, refs = await self.run(self.admit(items), deadline_ms, priority)
+        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+
+        def release() -> None:  # may run in any thread, from garbage collection
+            if threading.get_ident() == loop_thread:
+                self.release(key)
+                return
+            try:
+                loop.call_soon_threadsafe(self.release, key)
+            except RuntimeError:
+                pass  # the loop is closed: the engine and its slabs are gone already
+
+        return encoded_from_refs(refs, self._reader, release, self.config.output_device)
+
+    def admit(self, items: Sequence[Any]) -> list[AdmittedItem]:
+        if not items:
+            raise EngineError("invalid_input", "a request needs at least one item")
+        try:
+            return [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}")
+                    for i, item in enumerate(items)]
+        except AdmissionError as err:
+            raise EngineError(err.code, err.message) from None
+
+    async def run(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int,
+                  key: int | None = None) -> tuple[int, list[OutputRef]]:
+        """Queue admitted items and wait for their output references (they stay leased until `release`)."""
+        if self._closing or self.scheduler is None:
+            raise EngineError("shutting_down", "the engine is not running")
+        if deadline_ms is not None and not deadline_ms >= 0:
+            raise EngineError("invalid_input", f"deadline_ms must be >= 0 (or None), got {deadline_ms!r}")
+        loop = asyncio.get_running_loop()
+        key = next(self._keys) if key is None else key
+        now = loop.time()
+        request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items])
+        pending = _Pending(items, loop.create_future(), [None] * len(items))
+        self._pending[key] = pending
+        failure = self.scheduler.submit(request, now)
+        if failure is not None:
+            self._fail(key, failure.code, failure.message, failure.retry_after_ms)
+        else:
+            self._poke.set()
+        try:
+            return key, await pending.future
+        except asyncio.CancelledError:
+            self.cancel(key)
+            raise
+
+    def stats(self) -> dict[str, float]:
+        """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
+        return {
+            "queued_items": float(len(self.scheduler.queue)) if self.scheduler else 0.0,
+            "requests_open": float(len(self._pending)),
+            "windows_in_flight": float(len(self._windows)),
+            "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._pools.values())),
+        }
+
+    def read(self, ref: OutputRef) -> np.ndarray:
+        """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""
+        return ref_array(ref, self._reader)
+
+    def new_key(self) -> int:
+        return next(self._keys)
+
+    def cancel(self, key: int) -> bool:
+        """Cancel a request still running: its queued items are dropped, in-flight results discarded."""
+        pending = self._pending.get(key)
+        if pending is None or pending.future.done():
+            return False
+        self._fail(key, "cancelled", "cancelled by the client")
+        return True
+
+    def release(self, key: int) -> None:
+        """The caller is done with a request's outputs: their slots may be reused."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            self._release_slots(pending)
+            if not pending.future.done():
+                pending.future.cancel()
+
+    def _fail(self, key: int, code: str, message: str, retry_after_ms: float | None = None) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        if self.scheduler is not None:
+            self.scheduler.cancel(key)
+        self._release_slots(pending)
+        if not pending.future.done():
+            pending.future.set_exception(EngineError(code, message, retry_after_ms))
+
+    def _release_slots(self, pending: _Pending) -> None:
+        for worker, slot in pending.slots:
+            self._release_slot(worker, slot)
+        pending.slots.clear()
+
+    def _release_slot(self, worker: int, slot: Slot) -> None:
+        pool = self._pools.get(worker)
+        if pool is not None and not self._closing:
+            pool.release(slot)
+            self._sync_free_rows(worker)
+            self._poke.set()
+
+    def _sync_free_rows(self, worker: int) -> None:
+        self.scheduler.workers[worker].free_rows = self._pools[worker].largest_free_run() * self.slot_rows
+
+    # -- the loops -----------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._poke.clear()
+            dispatches, failures = self.scheduler.poll(loop.time())
+            for failure in failures:
+                self._fail(failure.request.key, failure.code, failure.message, failure.retry_after_ms)
+            while stalled := self.scheduler.stalled_on_memory():
+                for request in stalled:
+                    self._fail(request.key, "overloaded", "every shared-memory output row is held by results not "
+                               "yet released: release results sooner, or raise output_windows", retry_after_ms=100.0)
+            for dispatch in dispatches:
+                await self._send(dispatch)
+            wakeup = self.scheduler.wakeup
+            timeout = None if wakeup is None else max(0.0, wakeup - loop.time())
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _send(self, dispatch: Dispatch) -> None:
+        pool = self._pools[dispatch.worker]
+        rows = dispatch.tokens // self.capacities.merge_factor
+        slot = pool.acquire(-(-rows // self.slot_rows))
+        if slot is None:  # the scheduler's count says otherwise: a bug; say so loudly
+            raise RuntimeError(f"worker {dispatch.worker} has no {rows} free output rows for window {dispatch.window}")
+        holders = {item.request.key for item in dispatch.items}
+        if len(holders) > 1:
+            pool.hold(slot, len(holders) - 1)
+        self._sync_free_rows(dispatch.worker)
+        self._windows[dispatch.window] = (dispatch, slot)
+        window_items, frames = [], []
+        for item in dispatch.items:
+            admitted = self._pending[item.request.key].items[item.index]
+            array = np.ascontiguousarray(admitted.array)
+            dtype = "float32" if admitted.kind == "patches" else "uint8"
+            window_items.append(WindowItem(ArrayRef(len(frames), dtype, array.shape), admitted.kind, admitted.grid))
+            frames.append(array)
+        await self._handles[dispatch.worker].send(RunWindow(dispatch.window, window_items, slot.slab, slot.offset),
+                                                  frames)
+
+    async def _receive_loop(self, handle: WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await handle.receive()
+            match message:
+                case WindowDone(window=window, rows=rows):
+                    self._complete(window, rows, loop.time())
+                case WindowFailed(window=window, message=problem):
+                    dispatch, slot = self._windows.pop(window)
+                    self.scheduler.window_done(window, loop.time())
+                    for key in {item.request.key for item in dispatch.items}:
+                        self._release_slot(dispatch.worker, slot)
+                        self._fail(key, "worker_failed", f"worker {dispatch.worker} failed the window: {problem}")
+            self._poke.set()
+
+    def _complete(self, window: int, rows: list[int], now: float) -> None:
+        dispatch, slot = self._windows.pop(window)
+        self.scheduler.window_done(window, now)
+        merge = self.capacities.merge_factor
+        for item, first_row in zip(dispatch.items, rows):
+            pending = self._pending.get(item.request.key)
+            if pending is None:
+                continue
+            admitted = pending.items[item.index]
+            pending.outputs[item.index] = OutputRef(
+                shape=(admitted.tokens // merge, *self.row_shape), dtype=self.ready.dtype, slab=slot.slab,
+                epoch=slot.epoch, offset=slot.offset + first_row * self.row_bytes)
+        for key in {item.request.key for item in dispatch.items}:
+            pending = self._pending.get(key)
+            if pending is None:  # failed or cancelled while the window ran: its reference goes now
+                self._release_slot(dispatch.worker, slot)
+                continue
+            pending.slots.append((dispatch.worker, slot))
+            request_items = [i for i in dispatch.items if i.request.key == key]
+            request = request_items[0].request
+            request.unfinished -= len(request_items)
+            if request.unfinished == 0 and not pending.future.done():
+                pending.future.set_result(list(pending.outputs))

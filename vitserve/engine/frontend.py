@@ -1,0 +1,161 @@
+"""The ZeroMQ frontend: a ROUTER socket on ipc:// or tcp:// in front of an Engine.
+
+Each client connection is a ROUTER identity. Messages are decoded with one typed decoder;
+anything that is not a valid message gets an `error` reply with a code, and the connection
+stays usable. Encode requests run as tasks, so a slow window never blocks other clients;
+their outputs stay leased until the client sends `release` (inline outputs are copied into
+the reply and released at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array, server_codec
+from vitserve.ipc.messages import (
+    PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
+    Result, Stats, StatsQuery, VideoItem, Welcome,
+)
+from .engine import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+
+class Frontend:
+    def __init__(self, engine: Engine, endpoint: str):
+        self.engine = engine
+        self.endpoint = endpoint
+        self._codec = server_codec()
+        self._active: dict[tuple[bytes, int], int] = {}  # (client, request id) -> engine key
+        self._tasks: set[asyncio.Task] = set()
+        self._context = zmq.asyncio.Context()
+        self.socket = self._context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped, not raised
+        self.socket.bind(endpoint)
+        self.counters = {"requests": 0, "results": 0, "errors": 0}
+
+    async def serve(self) -> None:
+        """Answer messages until cancelled."""
+        try:
+            while True:
+                identity, *frames = await self.socket.recv_multipart(copy=False)
+                try:
+                    self._handle(identity.bytes, frames)
+                except Exception as err:  # one message must never stop the server
+                    log.exception("a message could not be handled")
+                    self._send(identity.bytes, Error(None, "protocol", f"the message could not be handled: {err}"))
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.socket.close(0)
+            self._context.term()
+
+    def _handle(self, client: bytes, frames: list) -> None:
+        try:
+            message, arrays = self._codec.decode(frames)
+        except ProtocolError as err:
+            self._send(client, Error(None, err.code, str(err)))
+            return
+        match message:
+            case Hello(version=version):
+                if version != PROTOCOL_VERSION:
+                    self._send(client, Error(None, "protocol", f"protocol version {version} is not supported; "
+                                                               f"this engine speaks version {PROTOCOL_VERSION}"))
+                else:
+                    ready = self.engine.ready
+                    self._send(client, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
+                                               ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))
+            case Encode():
+                task = asyncio.ensure_future(self._encode(client, message, arrays))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            case Cancel(id=request_id):
+                key = self._active.get((client, request_id))
+                if key is not None:
+                    self.engine.cancel(key)
+            case Release(id=request_id):
+                key = self._active.pop((client, request_id), None)
+                if key is not None:
+                    self.engine.release(key)
+            case StatsQuery():
+                self._send(client, Stats({name: float(value) for name, value in self.counters.items()}
+                                         | self.engine.stats()))
+            case HealthQuery():
+                workers = len(self.engine.config.devices)
+                ready = sum(1 for state in self.engine.scheduler.workers.values() if state.ready)
+                self._send(client, Health(ready > 0, ready, workers))
+
+    async def _encode(self, client: bytes, message: Encode, arrays: list[memoryview]) -> None:
+        request = (client, message.id)
+        self.counters["requests"] += 1
+        if request in self._active:
+            self._error(client, message.id, "invalid_input", f"request id {message.id} is already in use by this "
+                                                             f"client: use a new id, or release the old request")
+            return
+        key = self.engine.new_key()
+        self._active[request] = key
+        try:
+            items = _items(message, arrays)
+            admitted = self.engine.admit(items)
+            _, refs = await self.engine.run(admitted, message.deadline_ms, message.priority, key=key)
+        except ProtocolError as err:
+            self._active.pop(request, None)
+            self._error(client, message.id, err.code, str(err))
+            return
+        except EngineError as err:
+            self._active.pop(request, None)
+            self._error(client, message.id, err.code, err.message, err.retry_after_ms)
+            return
+        except Exception as err:  # never leave a request unanswered
+            log.exception("request %d failed unexpectedly", message.id)
+            self._active.pop(request, None)
+            self._error(client, message.id, "invalid_input", f"the request could not be processed: {err}")
+            return
+        self.counters["results"] += 1
+        if not message.inline:
+            self._send(client, Result(message.id, refs))
+            return
+        # Inline (remote clients): copy the rows into the reply, then the slots are free again.
+        frames = [np.array(self.engine.read(ref)) for ref in refs]
+        inline = [OutputRef(ref.shape, ref.dtype, frame=i) for i, ref in enumerate(refs)]
+        self._active.pop(request, None)
+        self.engine.release(key)
+        self._send(client, Result(message.id, inline), frames)
+
+    def _error(self, client: bytes, request_id: int | None, code: str, text: str, retry: float | None = None) -> None:
+        self.counters["errors"] += 1
+        self._send(client, Error(request_id, code, text, retry))
+
+    def _send(self, client: bytes, message, frames: list | None = None) -> None:
+        try:
+            self.socket.send_multipart([client, *self._codec.encode(message, frames or [])], copy=False)
+        except zmq.ZMQError as err:  # a full or vanished peer: its reply is lost, the server goes on
+            log.warning("reply to a client failed: %s", err)
+
+
+def _items(message: Encode, arrays: list[memoryview]) -> list:
+    """The request's items as arrays over the received frames (no copy)."""
+    refs, items = [], []
+    for item in message.items:
+        match item:
+            case ImageItem(pixels=ref) | VideoItem(frames=ref):
+                refs.append(ref)
+                items.append(frame_array(ref, arrays, message.id))
+            case PatchItem(pixel_values=ref, grid_thw=grid):
+                refs.append(ref)
+                items.append((frame_array(ref, arrays, message.id), grid))
+    check_all_frames_used(refs, arrays, message.id)
+    for index, (item, sent) in enumerate(zip(items, message.items)):
+        rank = {ImageItem: 3, VideoItem: 4}.get(type(sent))
+        if rank is not None and (item.dtype != np.uint8 or item.ndim != rank):
+            shape = "H×W×3" if rank == 3 else "T×H×W×3"
+            raise ProtocolError(f"item {index}: {type(sent).__name__} must be uint8 {shape}, got {item.dtype} "
+                                f"with shape {list(item.shape)}", "invalid_input", message.id)
+    return items

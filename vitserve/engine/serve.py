@@ -1,0 +1,38 @@
+"""`vitserve serve`: an Engine behind the ZeroMQ frontend until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+from .config import EngineConfig
+from .engine import Engine
+from .frontend import Frontend
+
+
+async def serve(config: EngineConfig, endpoint: str) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for name in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(name, stop.set)
+    began = time.perf_counter()
+    async with Engine(config) as engine:
+        frontend = Frontend(engine, endpoint)
+        ready = engine.ready
+        print(f"vitserve ready on {endpoint}: model {config.model} on {', '.join(config.devices)} ({ready.dtype}), "
+              f"budgets {list(engine.capacities.budgets)}, capture {ready.capture_s:.1f} s, "
+              f"started in {time.perf_counter() - began:.1f} s", flush=True)
+        task = loop.create_task(frontend.serve())
+        await stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def run(config: EngineConfig, endpoint: str) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency, but a missing one should not stop the server
+        asyncio.run(serve(config, endpoint))
+    else:
+        uvloop.run(serve(config, endpoint))

@@ -1,0 +1,93 @@
+"""The engine's side of one worker process: spawn it, await its readiness handshake with a
+timeout, send windows, receive completions, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from vitserve.ipc.codec import Codec, ProtocolError
+from vitserve.ipc.messages import FromWorker, Shutdown, WorkerReady, WorkerStartFailed
+from vitserve.workers.process import WorkerSpec, worker_main
+
+log = logging.getLogger(__name__)
+
+
+STARTUP_POLL_MS = 200  # how often start-up checks that the process is still alive
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class WorkerHandle:
+    def __init__(self, spec: WorkerSpec, context: zmq.asyncio.Context):
+        self.spec = spec
+        self.worker = spec.worker
+        self.socket = context.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(spec.endpoint)
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.ready: WorkerReady | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._codec = Codec(FromWorker)
+
+    async def start(self, timeout_s: float) -> WorkerReady:
+        """Spawn the process and wait for its handshake; raise WorkerStartError saying what failed."""
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=(self.spec,), name=f"vitserve-worker-{self.worker}", daemon=True)
+        self.process.start()
+        where = f"worker {self.worker} ({self.spec.model} on {self.spec.device})"
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await self.socket.poll(timeout=STARTUP_POLL_MS):
+            if not self.process.is_alive():
+                raise WorkerStartError(f"{where} exited with code {self.process.exitcode} before it was ready; "
+                                       f"see its log above")
+            if asyncio.get_running_loop().time() > deadline:
+                self.kill()
+                raise WorkerStartError(f"{where} was not ready within {timeout_s:.0f} s (loading and graph "
+                                       f"capture); raise startup_timeout_s or check the device")
+        message = await self.receive()
+        match message:
+            case WorkerReady():
+                self.ready = message
+                return message
+            case WorkerStartFailed(message=problem):
+                self.kill()
+                raise WorkerStartError(f"{where} failed to start: {problem}")
+        self.kill()
+        raise WorkerStartError(f"{where} sent {type(message).__name__} instead of its readiness report")
+
+    async def send(self, message: msgspec.Struct, frames: list) -> None:
+        await self.socket.send_multipart([self._encoder.encode(message), *frames], copy=False)
+
+    async def receive(self) -> msgspec.Struct:
+        frames = await self.socket.recv_multipart(copy=False)
+        try:
+            message, _ = self._codec.decode(frames)
+        except ProtocolError as err:  # our own worker: a bug, not a client's fault
+            raise RuntimeError(f"worker {self.worker} sent an unreadable message: {err}") from None
+        return message
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        if self.alive():
+            try:
+                await asyncio.wait_for(self.send(Shutdown(), []), 1.0)
+                await asyncio.to_thread(self.process.join, timeout_s)
+            except (asyncio.TimeoutError, zmq.ZMQError):
+                pass
+        self.kill()
+        self.socket.close(0)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)

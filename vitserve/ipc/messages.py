@@ -1,0 +1,195 @@
+"""The wire protocol: every message is one msgspec Struct of a tagged union, sent as a
+msgpack header frame followed by zero or more raw array frames.
+
+Arrays never go through msgpack: an `ArrayRef` in the header names the extra frame that
+holds the bytes, with dtype and shape, so ZeroMQ sends and receives them without a copy.
+Results usually carry no bytes at all: an `OutputRef` points into a worker's shared-memory
+slab (slab name, epoch, offset). Clients on another host ask for `inline` outputs and get
+the rows as frames instead. No pickle anywhere: a decoder only ever builds these types.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# What a request can end with, besides a result (DESIGN.md, failure model). `protocol` is for
+# messages that cannot be understood at all (undecodable, wrong version, bad frames).
+ErrorCode = Literal[
+    "invalid_input", "too_large", "overloaded", "deadline_exceeded", "cancelled", "worker_failed",
+    "shutting_down", "protocol",
+]
+
+
+class ArrayRef(msgspec.Struct, frozen=True):
+    frame: int  # index among the frames after the header
+    dtype: str  # numpy dtype name: uint8, float32, float16, or bfloat16
+    shape: tuple[int, ...]
+
+
+class ImageItem(msgspec.Struct, frozen=True, tag="image"):
+    pixels: ArrayRef  # uint8 (H, W, 3)
+
+
+class VideoItem(msgspec.Struct, frozen=True, tag="video"):
+    frames: ArrayRef  # uint8 (T, H, W, 3)
+
+
+class PatchItem(msgspec.Struct, frozen=True, tag="patches"):
+    """Already-processed input, as the Hugging Face processor returns it for one item."""
+
+    pixel_values: ArrayRef  # float32 (t * h * w, C * T * P * P)
+    grid_thw: tuple[int, int, int]
+
+
+Item = Union[ImageItem, VideoItem, PatchItem]
+
+
+class OutputRef(msgspec.Struct, frozen=True):
+    """One item's output rows: (rows, 1 + deepstack, out_hidden), row r = embedding then deepstack."""
+
+    shape: tuple[int, int, int]
+    dtype: str
+    slab: str = ""  # shared-memory slab file name; empty when the bytes came inline
+    epoch: int = 0
+    offset: int = 0  # bytes into the slab
+    frame: int = -1  # index of the inline frame; -1 when in shared memory
+
+
+# -- client to server -------------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello"):
+    version: int
+    client: str = ""
+
+
+class Encode(msgspec.Struct, frozen=True, tag="encode"):
+    id: int  # chosen by the client, unique among its requests in flight
+    items: list[Item]
+    deadline_ms: float | None = None  # relative to arrival at the engine
+    priority: int = 0  # lower values are served first (as in Triton and vLLM)
+    inline: bool = False  # outputs as frames instead of shared-memory references
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    id: int
+
+
+class Release(msgspec.Struct, frozen=True, tag="release"):
+    """The client is done reading request `id`'s outputs; their slots may be reused."""
+
+    id: int
+
+
+class StatsQuery(msgspec.Struct, frozen=True, tag="stats"):
+    pass
+
+
+class HealthQuery(msgspec.Struct, frozen=True, tag="health"):
+    pass
+
+
+# -- server to client -------------------------------------------------------------------------
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome"):
+    version: int
+    model: str
+    out_hidden: int
+    num_deepstack: int
+    dtype: str
+    budgets: tuple[int, ...]
+
+
+class Result(msgspec.Struct, frozen=True, tag="result"):
+    id: int
+    outputs: list[OutputRef]  # one per item, in the request's order
+
+
+class Error(msgspec.Struct, frozen=True, tag="error"):
+    id: int | None  # None when the failing message had no readable request id
+    code: ErrorCode
+    message: str
+    retry_after_ms: float | None = None  # with `overloaded`: when trying again is likely to work
+
+
+class Stats(msgspec.Struct, frozen=True, tag="stats_reply"):
+    values: dict[str, float]
+
+
+class Health(msgspec.Struct, frozen=True, tag="health_reply"):
+    ready: bool
+    workers_ready: int
+    workers: int
+    detail: str = ""
+
+
+ClientMessage = Union[Hello, Encode, Cancel, Release, StatsQuery, HealthQuery]
+ServerMessage = Union[Welcome, Result, Error, Stats, Health]
+
+
+# -- engine and worker processes ----------------------------------------------------------------
+
+
+class WindowItem(msgspec.Struct, frozen=True):
+    """One item of a window: raw pixels (`grid` planned by the engine) or processed patches."""
+
+    data: ArrayRef
+    kind: Literal["image", "video", "patches"]
+    grid: tuple[int, int, int]
+
+
+class RunWindow(msgspec.Struct, frozen=True, tag="run_window"):
+    window: int
+    items: list[WindowItem]
+    slab: str  # where the window's output rows go: slab file and byte offset of the leased slot
+    offset: int
+
+
+class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
+    window: int
+    rows: list[int]  # first output row of each item inside the slot, in the window's order
+
+
+class WindowFailed(msgspec.Struct, frozen=True, tag="window_failed"):
+    window: int
+    message: str
+
+
+class WorkerCost(msgspec.Struct, frozen=True):
+    """The runner's measured cost model, as plain lists (see workers.cost_model.CostModel)."""
+
+    attention_ms_per_token2: float
+    padded_base_ms: list[tuple[int, int, float]]  # (budget, slots, ms)
+    eager_base_points: list[tuple[int, float]]  # (tokens, ms)
+
+
+class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
+    worker: int
+    device: str
+    budgets: tuple[int, ...]
+    max_items: int
+    max_sequences: int
+    merge_factor: int
+    out_hidden: int
+    num_deepstack: int
+    dtype: str
+    cost: WorkerCost
+    capture_s: float
+
+
+class WorkerStartFailed(msgspec.Struct, frozen=True, tag="worker_start_failed"):
+    worker: int
+    message: str
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    pass
+
+
+ToWorker = Union[RunWindow, Shutdown]
+FromWorker = Union[WorkerReady, WorkerStartFailed, WindowDone, WindowFailed]

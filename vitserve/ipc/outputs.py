@@ -1,0 +1,81 @@
+"""Results as tensors: each item's rows viewed in place, in a slab or in an inline frame.
+
+A result holds its slots until `release()`, the end of its `with` block, or garbage
+collection, whichever comes first; its tensors must not be used after that (the slot may
+hold another window's rows by then). With an output device the rows are copied there and
+the slots are released at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .messages import OutputRef
+from .slab_maps import SlabReader
+from .slabs import numpy_dtype
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    embeddings: torch.Tensor  # (rows, out_hidden): what the language model consumes
+    deepstack: torch.Tensor  # (num_deepstack, rows, out_hidden)
+
+
+class Encoded:
+    """The outputs of one request, in its items' order."""
+
+    def __init__(self, items: list[EncodedItem], release: Callable[[], None] | None):
+        self.items = items
+        self._finalizer = weakref.finalize(self, release) if release is not None else None
+
+    def release(self) -> None:
+        """Give the shared-memory slots back (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @property
+    def released(self) -> bool:
+        return self._finalizer is None or not self._finalizer.alive
+
+    def __enter__(self) -> Encoded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> EncodedItem:
+        return self.items[index]
+
+
+def ref_array(ref: OutputRef, reader: SlabReader, frames: Sequence[memoryview] = ()) -> np.ndarray:
+    """(rows, 1 + deepstack, out_hidden) numpy view of one item's output, read-only."""
+    if ref.frame >= 0:
+        return np.frombuffer(frames[ref.frame], dtype=numpy_dtype(ref.dtype)).reshape(ref.shape)
+    return reader.array(ref.slab, ref.epoch, ref.offset, ref.shape, ref.dtype)
+
+
+def encoded_from_refs(refs: Sequence[OutputRef], reader: SlabReader, release: Callable[[], None] | None,
+                      output_device: str | None = None, frames: Sequence[memoryview] = ()) -> Encoded:
+    items = []
+    with warnings.catch_warnings():  # the views are read-only on purpose; torch warns about that
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for ref in refs:
+            rows = torch.from_numpy(ref_array(ref, reader, frames))
+            if ref.dtype == "bfloat16":
+                rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
+            if output_device is not None:
+                rows = rows.to(output_device, copy=True)
+            items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1)))
+    if output_device is not None and release is not None:
+        release()
+        release = None
+    return Encoded(items, release)

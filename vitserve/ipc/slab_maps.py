@@ -1,0 +1,111 @@
+"""Slabs mapped by name: read-only by clients, which view results in place, and writable by the
+worker that fills them; and the removal of slabs a crashed engine left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .slabs import PREFIX, SHM_DIR, SlabError, close_unless_exported, parse_slab_name, view_array
+
+
+def writable_slab(name: str, directory: Path = SHM_DIR, pin: bool = False) -> mmap.mmap:
+    """The worker's read-write mapping of a slab the engine created. With `pin`, the pages are
+    registered with CUDA (page-locked), so device-to-host copies into them run asynchronously."""
+    if parse_slab_name(name) is None:
+        raise SlabError(f"{name!r} is not a vitserve slab name ({PREFIX}-<pid>-<owner>-e<epoch>-<index>)")
+    path = Path(directory) / name
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise SlabError(f"slab {path} does not exist: the engine removed it or never created it") from None
+    try:
+        mapping = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    if pin:
+        import torch
+
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        status = torch.cuda.cudart().cudaHostRegister(address, len(mapping), 0)
+        if int(status) != 0:
+            raise SlabError(f"cudaHostRegister of slab {path} ({len(mapping)} bytes) failed with status {status}")
+    return mapping
+
+
+class SlabReader:
+    """Client side: maps slabs by name once, read-only, and views results in place."""
+
+    def __init__(self, directory: Path = SHM_DIR):
+        self.directory = Path(directory)
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def array(self, slab: str, epoch: int, offset: int, shape: int | tuple[int, ...],
+              dtype: str | np.dtype) -> np.ndarray:
+        """A read-only view of `shape` `dtype` at `offset` in `slab`, mapping the slab on first use."""
+        parsed = parse_slab_name(slab) if isinstance(slab, str) else None
+        if parsed is None:
+            raise SlabError(f"{slab!r} is not a vitserve slab name ({PREFIX}-<pid>-<owner>-e<epoch>-<index>): "
+                            "pass the slab field of a result unchanged")
+        if parsed[2] != epoch:
+            raise SlabError(f"stale reference: slab {slab} belongs to epoch {parsed[2]}, the reference to epoch "
+                            f"{epoch}; the worker restarted, so request the result again")
+        mapping = self._maps.get(slab)
+        if mapping is None:
+            mapping = self._maps[slab] = self._map(self.directory / slab)
+        where = f"in slab {slab} of {len(mapping)} bytes: pass offset, shape and dtype of the result unchanged"
+        return view_array(mapping, offset, shape, dtype, len(mapping), where)
+
+    @staticmethod
+    def _map(path: Path) -> mmap.mmap:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SlabError(f"slab {path} does not exist: its worker exited or closed it, so the reference is "
+                            "no longer valid; request the result again") from None
+        except PermissionError:
+            raise SlabError(f"no permission to read slab {path}: run the client as the worker's user") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:  # mmap refuses empty files; a finished slab never is one
+                raise SlabError(f"slab {path} is empty, so it is not a vitserve slab; request the result again")
+            return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)  # the mapping holds its own descriptor
+
+    def forget(self, slab: str) -> None:
+        """Drop the cached mapping of `slab`; views already handed out stay valid."""
+        mapping = self._maps.pop(slab, None)
+        if mapping is not None:
+            close_unless_exported(mapping)
+
+    def close(self) -> None:
+        for slab in list(self._maps):
+            self.forget(slab)
+
+
+def remove_stale_slabs(directory: Path = SHM_DIR) -> list[str]:
+    """Remove the slabs of processes that no longer exist (e.g. a crashed worker); returns their names.
+
+    Liveness is checked in the caller's pid namespace, so run this where the workers run. A pid
+    reused by an unrelated process keeps its old slabs until that process exits too.
+    """
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        parsed = parse_slab_name(name)
+        if parsed is None:
+            continue
+        try:
+            os.kill(parsed[0], 0)  # signal 0 only tests that the process exists
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):  # another cleaner may have got there first
+                os.unlink(Path(directory) / name)
+                removed.append(name)
+        except (PermissionError, OverflowError):
+            pass  # another user's live process, or a pid that cannot be tested: leave its files alone
+    return removed

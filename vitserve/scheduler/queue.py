@@ -1,0 +1,79 @@
+"""The request queue: items of admitted requests, ordered by priority, then earliest
+deadline, then arrival, and bounded in items and tokens.
+
+Items rather than requests are queued because a request's items may land in different
+windows (twenty images may fill two); the request completes when all of them have.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+
+@dataclass(eq=False)
+class Request:
+    """The scheduler's view of a request. `deadline` is absolute on the scheduler's clock (inf: none)."""
+
+    key: int  # engine-wide id
+    priority: int  # lower first
+    deadline: float
+    arrival: float
+    shapes: Sequence[tuple[int, int]]  # (patch tokens, attention sequences) per item
+    unfinished: int = field(init=False)  # items whose window has not completed
+
+    def __post_init__(self) -> None:
+        self.unfinished = len(self.shapes)
+
+
+@dataclass(eq=False)
+class QueuedItem:
+    request: Request
+    index: int
+    tokens: int
+    sequences: int
+    order: tuple[int, float, int, int]  # (priority, deadline, arrival number, index)
+    alone_ms: float = 0.0  # predicted time of this item's own window, for early deadline failure
+
+    @property
+    def square_tokens(self) -> int:
+        """Sum of squared segment lengths: the item's segments are its equal temporal slices."""
+        return self.tokens * self.tokens // self.sequences
+
+
+class RequestQueue:
+    def __init__(self) -> None:
+        self._items: list[QueuedItem] = []
+        self._arrivals = itertools.count()
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[QueuedItem]:
+        return iter(self._items)
+
+    def add(self, request: Request) -> list[QueuedItem]:
+        number = next(self._arrivals)
+        deadline = request.deadline if math.isfinite(request.deadline) else math.inf
+        added = []
+        for index, (tokens, sequences) in enumerate(request.shapes):
+            item = QueuedItem(request, index, tokens, sequences, (request.priority, deadline, number, index))
+            bisect.insort(self._items, item, key=lambda queued: queued.order)
+            self.tokens += tokens
+            added.append(item)
+        return added
+
+    def remove(self, items: Sequence[QueuedItem]) -> None:
+        gone = {id(item) for item in items}
+        self._items = [item for item in self._items if id(item) not in gone]
+        self.tokens -= sum(item.tokens for item in items)
+
+    def of_request(self, key: int) -> list[QueuedItem]:
+        return [item for item in self._items if item.request.key == key]
+
+    def oldest_arrival(self) -> float:
+        return min((item.request.arrival for item in self._items), default=math.inf)

@@ -1,0 +1,272 @@
+"""Window formation and deadline-aware flushing.
+
+The scheduler is pure bookkeeping on an explicit clock: the engine calls `submit`, `poll`
+and `window_done` with `now`, sends the windows `poll` returns, and wakes `poll` again at
+`wakeup` (or on the next event). Nothing here sleeps or does I/O, so every rule is tested
+with a fake clock and a fake cost model.
+
+A window is formed from the head of the queue (priority, then earliest deadline) against
+the budget, item and sequence capacities. Under the `deadline` policy it leaves when
+
+- it is full (a queued item no longer fits), or
+- waiting longer would miss its earliest deadline: start + predicted + margin >= deadline,
+  where start is when its worker frees up, or
+- its worker would otherwise run dry (predicted busy time ends within `idle_lead_ms`);
+
+and it goes to the worker that is predicted to finish it first. Waiting while the workers
+are busy is what makes windows large; the deadline and idle rules bound what it costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vitserve.workers import Capacities
+
+from .config import SchedulerConfig
+from .queue import QueuedItem, Request, RequestQueue
+
+# (patch tokens, attention sequences, sum of squared segment lengths) -> predicted milliseconds
+Predictor = Callable[[int, int, int], float]
+
+
+@dataclass(eq=False)
+class WorkerState:
+    id: int
+    predict: Predictor
+    ready: bool = True
+    free_rows: int = 1 << 62  # output rows it can still lease in shared memory; a window needs tokens / merge²
+    busy_until: float = 0.0  # predicted end of its in-flight windows, scheduler clock seconds
+    in_flight: dict[int, float] = field(default_factory=dict)  # window id -> predicted ms
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    window: int
+    worker: int
+    items: list[QueuedItem]
+    tokens: int
+    predicted_ms: float
+
+
+@dataclass(frozen=True)
+class Failure:
+    request: Request
+    code: str  # an ErrorCode of the wire protocol
+    message: str
+    retry_after_ms: float | None = None
+
+
+@dataclass
+class _Candidate:
+    items: list[QueuedItem] = field(default_factory=list)
+    tokens: int = 0
+    sequences: int = 0
+    square_tokens: int = 0
+    full: bool = False
+
+    def earliest_deadline(self) -> float:
+        return min(item.request.deadline for item in self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, capacities: Capacities, workers: list[WorkerState]):
+        self.config = config
+        self.capacities = capacities
+        self.workers = {worker.id: worker for worker in workers}
+        self.queue = RequestQueue()
+        self.wakeup: float | None = None  # when `poll` should run again if nothing else happens
+        self._window_ids = 0
+        self._dispatched: dict[int, Dispatch] = {}
+
+    # -- events ------------------------------------------------------------------------------
+    def submit(self, request: Request, now: float) -> Failure | None:
+        """Queue a request's items, or say why not."""
+        tokens = sum(t for t, _ in request.shapes)
+        config = self.config
+        if not request.shapes:
+            return Failure(request, "invalid_input", "a request needs at least one item")
+        if len(request.shapes) > config.max_queued_items or tokens > config.max_queued_tokens:
+            return Failure(request, "too_large",
+                           f"the request alone ({len(request.shapes)} items, {tokens} tokens) exceeds the queue's "
+                           f"limits ({config.max_queued_items} items, {config.max_queued_tokens} tokens): split it")
+        if (len(self.queue) + len(request.shapes) > config.max_queued_items
+                or self.queue.tokens + tokens > config.max_queued_tokens):
+            return Failure(request, "overloaded",
+                           f"the queue is full ({len(self.queue)} items, {self.queue.tokens} tokens queued; "
+                           f"limits {config.max_queued_items} items, {config.max_queued_tokens} tokens)",
+                           retry_after_ms=self.drain_ms(now))
+        items = self.queue.add(request)
+        for item in items:
+            item.alone_ms = self._fastest(item.tokens, item.sequences, item.square_tokens)
+        if config.fail_early and self._hopeless(items, now):
+            self.queue.remove(items)
+            return self._deadline_failure(request, now)
+        return None
+
+    def cancel(self, key: int) -> bool:
+        """Drop a request's queued items; True when any were queued."""
+        items = self.queue.of_request(key)
+        self.queue.remove(items)
+        return bool(items)
+
+    def window_done(self, window: int, now: float) -> Dispatch:
+        """A window finished: free its worker's place; returns what it held."""
+        dispatch = self._dispatched.pop(window)
+        worker = self.workers[dispatch.worker]
+        worker.in_flight.pop(window, None)
+        worker.busy_until = now + sum(worker.in_flight.values()) / 1e3
+        return dispatch
+
+    def worker_lost(self, worker_id: int) -> list[Dispatch]:
+        """A worker died: it takes nothing more; returns its in-flight windows (to retry or fail)."""
+        worker = self.workers[worker_id]
+        worker.ready = False
+        lost = [self._dispatched.pop(window) for window in list(worker.in_flight)]
+        worker.in_flight.clear()
+        return lost
+
+    # -- decisions ---------------------------------------------------------------------------
+    def poll(self, now: float) -> tuple[list[Dispatch], list[Failure]]:
+        """Windows to send now, and requests failed early; sets `wakeup`."""
+        failures = self._fail_hopeless(now) if self.config.fail_early else []
+        dispatches: list[Dispatch] = []
+        self.wakeup = None
+        while len(self.queue):
+            candidate = self._form()
+            if not candidate.items:
+                break
+            placed = self._place(candidate, now)
+            if placed is None:
+                break  # every worker is at its in-flight limit or out of slots: a completion will poll again
+            worker, predicted, start = placed
+            leave_at = self._leave_time(candidate, worker, predicted, start, now)
+            if leave_at > now:
+                self.wakeup = leave_at
+                break
+            dispatches.append(self._dispatch(candidate, worker, predicted, now))
+        if self.config.fail_early and len(self.queue):  # wake up to fail what can no longer make it
+            doomed_at = min(item.request.deadline - item.alone_ms / 1e3 for item in self.queue)
+            if math.isfinite(doomed_at):
+                self.wakeup = doomed_at if self.wakeup is None else min(self.wakeup, doomed_at)
+        return dispatches, failures
+
+    def stalled_on_memory(self) -> list[Request]:
+        """Requests of the next window when no ready worker has room for its output rows and none has
+        a window in flight that would give rows back: only releases of results can unblock them."""
+        ready = [w for w in self.workers.values() if w.ready]
+        if not len(self.queue) or not ready or any(w.in_flight for w in ready):
+            return []
+        window = self._form()
+        rows = window.tokens // self.capacities.merge_factor
+        if any(w.free_rows >= rows for w in ready):
+            return []
+        return list({id(item.request): item.request for item in window.items}.values())
+
+    def drain_ms(self, now: float) -> float:
+        """Rough time for the ready workers to finish their windows and work off the queue: the
+        retry hint of `overloaded`."""
+        ready = [w for w in self.workers.values() if w.ready] or list(self.workers.values())
+        budget = self.capacities.max_budget
+        per_window = min(w.predict(budget, 1, budget * budget // 16) for w in ready)
+        busy_ms = min(max(w.busy_until - now, 0.0) for w in ready) * 1e3
+        return busy_ms + per_window * self.queue.tokens / budget / len(ready)
+
+    def _form(self) -> _Candidate:
+        """Items from the head of the queue that fit one window together."""
+        caps, window = self.capacities, _Candidate()
+        scanned_past: int | None = None  # items looked at after the first that did not fit
+        for item in self.queue:
+            if scanned_past is not None:
+                scanned_past += 1
+                if scanned_past > self.config.lookahead:
+                    break
+            if item.tokens > caps.max_budget or item.sequences > caps.max_sequences:
+                if not window.items:  # no window holds it: it runs eagerly, alone (as the runner packs it)
+                    window.items.append(item)
+                    window.tokens, window.sequences, window.square_tokens = item.tokens, item.sequences, item.square_tokens
+                    window.full = True
+                    return window
+                continue  # it will go alone; it does not make this window full
+            if (window.tokens + item.tokens <= caps.max_budget and len(window.items) < caps.max_items
+                    and window.sequences + item.sequences <= caps.max_sequences):
+                window.items.append(item)
+                window.tokens += item.tokens
+                window.sequences += item.sequences
+                window.square_tokens += item.square_tokens
+            else:
+                window.full = True
+                scanned_past = 0 if scanned_past is None else scanned_past
+        window.full = window.full or (window.tokens == caps.max_budget or len(window.items) == caps.max_items
+                                      or window.sequences == caps.max_sequences)
+        return window
+
+    def _place(self, window: _Candidate, now: float) -> tuple[WorkerState, float, float] | None:
+        """The worker predicted to finish the window first, its predicted ms and start time."""
+        best = None
+        for worker in self.workers.values():
+            if (not worker.ready or worker.free_rows < window.tokens // self.capacities.merge_factor
+                    or len(worker.in_flight) >= self.config.in_flight_per_worker):
+                continue
+            predicted = worker.predict(window.tokens, window.sequences, window.square_tokens)
+            start = max(now, worker.busy_until)
+            if best is None or start + predicted / 1e3 < best[2] + best[1] / 1e3:
+                best = (worker, predicted, start)
+        return best
+
+    def _leave_time(self, window: _Candidate, worker: WorkerState, predicted: float, start: float,
+                    now: float) -> float:
+        """When the window must leave under the policy (<= now: at once)."""
+        config = self.config
+        if config.policy == "immediate" or window.full:
+            return now
+        if config.policy == "max_delay":
+            return min(item.request.arrival for item in window.items) + config.max_delay_ms / 1e3
+        # deadline: waiting is free while the worker is busy and the deadline is far. Leaving at t
+        # finishes at max(t, busy_until) + predicted; the latest t that still keeps the margin:
+        latest = window.earliest_deadline() - (predicted + config.margin_ms) / 1e3
+        deadline_bound = latest if latest >= start else now
+        idle_bound = worker.busy_until - config.idle_lead_ms / 1e3
+        return min(deadline_bound, idle_bound)
+
+    def _dispatch(self, window: _Candidate, worker: WorkerState, predicted: float, now: float) -> Dispatch:
+        self._window_ids += 1
+        dispatch = Dispatch(self._window_ids, worker.id, window.items, window.tokens, predicted)
+        self.queue.remove(window.items)
+        worker.in_flight[dispatch.window] = predicted
+        worker.free_rows -= window.tokens // self.capacities.merge_factor  # the engine keeps this count true
+        worker.busy_until = max(now, worker.busy_until) + predicted / 1e3
+        self._dispatched[dispatch.window] = dispatch
+        return dispatch
+
+    # -- deadlines -----------------------------------------------------------------------------
+    def _fastest(self, tokens: int, sequences: int, square_tokens: int) -> float:
+        ready = [w for w in self.workers.values() if w.ready] or list(self.workers.values())
+        return min(w.predict(tokens, sequences, square_tokens) for w in ready)
+
+    def _hopeless(self, items: list[QueuedItem], now: float) -> bool:
+        return any(now >= item.request.deadline - item.alone_ms / 1e3 for item in items)
+
+    def _fail_hopeless(self, now: float) -> list[Failure]:
+        doomed: dict[int, Request] = {}
+        for item in self.queue:
+            if item.request.key not in doomed and now >= item.request.deadline - item.alone_ms / 1e3:
+                doomed[item.request.key] = item.request
+        failures = []
+        for request in doomed.values():
+            self.cancel(request.key)
+            failures.append(self._deadline_failure(request, now))
+        return failures
+
+    def _deadline_failure(self, request: Request, now: float) -> Failure:
+        left_ms = (request.deadline - now) * 1e3
+        return Failure(request, "deadline_exceeded",
+                       f"the deadline cannot be met: {max(left_ms, 0.0):.1f} ms left, and encoding the request's "
+                       f"items takes longer than that even alone on the fastest worker")
+
+
+def deadline_at(arrival: float, deadline_ms: float | None) -> float:
+    """Absolute deadline on the scheduler's clock for a relative one (None: no deadline)."""
+    return math.inf if deadline_ms is None else arrival + deadline_ms / 1e3
