@@ -86,16 +86,25 @@ def run_bench(args: argparse.Namespace) -> int:
     from vitserve.bench.runner_bench import run_bench as bench
     from vitserve.bench.workloads import WORKLOADS
 
+    names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if args.endpoint or args.compare_policies:
+        from vitserve.bench import load_cli
+
+        args.workloads = ",".join(names)
+        try:
+            window = _window_config(args)
+        except ValueError as err:
+            return load_cli.fail(str(err))
+        return load_cli.run(args, window)
     if not torch.cuda.is_available():
         print("vitserve bench: needs a CUDA device (it times CUDA graphs against eager baselines)", file=sys.stderr)
         return 2
     if args.requests < 2:
         print("vitserve bench: --requests must be at least 2 (p99 needs several samples)", file=sys.stderr)
-        return 2
-    names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown:
-        print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
         return 2
     try:
         window = _window_config(args)
@@ -173,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: hf-eager, hf-compile (torch.compile of the HF model), vitserve-eager, "
                             "vitserve-graphs")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.txt/.png")
+    from vitserve.bench.load_cli import add_arguments
+
+    add_arguments(bench)
     bench.set_defaults(handler=run_bench)
     serve = commands.add_parser("serve", help="run the engine behind a ZeroMQ endpoint until SIGINT/SIGTERM")
     serve.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")

@@ -1,0 +1,74 @@
+"""`vitserve bench --endpoint` and `vitserve bench --compare-policies`: load through the engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from .load import closed_loop, compare_policies, open_loop, poisson_arrivals, policy_table, with_policy
+from .workloads import make_requests
+
+REQUEST_POOL = 32  # distinct requests per workload, sent round-robin (making large images is slow)
+
+
+def run(args: argparse.Namespace, window) -> int:
+    requests = [r for name in args.workloads.split(",") for r in make_requests(name, REQUEST_POOL)]
+    if args.compare_policies:
+        from vitserve.engine import Engine, EngineConfig
+
+        base = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), window=window,
+                            output_windows=args.output_windows)
+
+        def make_engine(policy: str) -> Engine:
+            return Engine(with_policy(base, policy, args.max_delay_ms))
+
+        report = asyncio.run(compare_policies(make_engine, requests, args.load, args.duration, args.deadline_ms,
+                                              ("deadline", "immediate", "max_delay")))
+        print(policy_table(report))
+    else:
+        report = asyncio.run(_against_endpoint(args, requests))
+        print(json.dumps(report, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("policies.json" if args.compare_policies else "load.json")
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+async def _against_endpoint(args: argparse.Namespace, requests) -> dict:
+    from vitserve.client import AsyncClient
+
+    async with AsyncClient(args.endpoint) as client:
+        def encode(items, deadline_ms):
+            return client.encode(items, deadline_ms)
+
+        if args.rate:
+            arrivals = poisson_arrivals(args.rate, args.duration)
+            result = await open_loop(encode, requests, arrivals, args.deadline_ms, label=f"open {args.rate}/s")
+        else:
+            result = await closed_loop(encode, requests, args.requests, args.concurrency, args.deadline_ms,
+                                       label=f"closed x{args.concurrency}")
+    return result.row()
+
+
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    load = bench.add_argument_group("load through the engine")
+    load.add_argument("--endpoint", help="send load to a running `vitserve serve` (closed loop, or open with --rate)")
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (with --endpoint)")
+    load.add_argument("--concurrency", type=int, default=32, help="closed loop: requests outstanding")
+    load.add_argument("--duration", type=float, default=20.0, help="open loop: seconds of arrivals")
+    load.add_argument("--deadline-ms", type=float, default=200.0)
+    load.add_argument("--compare-policies", action="store_true",
+                      help="deadline-aware vs immediate vs max-delay flushing on the same Poisson arrivals, each "
+                           "through an embedded engine on --devices")
+    load.add_argument("--devices", default="cuda:0", help="with --compare-policies: comma-separated torch devices")
+    load.add_argument("--load", type=float, default=0.8, help="with --compare-policies: fraction of saturation")
+    load.add_argument("--max-delay-ms", type=float, default=5.0, help="the max_delay policy's wait")
+    load.add_argument("--output-windows", type=int, default=16)
+
+
+def fail(message: str) -> int:
+    print(f"vitserve bench: {message}", file=sys.stderr)
+    return 2
