@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vitserve import Engine, EngineConfig
-from vitserve.client import AsyncClient, Client
+from vitserve import AsyncClient, Client
 from vitserve.engine import EngineError
 from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
 from vitserve.models import load_model

@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from vitserve import engine
 
         return getattr(engine, name)
+    if name in ("Client", "AsyncClient"):
+        from vitserve import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'vitserve' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from vitserve.engine.engine import EngineError
+from vitserve.engine.errors import EngineError
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
     PROTOCOL_VERSION, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, VideoItem, Welcome,

@@ -3,6 +3,7 @@ and the ZeroMQ frontend that serves them to clients."""
 
 from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
-from .engine import Engine, EngineError
+from .engine import Engine
+from .errors import EngineError
 
 __all__ = ["AdmissionError", "AdmittedItem", "Engine", "EngineConfig", "EngineError", "admit"]

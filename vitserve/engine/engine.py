@@ -13,7 +13,6 @@ free again when all of them are released (or failed, or cancelled).
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import shutil
@@ -30,27 +29,16 @@ from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slab_maps import SlabReader, remove_stale_slabs
 from vitserve.ipc.slabs import SlabPool, Slot
 from vitserve.scheduler import Dispatch, Request, Scheduler, WorkerState, deadline_at
-from vitserve.workers import Capacities, CostModel
-from vitserve.workers.cost_model import window_ms
+from vitserve.workers import Capacities
 from vitserve.workers.process import WorkerSpec
 
 from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
+from .errors import EngineError
+from .outputs_layout import agreed_capacities, output_layout, predictor
 from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
-
-SLOTS_PER_WINDOW = 64  # a largest window's output spans this many slots; smaller windows lease fewer
-
-
-class EngineError(Exception):
-    """A request that ended without a result; `code` is one of the wire protocol's error codes."""
-
-    def __init__(self, code: str, message: str, retry_after_ms: float | None = None):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
 
 
 @dataclass(eq=False)
@@ -111,28 +99,16 @@ class Engine:
                         for h in self._handles]
 
     def _setup(self, readies: Sequence[WorkerReady]) -> None:
-        first = readies[0]
-        shape = (first.budgets, first.max_items, first.max_sequences, first.merge_factor)
-        for ready in readies[1:]:
-            if (ready.budgets, ready.max_items, ready.max_sequences, ready.merge_factor) != shape:
-                raise RuntimeError(f"workers disagree on capacities: {first} vs {ready}")
-        self.ready = first
-        self.capacities = Capacities(*shape)
-        self.row_shape = (1 + first.num_deepstack, first.out_hidden)
-        self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(np.float32 if first.dtype == "float32" else np.uint16).itemsize
-        window_rows = self.capacities.max_budget // first.merge_factor
-        largest_rows = max(window_rows, self.config.item_token_limit // first.merge_factor)
-        self.slot_rows = max(1, window_rows // SLOTS_PER_WINDOW)
-        slots = max(self.config.output_windows * -(-window_rows // self.slot_rows), -(-largest_rows // self.slot_rows))
+        self.ready = readies[0]
+        self.capacities = agreed_capacities(readies)
+        self.layout = output_layout(self.ready, self.capacities, self.config.output_windows,
+                                    self.config.item_token_limit)
         states = []
         for ready in readies:
-            self._pools[ready.worker] = SlabPool(f"w{ready.worker}", self.slot_rows * self.row_bytes, slots)
-            cost = CostModel(ready.cost.attention_ms_per_token2,
-                             {(b, s): ms for b, s, ms in ready.cost.padded_base_ms},
-                             [tuple(p) for p in ready.cost.eager_base_points])
-            predict = functools.partial(window_ms, cost, self.capacities)
-            states.append(WorkerState(ready.worker, lambda t, s, q, predict=predict: predict(t, s, q),
-                                      free_rows=slots * self.slot_rows))
+            self._pools[ready.worker] = SlabPool(f"w{ready.worker}", self.layout.slot_rows * self.layout.row_bytes,
+                                                 self.layout.slots)
+            states.append(WorkerState(ready.worker, predictor(ready, self.capacities),
+                                      free_rows=self.layout.slots * self.layout.slot_rows))
         self.scheduler = Scheduler(self.config.scheduler, self.capacities, states)
 
     async def close(self) -> None:
@@ -261,7 +237,7 @@ class Engine:
             self._poke.set()
 
     def _sync_free_rows(self, worker: int) -> None:
-        self.scheduler.workers[worker].free_rows = self._pools[worker].largest_free_run() * self.slot_rows
+        self.scheduler.workers[worker].free_rows = self._pools[worker].largest_free_run() * self.layout.slot_rows
 
     # -- the loops -----------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -287,7 +263,7 @@ class Engine:
     async def _send(self, dispatch: Dispatch) -> None:
         pool = self._pools[dispatch.worker]
         rows = dispatch.tokens // self.capacities.merge_factor
-        slot = pool.acquire(-(-rows // self.slot_rows))
+        slot = pool.acquire(self.layout.slots_for(rows))
         if slot is None:  # the scheduler's count says otherwise: a bug; say so loudly
             raise RuntimeError(f"worker {dispatch.worker} has no {rows} free output rows for window {dispatch.window}")
         holders = {item.request.key for item in dispatch.items}
@@ -330,8 +306,8 @@ class Engine:
                 continue
             admitted = pending.items[item.index]
             pending.outputs[item.index] = OutputRef(
-                shape=(admitted.tokens // merge, *self.row_shape), dtype=self.ready.dtype, slab=slot.slab,
-                epoch=slot.epoch, offset=slot.offset + first_row * self.row_bytes)
+                shape=(admitted.tokens // merge, *self.layout.row_shape), dtype=self.ready.dtype, slab=slot.slab,
+                epoch=slot.epoch, offset=slot.offset + first_row * self.layout.row_bytes)
         for key in {item.request.key for item in dispatch.items}:
             pending = self._pending.get(key)
             if pending is None:  # failed or cancelled while the window ran: its reference goes now

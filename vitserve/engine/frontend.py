@@ -21,7 +21,8 @@ from vitserve.ipc.messages import (
     PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
     Result, Stats, StatsQuery, VideoItem, Welcome,
 )
-from .engine import Engine, EngineError
+from .engine import Engine
+from .errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,13 @@ from vitserve.ipc.slabs import SHM_DIR
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
-from .runner import ModelRunner
+from .runner import EncodeResult, ModelRunner
 
 log = logging.getLogger(__name__)
+
+# Windows queued on the device ahead of their replies: the host prepares the next window while
+# the GPU runs the current one. (The engine keeps a matching number in flight per worker.)
+MAX_RUNNING = 2
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,16 +77,46 @@ def worker_main(spec: WorkerSpec) -> None:
         context.term()
         return
     codec = Codec(ToWorker)
+    running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
     while True:
+        while running and running[0].finished():
+            socket.send(encoder.encode(running.popleft().reply()))
+        if running and (len(running) >= MAX_RUNNING or not socket.poll(0)):
+            socket.send(encoder.encode(running.popleft().reply()))  # nothing new to queue: wait for the oldest
+            continue
         message, frames = codec.decode(socket.recv_multipart(copy=False))
         match message:
             case Shutdown():
                 break
             case RunWindow():
-                socket.send(encoder.encode(worker.run(message, frames)))
+                running.append(worker.start(message, frames))
+    for window in running:
+        socket.send(encoder.encode(window.reply()))
     worker.close()
     socket.close()
     context.term()
+
+
+@dataclass
+class Running:
+    """A window whose device work is queued; its rows are valid once `result` is done."""
+
+    window: int
+    result: EncodeResult | None
+    failure: str = ""
+
+    def finished(self) -> bool:
+        return self.result is None or self.result.done is None or self.result.done.query()
+
+    def reply(self) -> FromWorker:
+        if self.result is None:
+            return WindowFailed(self.window, self.failure)
+        try:
+            self.result.wait()
+        except Exception as err:  # an asynchronous CUDA error surfaces here
+            log.exception("window %d failed", self.window)
+            return WindowFailed(self.window, f"{type(err).__name__}: {err}")
+        return WindowDone(self.window, [item.offset for item in self.result.items])
 
 
 class Worker:
@@ -110,16 +145,16 @@ class Worker:
             capture_s=capture_s,
         )
 
-    def run(self, message: RunWindow, frames: list[memoryview]) -> FromWorker:
+    def start(self, message: RunWindow, frames: list[memoryview]) -> Running:
+        """Queue the window's work on the device without waiting for it."""
         try:
-            rows = self._encode(message, frames)
+            return Running(message.window, self._encode(message, frames))
         except Exception as err:  # the window fails, the worker goes on
             log.exception("window %d failed", message.window)
-            return WindowFailed(message.window, f"{type(err).__name__}: {err}")
-        return WindowDone(message.window, rows)
+            return Running(message.window, None, f"{type(err).__name__}: {err}")
 
     @torch.inference_mode()
-    def _encode(self, message: RunWindow, frames: list[memoryview]) -> list[int]:
+    def _encode(self, message: RunWindow, frames: list[memoryview]) -> EncodeResult:
         grids = [item.grid for item in message.items]
         pieces: list[torch.Tensor | None] = [None] * len(grids)
         raw = [i for i, item in enumerate(message.items) if item.kind != "patches"]
@@ -137,8 +172,7 @@ class Worker:
         pixel_values = torch.cat(pieces)  # (tokens, patch_dim) in the window's order
         rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
         out = self._slot(message.slab, message.offset, rows)
-        result = self.runner.encode(pixel_values, grids, out=out)
-        return [item.offset for item in result.items]
+        return self.runner.encode(pixel_values, grids, out=out, wait=False)
 
     def _slot(self, slab: str, offset: int, rows: int) -> torch.Tensor:
         """The leased slot as the runner's output tensor (rows, 1 + deepstack, out_hidden)."""

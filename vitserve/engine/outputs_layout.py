@@ -1,0 +1,59 @@
+"""How the workers' outputs are laid out in shared memory, from their readiness reports.
+
+A row is one output token: the embedding then each deepstack feature. A slot holds
+`slot_rows` rows, so that a window of the largest budget spans SLOTS_PER_WINDOW slots; a
+window leases a run of as many slots as its rows need. Each worker's slab holds
+`output_windows` largest windows, and at least one largest eager item.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+from vitserve.ipc.messages import WorkerReady
+from vitserve.ipc.slabs import numpy_dtype
+from vitserve.scheduler import Predictor
+from vitserve.workers import Capacities, CostModel
+from vitserve.workers.cost_model import window_ms
+
+SLOTS_PER_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    row_shape: tuple[int, int]  # (1 + deepstack, out_hidden)
+    row_bytes: int
+    slot_rows: int
+    slots: int  # per worker
+
+    def slots_for(self, rows: int) -> int:
+        return -(-rows // self.slot_rows)
+
+
+def agreed_capacities(readies: Sequence[WorkerReady]) -> Capacities:
+    """The capacities every worker reported; they must agree (same model and window config)."""
+    first = readies[0]
+    shape = (first.budgets, first.max_items, first.max_sequences, first.merge_factor)
+    for ready in readies[1:]:
+        if (ready.budgets, ready.max_items, ready.max_sequences, ready.merge_factor) != shape:
+            raise RuntimeError(f"workers disagree on capacities: {first} vs {ready}")
+    return Capacities(*shape)
+
+
+def output_layout(ready: WorkerReady, capacities: Capacities, output_windows: int, item_token_limit: int) -> OutputLayout:
+    row_shape = (1 + ready.num_deepstack, ready.out_hidden)
+    row_bytes = row_shape[0] * row_shape[1] * numpy_dtype(ready.dtype).itemsize
+    window_rows = capacities.max_budget // capacities.merge_factor
+    largest_rows = max(window_rows, item_token_limit // capacities.merge_factor)
+    slot_rows = max(1, window_rows // SLOTS_PER_WINDOW)
+    slots = max(output_windows * -(-window_rows // slot_rows), -(-largest_rows // slot_rows))
+    return OutputLayout(row_shape, row_bytes, slot_rows, slots)
+
+
+def predictor(ready: WorkerReady, capacities: Capacities) -> Predictor:
+    """The worker's measured cost model as the scheduler's (tokens, sequences, squares) -> ms."""
+    cost = CostModel(ready.cost.attention_ms_per_token2, {(b, s): ms for b, s, ms in ready.cost.padded_base_ms},
+                     [tuple(point) for point in ready.cost.eager_base_points])
+    return functools.partial(window_ms, cost, capacities)
