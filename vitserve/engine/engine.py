@@ -40,6 +40,8 @@ from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
+LIVENESS_POLL_MS = 500  # how often an idle receive loop checks that its worker process is alive
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -163,6 +165,8 @@ class Engine:
         """Queue admitted items and wait for their output references (they stay leased until `release`)."""
         if self._closing or self.scheduler is None:
             raise EngineError("shutting_down", "the engine is not running")
+        if not any(state.ready for state in self.scheduler.workers.values()):
+            raise EngineError("worker_failed", "no worker is running")
         if deadline_ms is not None and not deadline_ms >= 0:
             raise EngineError("invalid_input", f"deadline_ms must be >= 0 (or None), got {deadline_ms!r}")
         loop = asyncio.get_running_loop()
@@ -284,6 +288,11 @@ class Engine:
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not await handle.socket.poll(timeout=LIVENESS_POLL_MS):
+                if not handle.alive():
+                    self._worker_died(handle)
+                    return
+                continue
             message = await handle.receive()
             match message:
                 case WindowDone(window=window, rows=rows):
@@ -291,10 +300,26 @@ class Engine:
                 case WindowFailed(window=window, message=problem):
                     dispatch, slot = self._windows.pop(window)
                     self.scheduler.window_done(window, loop.time())
-                    for key in {item.request.key for item in dispatch.items}:
-                        self._release_slot(dispatch.worker, slot)
-                        self._fail(key, "worker_failed", f"worker {dispatch.worker} failed the window: {problem}")
+                    self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
             self._poke.set()
+
+    def _worker_died(self, handle: WorkerHandle) -> None:
+        """Fail what the dead worker held; with no worker left, fail the queue too (no request may hang).
+        (Restarting workers with fresh graphs and a new slab epoch is the next step.)"""
+        code = handle.process.exitcode
+        log.error("worker %d (%s) exited with code %s", handle.worker, handle.spec.device, code)
+        for dispatch in self.scheduler.worker_lost(handle.worker):
+            _, slot = self._windows.pop(dispatch.window)
+            self._fail_window(dispatch, slot, f"worker {handle.worker} exited (code {code}) while running the window")
+        if not any(state.ready for state in self.scheduler.workers.values()):
+            for key in {item.request.key for item in self.scheduler.queue}:
+                self._fail(key, "worker_failed", "no worker is left to serve the request")
+        self._poke.set()
+
+    def _fail_window(self, dispatch: Dispatch, slot: Slot, problem: str) -> None:
+        for key in {item.request.key for item in dispatch.items}:
+            self._release_slot(dispatch.worker, slot)  # the window's reference for this request
+            self._fail(key, "worker_failed", problem)
 
     def _complete(self, window: int, rows: list[int], now: float) -> None:
         dispatch, slot = self._windows.pop(window)
