@@ -156,6 +156,7 @@ def test_embedded_engine_copies_to_an_output_device(expected):
             result = await engine.encode([inputs()[0]])
             assert result.released  # copied out: no slot stays leased
             check(result, [0], expected)
+            await asyncio.sleep(0)  # the release runs on the loop
             assert engine.stats()["slots_leased"] == 0.0
 
     asyncio.run(run())
@@ -184,5 +185,23 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(expected):
                 await engine.encode([inputs()[0]])
             assert info.value.code == "worker_failed" and "no worker is running" in info.value.message
             assert engine.stats()["requests_open"] == 0.0
+
+    asyncio.run(run())
+
+
+def test_releasing_a_running_request_cancels_it(expected):
+    async def run() -> None:
+        async with Engine(EngineConfig(window=WINDOW)) as engine:
+            key = engine.new_key()
+            running = asyncio.ensure_future(engine.run(engine.admit([inputs()[3]] * 6), None, 0, key=key))
+            await asyncio.sleep(0)
+            engine.release(key)
+            with pytest.raises(EngineError) as info:
+                await running
+            assert info.value.code == "cancelled"
+            with await engine.encode([inputs()[0]]) as result:  # the engine goes on serving
+                check(result, [0], expected)
+            await asyncio.sleep(0.5)  # windows of the cancelled request finish and give their slots back
+            assert engine.stats()["slots_leased"] == 0.0
 
     asyncio.run(run())

@@ -947,3 +947,14 @@ def test_stalled_on_memory_names_what_can_never_dispatch_until_released():
     assert [r.key for r in scheduler.stalled_on_memory()] == [1]  # nothing in flight will free rows
     worker.in_flight[99] = 1.0
     assert scheduler.stalled_on_memory() == []  # a window in flight will give rows back
+
+
+def test_rows_are_counted_in_whole_slots():
+    """With row_granularity, a window needs its rows rounded up to whole slots: two windows of 257 rows need
+    66 slots of 8 rows, so 520 free rows hold only one of them."""
+    worker = WorkerState(0, cost, free_rows=520, row_granularity=8)
+    scheduler = make(worker, in_flight_per_worker=10, policy="immediate")
+    submit_ok(scheduler, req(1, (1028, 1)))
+    submit_ok(scheduler, req(2, (1028, 1)))
+    dispatches, _ = scheduler.poll(0.0)
+    assert [ids(d) for d in dispatches] == [[(1, 0)]] and worker.free_rows == 520 - 264

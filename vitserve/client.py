@@ -25,7 +25,7 @@ import zmq.asyncio
 from vitserve.engine.errors import EngineError
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    PROTOCOL_VERSION, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, VideoItem, Welcome,
+    PROTOCOL_VERSION, Cancel, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, VideoItem, Welcome,
 )
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
 from vitserve.ipc.slab_maps import SlabReader
@@ -45,6 +45,7 @@ class AsyncClient:
         self._codec = client_codec()
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
+        self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
         self._reader = SlabReader()
         self._receiver: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +94,10 @@ class AsyncClient:
         await self._socket.send_multipart(self._codec.encode(message, frames), copy=False)
         try:
             reply, reply_frames = await future
+        except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
+            self._cancelled.add(request_id)
+            self._socket.send_multipart(self._codec.encode(Cancel(request_id)))
+            raise
         finally:
             self._waiting.pop(request_id, None)
         match reply:
@@ -128,6 +133,10 @@ class AsyncClient:
             future = self._waiting.get(request_id)
             if future is not None and not future.done():
                 future.set_result((message, arrays))
+            elif isinstance(message, Result) and request_id in self._cancelled:  # finished before the cancel
+                self._cancelled.discard(request_id)
+                if not self.inline:
+                    self._send_release(request_id)
             elif isinstance(message, Error) and request_id is None:
                 for waiting in self._waiting.values():  # an error about a message we sent, not a request
                     if not waiting.done():

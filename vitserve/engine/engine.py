@@ -17,7 +17,6 @@ import itertools
 import logging
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -99,6 +98,17 @@ class Engine:
         self._tasks = [loop.create_task(self._dispatch_loop(), name="vitserve-dispatch")]
         self._tasks += [loop.create_task(self._receive_loop(h), name=f"vitserve-receive-{h.worker}")
                         for h in self._handles]
+        for task in self._tasks:
+            task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """A loop task that fails says why, and every request ends (none may hang)."""
+        if task.cancelled() or self._closing or task.exception() is None:
+            return  # cancelled at close, or a receive loop whose worker died (handled there)
+        log.error("engine task %s ended: %r; failing every request", task.get_name(), task.exception())
+        self._closing = True
+        for key in list(self._pending):
+            self._fail(key, "worker_failed", f"the engine failed internally ({task.exception()!r})")
 
     def _setup(self, readies: Sequence[WorkerReady]) -> None:
         self.ready = readies[0]
@@ -110,7 +120,8 @@ class Engine:
             self._pools[ready.worker] = SlabPool(f"w{ready.worker}", self.layout.slot_rows * self.layout.row_bytes,
                                                  self.layout.slots)
             states.append(WorkerState(ready.worker, predictor(ready, self.capacities),
-                                      free_rows=self.layout.slots * self.layout.slot_rows))
+                                      free_rows=self.layout.slots * self.layout.slot_rows,
+                                      row_granularity=self.layout.slot_rows))
         self.scheduler = Scheduler(self.config.scheduler, self.capacities, states)
 
     async def close(self) -> None:
@@ -138,12 +149,9 @@ class Engine:
         The result's tensors view shared memory until `release()` (or the `with` block's end, or
         garbage collection); raises EngineError with a code when the request fails."""
         key, refs = await self.run(self.admit(items), deadline_ms, priority)
-        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        loop = asyncio.get_running_loop()
 
-        def release() -> None:  # may run in any thread, from garbage collection
-            if threading.get_ident() == loop_thread:
-                self.release(key)
-                return
+        def release() -> None:  # may run in any thread, even inside engine code (garbage collection): defer
             try:
                 loop.call_soon_threadsafe(self.release, key)
             except RuntimeError:
@@ -183,7 +191,8 @@ class Engine:
         try:
             return key, await pending.future
         except asyncio.CancelledError:
-            self.cancel(key)
+            if not self.cancel(key):  # the result came in the same iteration: nobody else can release it
+                self.release(key)
             raise
 
     def stats(self) -> dict[str, float]:
@@ -211,19 +220,20 @@ class Engine:
         return True
 
     def release(self, key: int) -> None:
-        """The caller is done with a request's outputs: their slots may be reused."""
+        """The caller is done with a request's outputs: their slots may be reused. Releasing a
+        request that is still running cancels it."""
+        if self.cancel(key):
+            return
         pending = self._pending.pop(key, None)
         if pending is not None:
             self._release_slots(pending)
-            if not pending.future.done():
-                pending.future.cancel()
 
     def _fail(self, key: int, code: str, message: str, retry_after_ms: float | None = None) -> None:
+        if self.scheduler is not None:
+            self.scheduler.cancel(key)
         pending = self._pending.pop(key, None)
         if pending is None:
             return
-        if self.scheduler is not None:
-            self.scheduler.cancel(key)
         self._release_slots(pending)
         if not pending.future.done():
             pending.future.set_exception(EngineError(code, message, retry_after_ms))
@@ -256,7 +266,7 @@ class Engine:
                     self._fail(request.key, "overloaded", "every shared-memory output row is held by results not "
                                "yet released: release results sooner, or raise output_windows", retry_after_ms=100.0)
             for dispatch in dispatches:
-                await self._send(dispatch)
+                self._send(dispatch)
             wakeup = self.scheduler.wakeup
             timeout = None if wakeup is None else max(0.0, wakeup - loop.time())
             try:
@@ -264,13 +274,22 @@ class Engine:
             except asyncio.TimeoutError:
                 pass
 
-    async def _send(self, dispatch: Dispatch) -> None:
+    def _send(self, dispatch: Dispatch) -> None:
+        loop = asyncio.get_running_loop()
+        keys = {item.request.key for item in dispatch.items}
+        if not self.scheduler.holds(dispatch.window):  # its worker was lost while this poll's windows went out
+            for key in keys:
+                self._fail(key, "worker_failed", f"worker {dispatch.worker} was lost before the window was sent")
+            return
         pool = self._pools[dispatch.worker]
         rows = dispatch.tokens // self.capacities.merge_factor
         slot = pool.acquire(self.layout.slots_for(rows))
-        if slot is None:  # the scheduler's count says otherwise: a bug; say so loudly
-            raise RuntimeError(f"worker {dispatch.worker} has no {rows} free output rows for window {dispatch.window}")
-        holders = {item.request.key for item in dispatch.items}
+        if slot is None:  # should not happen (the scheduler counts rows in whole slots); fail, do not stop
+            self.scheduler.window_done(dispatch.window, loop.time())
+            for key in keys:
+                self._fail(key, "overloaded", "no shared-memory output rows are free", retry_after_ms=100.0)
+            return
+        holders = keys
         if len(holders) > 1:
             pool.hold(slot, len(holders) - 1)
         self._sync_free_rows(dispatch.worker)
@@ -282,8 +301,9 @@ class Engine:
             dtype = "float32" if admitted.kind == "patches" else "uint8"
             window_items.append(WindowItem(ArrayRef(len(frames), dtype, array.shape), admitted.kind, admitted.grid))
             frames.append(array)
-        await self._handles[dispatch.worker].send(RunWindow(dispatch.window, window_items, slot.slab, slot.offset),
-                                                  frames)
+        handle = self._handles[dispatch.worker]
+        if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset), frames):
+            self._worker_died(handle)  # no peer on the socket: the process is gone
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
@@ -306,11 +326,18 @@ class Engine:
     def _worker_died(self, handle: WorkerHandle) -> None:
         """Fail what the dead worker held; with no worker left, fail the queue too (no request may hang).
         (Restarting workers with fresh graphs and a new slab epoch is the next step.)"""
-        code = handle.process.exitcode
+        code = handle.process.exitcode if handle.process is not None else None
         log.error("worker %d (%s) exited with code %s", handle.worker, handle.spec.device, code)
+        if not self.scheduler.workers[handle.worker].ready:
+            return  # already handled
         for dispatch in self.scheduler.worker_lost(handle.worker):
-            _, slot = self._windows.pop(dispatch.window)
-            self._fail_window(dispatch, slot, f"worker {handle.worker} exited (code {code}) while running the window")
+            sent = self._windows.pop(dispatch.window, None)
+            problem = f"worker {handle.worker} exited (code {code}) while running the window"
+            if sent is not None:
+                self._fail_window(dispatch, sent[1], problem)
+            else:
+                for key in {item.request.key for item in dispatch.items}:
+                    self._fail(key, "worker_failed", problem)
         if not any(state.ready for state in self.scheduler.workers.values()):
             for key in {item.request.key for item in self.scheduler.queue}:
                 self._fail(key, "worker_failed", "no worker is left to serve the request")

@@ -66,6 +66,16 @@ class WorkerHandle:
     async def send(self, message: msgspec.Struct, frames: list) -> None:
         await self.socket.send_multipart([self._encoder.encode(message), *frames], copy=False)
 
+    def send_now(self, message: msgspec.Struct, frames: list) -> bool:
+        """Send without waiting; False when the worker's end of the socket is gone (a PAIR socket
+        without a peer would block forever; the engine keeps far fewer messages in flight than
+        its high-water mark, so a full queue means a dead peer)."""
+        try:
+            self.socket.send_multipart([self._encoder.encode(message), *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     async def receive(self) -> msgspec.Struct:
         frames = await self.socket.recv_multipart(copy=False)
         try:

@@ -38,6 +38,7 @@ class WorkerState:
     predict: Predictor
     ready: bool = True
     free_rows: int = 1 << 62  # output rows it can still lease in shared memory; a window needs tokens / merge²
+    row_granularity: int = 1  # rows are leased in slots of this many: a window needs whole slots
     busy_until: float = 0.0  # predicted end of its in-flight windows, scheduler clock seconds
     in_flight: dict[int, float] = field(default_factory=dict)  # window id -> predicted ms
 
@@ -160,8 +161,7 @@ class Scheduler:
         if not len(self.queue) or not ready or any(w.in_flight for w in ready):
             return []
         window = self._form()
-        rows = window.tokens // self.capacities.merge_factor
-        if any(w.free_rows >= rows for w in ready):
+        if any(w.free_rows >= self._rows(window.tokens, w) for w in ready):
             return []
         return list({id(item.request): item.request for item in window.items}.values())
 
@@ -207,7 +207,7 @@ class Scheduler:
         """The worker predicted to finish the window first, its predicted ms and start time."""
         best = None
         for worker in self.workers.values():
-            if (not worker.ready or worker.free_rows < window.tokens // self.capacities.merge_factor
+            if (not worker.ready or worker.free_rows < self._rows(window.tokens, worker)
                     or len(worker.in_flight) >= self.config.in_flight_per_worker):
                 continue
             predicted = worker.predict(window.tokens, window.sequences, window.square_tokens)
@@ -236,12 +236,21 @@ class Scheduler:
         dispatch = Dispatch(self._window_ids, worker.id, window.items, window.tokens, predicted)
         self.queue.remove(window.items)
         worker.in_flight[dispatch.window] = predicted
-        worker.free_rows -= window.tokens // self.capacities.merge_factor  # the engine keeps this count true
+        worker.free_rows -= self._rows(window.tokens, worker)  # the engine keeps this count true
         worker.busy_until = max(now, worker.busy_until) + predicted / 1e3
         self._dispatched[dispatch.window] = dispatch
         return dispatch
 
     # -- deadlines -----------------------------------------------------------------------------
+    def _rows(self, tokens: int, worker: WorkerState) -> int:
+        """Output rows a window of `tokens` leases on `worker`, rounded up to whole slots."""
+        grain = worker.row_granularity
+        return -(-(tokens // self.capacities.merge_factor) // grain) * grain
+
+    def holds(self, window: int) -> bool:
+        """Whether a window is dispatched and not yet done or lost."""
+        return window in self._dispatched
+
     def _fastest(self, tokens: int, sequences: int, square_tokens: int) -> float:
         ready = [w for w in self.workers.values() if w.ready] or list(self.workers.values())
         return min(w.predict(tokens, sequences, square_tokens) for w in ready)
