@@ -17,8 +17,11 @@ def cost(tokens: int, sequences: int, square_tokens: int) -> float:
 
 
 def make(*workers: WorkerState, caps: Capacities = CAPS, **config) -> Scheduler:
+    """A scheduler whose predictions are the fake cost model's exactly (no learned scale, no relative
+    margin) unless the test turns those on."""
     if not workers:
         workers = (WorkerState(0, cost),)
+    config = {"margin_fraction": 0.0, "learn_costs": False} | config
     return Scheduler(SchedulerConfig(**config), caps, list(workers))
 
 

@@ -66,7 +66,7 @@ def _client_messages() -> list[tuple[msgspec.Struct, list[np.ndarray]]]:
         (encode, [image, video, patches]),
         (Encode(id=0, items=[ImageItem(array_ref(image, 0))]), [image]),
         (Cancel(id=42), []),
-        (Release(id=2**63 - 1), []),
+        (Release(ids=[1, 2**63 - 1]), []),
         (StatsQuery(), []),
         (HealthQuery(), []),
     ]
@@ -203,7 +203,7 @@ def test_client_message_sent_to_the_client(message):
     ({"type": "encode", "items": []}, "id"),
     ({"type": "encode", "id": 1}, "items"),
     ({"type": "cancel"}, "id"),
-    ({"type": "release"}, "id"),
+    ({"type": "release"}, "ids"),
     ({"type": "encode", "id": 1, "items": [{"type": "image"}]}, "pixels"),
     ({"type": "encode", "id": 1, "items": [{"type": "image", "pixels": {"frame": 0, "dtype": "uint8"}}]},
      "shape"),
@@ -217,7 +217,7 @@ def test_decode_missing_required_field(value, field):
 
 @pytest.mark.parametrize("value, where", [
     ({"type": "cancel", "id": "7"}, r"\$\.id"),
-    ({"type": "release", "id": 1.5}, r"\$\.id"),
+    ({"type": "release", "ids": [1.5]}, r"\$\.ids"),
     ({"type": "cancel", "id": True}, r"\$\.id"),
     ({"type": "cancel", "id": None}, r"\$\.id"),
     ({"type": "hello", "version": "1"}, r"\$\.version"),
@@ -266,7 +266,7 @@ def test_codec_decodes_only_its_union():
     codec = Codec(Cancel)
     assert codec.decode([msgspec.msgpack.encode(Cancel(1))])[0] == Cancel(1)
     with raises_protocol(match="undecodable"):
-        codec.decode([msgspec.msgpack.encode(Release(1))])
+        codec.decode([msgspec.msgpack.encode(Release([1]))])
 
 
 # -- fuzz ----------------------------------------------------------------------------------------

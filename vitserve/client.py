@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import zmq
-import zmq.asyncio
 
 from vitserve.engine.errors import EngineError
+from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
     PROTOCOL_VERSION, Cancel, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, VideoItem, Welcome,
@@ -39,14 +39,16 @@ class AsyncClient:
         self.inline = endpoint.startswith("tcp://") if inline is None else inline
         self.name = name
         self.welcome: Welcome | None = None
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        self._socket = BurstSocket(socket)
         self._codec = client_codec()
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
         self._reader = SlabReader()
+        self._releases: list[int] = []  # gathered during one loop turn, sent as one message
         self._receiver: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -60,11 +62,13 @@ class AsyncClient:
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Welcome:
         """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
         self._loop = asyncio.get_running_loop()
-        self._socket.connect(self.endpoint)
-        await self._socket.send_multipart(self._codec.encode(Hello(PROTOCOL_VERSION, self.name)))
-        if not await self._socket.poll(timeout=int(timeout_s * 1000)):
-            raise ConnectionError(f"no vitserve engine answered at {self.endpoint} within {timeout_s:.0f} s")
-        message, _ = self._codec.decode(await self._socket.recv_multipart(copy=False))
+        self._socket.socket.connect(self.endpoint)
+        await self._socket.send(self._codec.encode(Hello(PROTOCOL_VERSION, self.name)))
+        try:
+            reply = await self._socket.receive_one(timeout_s)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no vitserve engine answered at {self.endpoint} within {timeout_s:.0f} s") from None
+        message, _ = self._codec.decode(reply)
         match message:
             case Welcome():
                 self.welcome = message
@@ -91,12 +95,12 @@ class AsyncClient:
         future = self._loop.create_future()
         self._waiting[request_id] = future
         message = Encode(request_id, wire_items, deadline_ms, priority, self.inline)
-        await self._socket.send_multipart(self._codec.encode(message, frames), copy=False)
+        await self._socket.send(self._codec.encode(message, frames))
         try:
             reply, reply_frames = await future
         except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
             self._cancelled.add(request_id)
-            self._socket.send_multipart(self._codec.encode(Cancel(request_id)))
+            self._send_control(Cancel(request_id))
             raise
         finally:
             self._waiting.pop(request_id, None)
@@ -119,28 +123,41 @@ class AsyncClient:
         return release
 
     def _send_release(self, request_id: int) -> None:
-        if not self._socket.closed:
-            self._socket.send_multipart(self._codec.encode(Release(request_id)))
+        if not self._releases:
+            self._loop.call_soon(self._flush_releases)
+        self._releases.append(request_id)
+
+    def _flush_releases(self) -> None:
+        ids, self._releases = self._releases, []
+        self._send_control(Release(ids))
+
+    def _send_control(self, message: Cancel | Release) -> None:
+        """Small messages that must not wait: queued by ZeroMQ (they are lost only with the socket)."""
+        if not self._socket.socket.closed and not self._socket.send_now(self._codec.encode(message)):
+            asyncio.ensure_future(self._socket.send(self._codec.encode(message)))
 
     async def _receive(self) -> None:
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            try:
-                message, arrays = self._codec.decode(frames)
-            except ProtocolError:
-                continue  # not ours to answer; the engine only sends valid messages
-            request_id = getattr(message, "id", None)
-            future = self._waiting.get(request_id)
-            if future is not None and not future.done():
-                future.set_result((message, arrays))
-            elif isinstance(message, Result) and request_id in self._cancelled:  # finished before the cancel
-                self._cancelled.discard(request_id)
-                if not self.inline:
-                    self._send_release(request_id)
-            elif isinstance(message, Error) and request_id is None:
-                for waiting in self._waiting.values():  # an error about a message we sent, not a request
-                    if not waiting.done():
-                        waiting.set_result((message, []))
+            for frames in await self._socket.receive():
+                self._dispatch(frames)
+
+    def _dispatch(self, frames: list) -> None:
+        try:
+            message, arrays = self._codec.decode(frames)
+        except ProtocolError:
+            return  # not ours to answer; the engine only sends valid messages
+        request_id = getattr(message, "id", None)
+        future = self._waiting.get(request_id)
+        if future is not None and not future.done():
+            future.set_result((message, arrays))
+        elif isinstance(message, Result) and request_id in self._cancelled:  # finished before the cancel
+            self._cancelled.discard(request_id)
+            if not self.inline:
+                self._send_release(request_id)
+        elif isinstance(message, Error) and request_id is None:
+            for waiting in self._waiting.values():  # an error about a message we sent, not a request
+                if not waiting.done():
+                    waiting.set_result((message, []))
 
     async def close(self) -> None:
         if self._receiver is not None:
@@ -149,7 +166,7 @@ class AsyncClient:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
-        self._socket.close(0)
+        self._socket.close()
         self._context.term()
         self._reader.close()
 

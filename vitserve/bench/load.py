@@ -128,9 +128,14 @@ async def compare_policies(make_engine, requests: Sequence[Sequence[np.ndarray]]
     for policy in policies:
         async with make_engine(policy) as engine:
             await closed_loop(lambda items, d: engine.encode(items, d), requests, 32, 8)  # warm-up
+            before = engine.stats()
             result = await open_loop(lambda items, d: engine.encode(items, d), requests, arrivals, deadline_ms,
                                      label=policy)
-        rows.append(result.row())
+            after = engine.stats()
+        windows = after["windows_sent"] - before["windows_sent"]
+        rows.append(result.row() | {"windows": windows,
+                                    "items_per_window": (after["items_sent"] - before["items_sent"]) / max(windows, 1),
+                                    "scales": [s.scale for s in engine.scheduler.workers.values()]})
     return {"saturation_rps": saturation.completed / saturation.seconds, "rate_rps": rate, "load": load,
             "deadline_ms": deadline_ms, "arrivals": len(arrivals), "policies": rows}
 
@@ -139,11 +144,12 @@ def policy_table(report: dict) -> str:
     lines = [f"open loop at {report['load']:.0%} of saturation ({report['saturation_rps']:.1f} req/s): "
              f"{report['rate_rps']:.1f} req/s, {report['arrivals']} arrivals, deadline {report['deadline_ms']:.0f} ms",
              f"{'policy':<10} {'sent':>6} {'done':>6} {'miss %':>7} {'goodput/s':>10} {'img/s':>8} {'p50 ms':>8} "
-             f"{'p99 ms':>8}  errors"]
+             f"{'p99 ms':>8} {'items/win':>9} {'scale':>6}  errors"]
     for row in report["policies"]:
         lines.append(f"{row['label']:<10} {row['sent']:>6} {row['completed']:>6} {row['miss_pct']:>7.2f} "
                      f"{row['goodput_rps']:>10.1f} {row['images_per_s']:>8.1f} {row['p50_ms']:>8.1f} "
-                     f"{row['p99_ms']:>8.1f}  {row['errors'] or ''}")
+                     f"{row['p99_ms']:>8.1f} {row['items_per_window']:>9.1f} "
+                     f"{max(row['scales']):>6.2f}  {row['errors'] or ''}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ REQUEST_POOL = 32  # distinct requests per workload, sent round-robin (making la
 
 
 def run(args: argparse.Namespace, window) -> int:
+    if args.overhead:
+        return _overhead(args, window)
     requests = [r for name in args.workloads.split(",") for r in make_requests(name, REQUEST_POOL)]
     if args.compare_policies:
         from vitserve.engine import Engine, EngineConfig
@@ -33,6 +35,31 @@ def run(args: argparse.Namespace, window) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("policies.json" if args.compare_policies else "load.json")
     path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+def _overhead(args: argparse.Namespace, window) -> int:
+    from .overhead import as_dict, make_item, overhead_table, run_overhead
+
+    serve = ["--min-budget", str(window.min_budget), "--max-budget", str(window.max_budget)]
+    if window.budgets:
+        serve += ["--budgets", ",".join(map(str, window.budgets))]
+    if window.extra_budgets:
+        serve += ["--extra-budgets", ",".join(map(str, window.extra_budgets))]
+    if args.item_grid:
+        try:
+            height, width = (int(x) for x in args.item_grid.lower().split("x"))
+        except ValueError:
+            return fail(f"--item-grid takes HxW in patches, e.g. 2x2; got {args.item_grid!r}")
+        item = make_item(None, (height, width))
+    else:
+        item = make_item(args.image_side, None)
+    result = run_overhead(args.model, args.devices, window, item, args.requests, args.concurrency, serve)
+    print(overhead_table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "overhead.json"
+    path.write_text(json.dumps(as_dict(result), indent=1))
     print(f"wrote {path}")
     return 0
 
@@ -63,7 +90,14 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     load.add_argument("--compare-policies", action="store_true",
                       help="deadline-aware vs immediate vs max-delay flushing on the same Poisson arrivals, each "
                            "through an embedded engine on --devices")
-    load.add_argument("--devices", default="cuda:0", help="with --compare-policies: comma-separated torch devices")
+    load.add_argument("--overhead", action="store_true",
+                      help="single-image requests through `vitserve serve` on --devices against a raw ZeroMQ round "
+                           "trip and the runner alone, in one run (--requests, --concurrency, --image-side)")
+    load.add_argument("--image-side", type=int, default=448, help="with --overhead: the square image's side")
+    load.add_argument("--item-grid", help="with --overhead: send an already-processed image of this patch grid "
+                                          "instead, e.g. 2x2 (isolates the engine's costs from the model's)")
+    load.add_argument("--devices", default="cuda:0",
+                      help="with --compare-policies or --overhead: comma-separated torch devices")
     load.add_argument("--load", type=float, default=0.8, help="with --compare-policies: fraction of saturation")
     load.add_argument("--max-delay-ms", type=float, default=5.0, help="the max_delay policy's wait")
     load.add_argument("--output-windows", type=int, default=16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from vitserve.preprocess import PreprocessConfig
@@ -28,7 +29,7 @@ class EngineConfig:
     output_windows: int = 16
     max_item_tokens: int | None = None  # default: twice the largest budget
     startup_timeout_s: float = 600.0
-    cpu_threads_per_worker: int | None = None
+    cpu_threads_per_worker: int | None = None  # default: the host's cores less two, shared by the CPU workers
     output_device: str | None = None  # embedded engine: copy results to this torch device
 
     def __post_init__(self) -> None:
@@ -44,8 +45,22 @@ class EngineConfig:
                              f"got {value!r}")
         if self.max_item_tokens is not None and (not isinstance(self.max_item_tokens, int) or self.max_item_tokens < 1):
             raise ValueError(f"max_item_tokens must be a positive integer or None, got {self.max_item_tokens!r}")
+        threads = self.cpu_threads_per_worker
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"cpu_threads_per_worker must be a positive integer or None, got {threads!r}")
         if not self.startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0 seconds, got {self.startup_timeout_s!r}")
+
+    def worker_threads(self, device: str) -> int | None:
+        """Torch threads of the worker on `device`: None (torch's default) for accelerators. CPU
+        workers leave two cores to the engine's event loop and local clients: oversubscribed
+        cores make every thread spin and the whole host slow."""
+        if not device.startswith("cpu"):
+            return None
+        if self.cpu_threads_per_worker is not None:
+            return self.cpu_threads_per_worker
+        cpu_workers = sum(1 for d in self.devices if d.startswith("cpu"))
+        return max(1, (len(os.sched_getaffinity(0)) - 2) // cpu_workers)
 
     @property
     def largest_budget(self) -> int:

@@ -61,6 +61,7 @@ class Engine:
         self._pending: dict[int, _Pending] = {}
         self._windows: dict[int, tuple[Dispatch, Slot]] = {}
         self._keys = itertools.count(1)
+        self._sent = [0, 0]  # windows and items sent to workers
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader()
@@ -86,7 +87,7 @@ class Engine:
         for worker, device in enumerate(config.devices):
             spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}", model=config.model,
                               device=device, dtype=config.dtype, window=config.window, preprocess=config.preprocess,
-                              threads=config.cpu_threads_per_worker, log_level=logging.getLogger().level)
+                              threads=config.worker_threads(device), log_level=logging.getLogger().level)
             self._handles.append(WorkerHandle(spec, self._context))
         try:
             readies = await asyncio.gather(*(h.start(config.startup_timeout_s) for h in self._handles))
@@ -168,9 +169,19 @@ class Engine:
         except AdmissionError as err:
             raise EngineError(err.code, err.message) from None
 
-    async def run(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int,
-                  key: int | None = None) -> tuple[int, list[OutputRef]]:
+    async def run(self, items: list[AdmittedItem], deadline_ms: float | None,
+                  priority: int) -> tuple[int, list[OutputRef]]:
         """Queue admitted items and wait for their output references (they stay leased until `release`)."""
+        key, future = self.submit(items, deadline_ms, priority)
+        try:
+            return key, await future
+        except asyncio.CancelledError:
+            self.release(key)  # cancels it if it is still running; frees its slots if it had finished
+            raise
+
+    def submit(self, items: list[AdmittedItem], deadline_ms: float | None,
+               priority: int) -> tuple[int, asyncio.Future]:
+        """Queue admitted items; the future gets their output references or an EngineError."""
         if self._closing or self.scheduler is None:
             raise EngineError("shutting_down", "the engine is not running")
         if not any(state.ready for state in self.scheduler.workers.values()):
@@ -178,7 +189,7 @@ class Engine:
         if deadline_ms is not None and not deadline_ms >= 0:
             raise EngineError("invalid_input", f"deadline_ms must be >= 0 (or None), got {deadline_ms!r}")
         loop = asyncio.get_running_loop()
-        key = next(self._keys) if key is None else key
+        key = next(self._keys)
         now = loop.time()
         request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items])
         pending = _Pending(items, loop.create_future(), [None] * len(items))
@@ -188,12 +199,7 @@ class Engine:
             self._fail(key, failure.code, failure.message, failure.retry_after_ms)
         else:
             self._poke.set()
-        try:
-            return key, await pending.future
-        except asyncio.CancelledError:
-            if not self.cancel(key):  # the result came in the same iteration: nobody else can release it
-                self.release(key)
-            raise
+        return key, pending.future
 
     def stats(self) -> dict[str, float]:
         """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
@@ -202,20 +208,19 @@ class Engine:
             "requests_open": float(len(self._pending)),
             "windows_in_flight": float(len(self._windows)),
             "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._pools.values())),
+            "windows_sent": float(self._sent[0]),
+            "items_sent": float(self._sent[1]),
         }
 
     def read(self, ref: OutputRef) -> np.ndarray:
         """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""
         return ref_array(ref, self._reader)
 
-    def new_key(self) -> int:
-        return next(self._keys)
-
     def cancel(self, key: int) -> bool:
         """Cancel a request still running: its queued items are dropped, in-flight results discarded."""
         pending = self._pending.get(key)
-        if pending is None or pending.future.done():
-            return False
+        if pending is None or (pending.future.done() and not pending.future.cancelled()):
+            return False  # unknown, or finished (failed requests are forgotten at once)
         self._fail(key, "cancelled", "cancelled by the client")
         return True
 
@@ -268,11 +273,10 @@ class Engine:
             for dispatch in dispatches:
                 self._send(dispatch)
             wakeup = self.scheduler.wakeup
-            timeout = None if wakeup is None else max(0.0, wakeup - loop.time())
-            try:
-                await asyncio.wait_for(self._poke.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            alarm = None if wakeup is None else loop.call_at(wakeup, self._poke.set)  # cheaper than wait_for
+            await self._poke.wait()
+            if alarm is not None:
+                alarm.cancel()
 
     def _send(self, dispatch: Dispatch) -> None:
         loop = asyncio.get_running_loop()
@@ -294,6 +298,8 @@ class Engine:
             pool.hold(slot, len(holders) - 1)
         self._sync_free_rows(dispatch.worker)
         self._windows[dispatch.window] = (dispatch, slot)
+        self._sent[0] += 1
+        self._sent[1] += len(dispatch.items)
         window_items, frames = [], []
         for item in dispatch.items:
             admitted = self._pending[item.request.key].items[item.index]

@@ -2,20 +2,21 @@
 
 Each client connection is a ROUTER identity. Messages are decoded with one typed decoder;
 anything that is not a valid message gets an `error` reply with a code, and the connection
-stays usable. Encode requests run as tasks, so a slow window never blocks other clients;
-their outputs stay leased until the client sends `release` (inline outputs are copied into
-the reply and released at once).
+stays usable. An encode request is admitted and queued at once; the reply goes out from its
+future's callback, so a slow window never blocks other clients. Outputs stay leased until the
+client sends `release` (inline outputs are copied into the reply and released at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
+from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array, server_codec
 from vitserve.ipc.messages import (
     PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
@@ -33,29 +34,26 @@ class Frontend:
         self.endpoint = endpoint
         self._codec = server_codec()
         self._active: dict[tuple[bytes, int], int] = {}  # (client, request id) -> engine key
-        self._tasks: set[asyncio.Task] = set()
-        self._context = zmq.asyncio.Context()
-        self.socket = self._context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped, not raised
-        self.socket.bind(endpoint)
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped, not raised
+        socket.bind(endpoint)
+        self.socket = BurstSocket(socket)
         self.counters = {"requests": 0, "results": 0, "errors": 0}
 
     async def serve(self) -> None:
         """Answer messages until cancelled."""
         try:
             while True:
-                identity, *frames = await self.socket.recv_multipart(copy=False)
-                try:
-                    self._handle(identity.bytes, frames)
-                except Exception as err:  # one message must never stop the server
-                    log.exception("a message could not be handled")
-                    self._send(identity.bytes, Error(None, "protocol", f"the message could not be handled: {err}"))
+                for identity, *frames in await self.socket.receive():
+                    try:
+                        self._handle(identity.bytes, frames)
+                    except Exception as err:  # one message must never stop the server
+                        log.exception("a message could not be handled")
+                        self._send(identity.bytes, Error(None, "protocol", f"the message could not be handled: {err}"))
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self.socket.close(0)
+            self.socket.close()
             self._context.term()
 
     def _handle(self, client: bytes, frames: list) -> None:
@@ -74,17 +72,16 @@ class Frontend:
                     self._send(client, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
                                                ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))
             case Encode():
-                task = asyncio.ensure_future(self._encode(client, message, arrays))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._encode(client, message, arrays)
             case Cancel(id=request_id):
                 key = self._active.get((client, request_id))
                 if key is not None:
                     self.engine.cancel(key)
-            case Release(id=request_id):
-                key = self._active.pop((client, request_id), None)
-                if key is not None:
-                    self.engine.release(key)
+            case Release(ids=request_ids):
+                for request_id in request_ids:
+                    key = self._active.pop((client, request_id), None)
+                    if key is not None:
+                        self.engine.release(key)
             case StatsQuery():
                 self._send(client, Stats({name: float(value) for name, value in self.counters.items()}
                                          | self.engine.stats()))
@@ -93,32 +90,44 @@ class Frontend:
                 ready = sum(1 for state in self.engine.scheduler.workers.values() if state.ready)
                 self._send(client, Health(ready > 0, ready, workers))
 
-    async def _encode(self, client: bytes, message: Encode, arrays: list[memoryview]) -> None:
+    def _encode(self, client: bytes, message: Encode, arrays: list[memoryview]) -> None:
         request = (client, message.id)
         self.counters["requests"] += 1
         if request in self._active:
             self._error(client, message.id, "invalid_input", f"request id {message.id} is already in use by this "
                                                              f"client: use a new id, or release the old request")
             return
-        key = self.engine.new_key()
-        self._active[request] = key
         try:
-            items = _items(message, arrays)
-            admitted = self.engine.admit(items)
-            _, refs = await self.engine.run(admitted, message.deadline_ms, message.priority, key=key)
+            admitted = self.engine.admit(_items(message, arrays))
+            key, future = self.engine.submit(admitted, message.deadline_ms, message.priority)
         except ProtocolError as err:
-            self._active.pop(request, None)
             self._error(client, message.id, err.code, str(err))
             return
         except EngineError as err:
-            self._active.pop(request, None)
             self._error(client, message.id, err.code, err.message, err.retry_after_ms)
             return
         except Exception as err:  # never leave a request unanswered
             log.exception("request %d failed unexpectedly", message.id)
-            self._active.pop(request, None)
             self._error(client, message.id, "invalid_input", f"the request could not be processed: {err}")
             return
+        self._active[request] = key
+        future.add_done_callback(partial(self._finish, client, message, key))
+
+    def _finish(self, client: bytes, message: Encode, key: int, future: asyncio.Future) -> None:
+        """The request ended: its result or error goes to the client."""
+        request = (client, message.id)
+        if future.cancelled():  # only at shutdown
+            self._active.pop(request, None)
+            return
+        error = future.exception()
+        if error is not None:
+            self._active.pop(request, None)
+            if isinstance(error, EngineError):
+                self._error(client, message.id, error.code, error.message, error.retry_after_ms)
+            else:
+                self._error(client, message.id, "worker_failed", f"the request failed: {error!r}")
+            return
+        refs = future.result()
         self.counters["results"] += 1
         if not message.inline:
             self._send(client, Result(message.id, refs))
@@ -135,9 +144,11 @@ class Frontend:
         self._send(client, Error(request_id, code, text, retry))
 
     def _send(self, client: bytes, message, frames: list | None = None) -> None:
+        if self.socket.socket.closed:
+            return  # the server stopped: requests still ending (failed by the engine's close) go unanswered
         try:
-            self.socket.send_multipart([client, *self._codec.encode(message, frames or [])], copy=False)
-        except zmq.ZMQError as err:  # a full or vanished peer: its reply is lost, the server goes on
+            self.socket.send_now([client, *self._codec.encode(message, frames or [])])
+        except zmq.ZMQError as err:  # a vanished peer: its reply is lost, the server goes on
             log.warning("reply to a client failed: %s", err)
 
 

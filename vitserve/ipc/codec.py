@@ -61,8 +61,12 @@ def server_codec() -> Codec:
     return Codec(ClientMessage)
 
 
+_DTYPE_NAMES = {np.dtype(name): name for name in WIRE_DTYPES if name != "bfloat16"}
+
+
 def array_ref(array: np.ndarray, frame: int, dtype: str | None = None) -> ArrayRef:
-    return ArrayRef(frame=frame, dtype=dtype or array.dtype.name, shape=tuple(array.shape))
+    name = dtype or _DTYPE_NAMES.get(array.dtype) or array.dtype.name  # dtype.name is slow
+    return ArrayRef(frame=frame, dtype=name, shape=array.shape)
 
 
 def frame_array(ref: ArrayRef, frames: Sequence[memoryview], request_id: int | None = None) -> np.ndarray:

@@ -80,9 +80,10 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
 
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
-    """The client is done reading request `id`'s outputs; their slots may be reused."""
+    """The client is done reading these requests' outputs; their slots may be reused. (Clients
+    gather the releases of one event-loop turn into one message.)"""
 
-    id: int
+    ids: list[int]
 
 
 class StatsQuery(msgspec.Struct, frozen=True, tag="stats"):

@@ -63,18 +63,33 @@ def ref_array(ref: OutputRef, reader: SlabReader, frames: Sequence[memoryview] =
     return reader.array(ref.slab, ref.epoch, ref.offset, ref.shape, ref.dtype)
 
 
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy of a read-only view. Torch warns about those once per process; the views
+    are read-only on purpose, so that one warning is silenced (a warnings context per call would
+    cost more than the conversion)."""
+    global _warned
+    if _warned:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    _warned = True
+    return tensor
+
+
+_warned = False
+
+
 def encoded_from_refs(refs: Sequence[OutputRef], reader: SlabReader, release: Callable[[], None] | None,
                       output_device: str | None = None, frames: Sequence[memoryview] = ()) -> Encoded:
     items = []
-    with warnings.catch_warnings():  # the views are read-only on purpose; torch warns about that
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for ref in refs:
-            rows = torch.from_numpy(ref_array(ref, reader, frames))
-            if ref.dtype == "bfloat16":
-                rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
-            if output_device is not None:
-                rows = rows.to(output_device, copy=True)
-            items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1)))
+    for ref in refs:
+        rows = read_only_tensor(ref_array(ref, reader, frames))  # (rows, 1 + deepstack, out_hidden)
+        if ref.dtype == "bfloat16":
+            rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
+        if output_device is not None:
+            rows = rows.to(output_device, copy=True)
+        items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1)))
     if output_device is not None and release is not None:
         release()
         release = None

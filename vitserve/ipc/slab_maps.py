@@ -43,21 +43,23 @@ class SlabReader:
 
     def __init__(self, directory: Path = SHM_DIR):
         self.directory = Path(directory)
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # slab name -> (mapping, epoch in its name)
 
     def array(self, slab: str, epoch: int, offset: int, shape: int | tuple[int, ...],
               dtype: str | np.dtype) -> np.ndarray:
         """A read-only view of `shape` `dtype` at `offset` in `slab`, mapping the slab on first use."""
-        parsed = parse_slab_name(slab) if isinstance(slab, str) else None
-        if parsed is None:
-            raise SlabError(f"{slab!r} is not a vitserve slab name ({PREFIX}-<pid>-<owner>-e<epoch>-<index>): "
-                            "pass the slab field of a result unchanged")
-        if parsed[2] != epoch:
-            raise SlabError(f"stale reference: slab {slab} belongs to epoch {parsed[2]}, the reference to epoch "
+        mapped = self._maps.get(slab) if isinstance(slab, str) else None
+        if mapped is None:
+            parsed = parse_slab_name(slab) if isinstance(slab, str) else None
+            if parsed is None:
+                raise SlabError(f"{slab!r} is not a vitserve slab name ({PREFIX}-<pid>-<owner>-e<epoch>-<index>): "
+                                "pass the slab field of a result unchanged")
+            mapped = (self._map(self.directory / slab), parsed[2])
+            self._maps[slab] = mapped
+        mapping, slab_epoch = mapped
+        if slab_epoch != epoch:
+            raise SlabError(f"stale reference: slab {slab} belongs to epoch {slab_epoch}, the reference to epoch "
                             f"{epoch}; the worker restarted, so request the result again")
-        mapping = self._maps.get(slab)
-        if mapping is None:
-            mapping = self._maps[slab] = self._map(self.directory / slab)
         where = f"in slab {slab} of {len(mapping)} bytes: pass offset, shape and dtype of the result unchanged"
         return view_array(mapping, offset, shape, dtype, len(mapping), where)
 
@@ -80,9 +82,9 @@ class SlabReader:
 
     def forget(self, slab: str) -> None:
         """Drop the cached mapping of `slab`; views already handed out stay valid."""
-        mapping = self._maps.pop(slab, None)
-        if mapping is not None:
-            close_unless_exported(mapping)
+        mapped = self._maps.pop(slab, None)
+        if mapped is not None:
+            close_unless_exported(mapped[0])
 
     def close(self) -> None:
         for slab in list(self._maps):

@@ -62,10 +62,14 @@ def parse_slab_name(name: str) -> tuple[int, str, int, int] | None:
     return int(pid), owner, int(epoch), int(index)
 
 
+_STORAGE = {name: np.dtype(name) for name in ("uint8", "uint16", "float16", "float32", "int32", "int64")}
+_STORAGE["bfloat16"] = np.dtype(np.uint16)
+
+
 def numpy_dtype(name: str | np.dtype | type) -> np.dtype:
     """The numpy dtype for `name`; "bfloat16" becomes uint16 storage (view it as torch.bfloat16)."""
-    if isinstance(name, str) and name == "bfloat16":
-        return np.dtype(np.uint16)
+    if isinstance(name, str) and name in _STORAGE:
+        return _STORAGE[name]
     try:
         dtype = np.dtype(name) if name is not None else None  # np.dtype(None) would mean float64
     except TypeError:
@@ -134,7 +138,6 @@ class SlabPool:
         self.names = [f"{PREFIX}-{os.getpid()}-{owner}-e{epoch}-{i}" for i in range(slab_count)]
         self._refcounts = [0] * slots  # per leased run, at its first slot
         self._runs: dict[int, int] = {}  # first slot of each leased run -> its length
-        self._used = [False] * slots
         self._lock = threading.Lock()  # releases may arrive on another thread than acquires
         self._paths: list[Path] = []
         self._maps: list[mmap.mmap] = []
@@ -202,31 +205,34 @@ class SlabPool:
             start = self._first_free_run(count)
             if start is None:
                 return None
-            self._used[start:start + count] = [True] * count
             self._runs[start] = count
             self._refcounts[start] = 1
         return self._slot(start, count)
 
-    def _first_free_run(self, count: int) -> int | None:
+    def _free_gaps(self):
+        """(first slot, length) of every free run, slab by slab, in index order. Walks the leased runs,
+        which are few (about one per window whose outputs are still read), not the slots."""
+        leased = sorted(self._runs.items())
+        position = 0
         for slab_start in range(0, self.total_slots, self.slots_per_slab):
             slab_end = min(slab_start + self.slots_per_slab, self.total_slots)
-            run = 0
-            for index in range(slab_start, slab_end):
-                run = 0 if self._used[index] else run + 1
-                if run == count:
-                    return index - count + 1
-        return None
+            cursor = slab_start
+            while position < len(leased) and leased[position][0] < slab_end:
+                start, length = leased[position]
+                if start > cursor:
+                    yield cursor, start - cursor
+                cursor = start + length
+                position += 1
+            if slab_end > cursor:
+                yield cursor, slab_end - cursor
+
+    def _first_free_run(self, count: int) -> int | None:
+        return next((start for start, length in self._free_gaps() if length >= count), None)
 
     def largest_free_run(self) -> int:
         """The most consecutive free slots within one slab: the largest window that fits now."""
         with self._lock:
-            best = 0
-            for slab_start in range(0, self.total_slots, self.slots_per_slab):
-                run = 0
-                for index in range(slab_start, min(slab_start + self.slots_per_slab, self.total_slots)):
-                    run = 0 if self._used[index] else run + 1
-                    best = max(best, run)
-            return best
+            return max((length for _, length in self._free_gaps()), default=0)
 
     def hold(self, slot: Slot, count: int = 1) -> None:
         """Add `count` references (one per further request reading the slot)."""
@@ -243,7 +249,6 @@ class SlabPool:
             if self._refcounts[slot.index] > 0:
                 return False
             del self._runs[slot.index]
-            self._used[slot.index:slot.index + slot.count] = [False] * slot.count
             return True
 
     def refcount(self, slot: Slot) -> int:
@@ -251,7 +256,8 @@ class SlabPool:
         return self._refcounts[slot.index]
 
     def free_slots(self) -> int:
-        return self._used.count(False)
+        with self._lock:
+            return self.total_slots - sum(self._runs.values())
 
     def _check_held(self, slot: Slot, advice: str) -> None:
         self._check(slot)

@@ -7,6 +7,7 @@ within a segment. The choice is made once per model and logged once.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 from typing import Callable, Protocol, Sequence
 
@@ -29,18 +30,27 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Segments], tor
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Portable path. With host-known lengths: one SDPA call per segment (no quadratic mask);
-    without: one call with a block-diagonal mask built on the device (capturable)."""
-    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, heads, tokens, head_dim)
+    """Portable path. With host-known lengths: one SDPA call per run of equal-length segments
+    (a window of same-size images is one batched call; no quadratic mask); without: one call
+    with a block-diagonal mask built on the device (capturable)."""
     if segments.segment_lengths is not None:
-        lengths = list(segments.segment_lengths)
-        pieces = zip(*(x.split(lengths, dim=2) for x in (q, k, v)))
-        out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in pieces], dim=2)
-    else:
-        token = torch.arange(q.shape[2], device=q.device)
-        segment_id = torch.searchsorted(segments.cu_seqlens[1:], token.to(torch.int32), right=True)  # (tokens,)
-        mask = segment_id[:, None] == segment_id[None, :]  # (tokens, tokens) block diagonal
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        pieces, start = [], 0
+        for length, run in itertools.groupby(segments.segment_lengths):
+            count = len(list(run))
+            if length == 0:
+                continue
+            end = start + count * length
+            # (count, heads, length, head_dim): the run's segments as one batch
+            qs, ks, vs = (x[start:end].unflatten(0, (count, length)).transpose(1, 2) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(qs, ks, vs)
+            pieces.append(out.transpose(1, 2).flatten(0, 1))  # (count * length, heads, head_dim)
+            start = end
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, heads, tokens, head_dim)
+    token = torch.arange(q.shape[2], device=q.device)
+    segment_id = torch.searchsorted(segments.cu_seqlens[1:], token.to(torch.int32), right=True)  # (tokens,)
+    mask = segment_id[:, None] == segment_id[None, :]  # (tokens, tokens) block diagonal
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out[0].transpose(0, 1)  # (tokens, heads, head_dim)
 
 

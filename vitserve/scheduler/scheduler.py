@@ -15,6 +15,13 @@ the budget, item and sequence capacities. Under the `deadline` policy it leaves 
 
 and it goes to the worker that is predicted to finish it first. Waiting while the workers
 are busy is what makes windows large; the deadline and idle rules bound what it costs.
+
+Two things are learned per worker from completions. Its scale: observed over modelled time of
+windows that queued behind another (from the previous completion to theirs: processing alone,
+preprocessing included, which the capture-time model leaves out). And its overhead: what a
+window sent to an idle worker takes beyond that (messages, uploads, host work before the device
+starts). Windows for a busy worker leave early enough to hide the overhead; the margin is
+`margin_ms` plus `margin_fraction` of the prediction, as errors grow with the window.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from vitserve.workers import Capacities
 
 from .config import SchedulerConfig
 from .queue import QueuedItem, Request, RequestQueue
+
+MAX_REMEMBERED_SHAPES = 4096  # item shapes whose predicted time is kept
+SCALE_LEARNING_RATE = 0.1  # weight of each completed window in a worker's learned scale and overhead
+SCALE_BOUNDS = (0.5, 4.0)  # a learned scale outside these means a broken cost model, not noise
+MAX_OVERHEAD_MS = 1000.0
 
 # (patch tokens, attention sequences, sum of squared segment lengths) -> predicted milliseconds
 Predictor = Callable[[int, int, int], float]
@@ -41,6 +53,12 @@ class WorkerState:
     row_granularity: int = 1  # rows are leased in slots of this many: a window needs whole slots
     busy_until: float = 0.0  # predicted end of its in-flight windows, scheduler clock seconds
     in_flight: dict[int, float] = field(default_factory=dict)  # window id -> predicted ms
+    scale: float = 1.0  # observed / modelled processing time, learned from completions
+    overhead_ms: float = 0.0  # learned latency of a window sent to an idle worker, beyond its processing
+    last_done: float = -math.inf  # when its latest window completed
+
+    def predicted_ms(self, tokens: int, sequences: int, square_tokens: int) -> float:
+        return self.predict(tokens, sequences, square_tokens) * self.scale
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,7 @@ class Dispatch:
     items: list[QueuedItem]
     tokens: int
     predicted_ms: float
+    modelled_ms: float  # the cost model's figure, before the worker's learned scale
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,8 @@ class Scheduler:
         self.wakeup: float | None = None  # when `poll` should run again if nothing else happens
         self._window_ids = 0
         self._dispatched: dict[int, Dispatch] = {}
+        self._modelled_ms: dict[tuple[int, int, int], list[float]] = {}  # item shape -> model ms per worker
+        self._sent_at: dict[int, tuple[float, bool]] = {}  # window id -> (dispatch time, queued behind another)
 
     # -- events ------------------------------------------------------------------------------
     def submit(self, request: Request, now: float) -> Failure | None:
@@ -114,10 +135,20 @@ class Scheduler:
         return bool(items)
 
     def window_done(self, window: int, now: float) -> Dispatch:
-        """A window finished: free its worker's place; returns what it held."""
+        """A window finished: free its worker's place, learn from its service time; returns what it held."""
         dispatch = self._dispatched.pop(window)
         worker = self.workers[dispatch.worker]
         worker.in_flight.pop(window, None)
+        sent_at, queued = self._sent_at.pop(window)
+        if self.config.learn_costs and dispatch.modelled_ms > 0:
+            if queued and worker.last_done > sent_at:  # it waited for the previous window: processing alone
+                ratio = (now - worker.last_done) * 1e3 / dispatch.modelled_ms
+                worker.scale += SCALE_LEARNING_RATE * (min(max(ratio, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]) - worker.scale)
+            else:  # sent to an idle worker: its latency is overhead plus processing
+                extra = (now - sent_at) * 1e3 - dispatch.modelled_ms * worker.scale
+                extra = min(max(extra, 0.0), MAX_OVERHEAD_MS)
+                worker.overhead_ms += SCALE_LEARNING_RATE * (extra - worker.overhead_ms)
+        worker.last_done = now
         worker.busy_until = now + sum(worker.in_flight.values()) / 1e3
         return dispatch
 
@@ -126,6 +157,8 @@ class Scheduler:
         worker = self.workers[worker_id]
         worker.ready = False
         lost = [self._dispatched.pop(window) for window in list(worker.in_flight)]
+        for dispatch in lost:
+            self._sent_at.pop(dispatch.window, None)
         worker.in_flight.clear()
         return lost
 
@@ -170,7 +203,7 @@ class Scheduler:
         retry hint of `overloaded`."""
         ready = [w for w in self.workers.values() if w.ready] or list(self.workers.values())
         budget = self.capacities.max_budget
-        per_window = min(w.predict(budget, 1, budget * budget // 16) for w in ready)
+        per_window = min(w.predicted_ms(budget, 1, budget * budget // 16) for w in ready)
         busy_ms = min(max(w.busy_until - now, 0.0) for w in ready) * 1e3
         return busy_ms + per_window * self.queue.tokens / budget / len(ready)
 
@@ -210,8 +243,8 @@ class Scheduler:
             if (not worker.ready or worker.free_rows < self._rows(window.tokens, worker)
                     or len(worker.in_flight) >= self.config.in_flight_per_worker):
                 continue
-            predicted = worker.predict(window.tokens, window.sequences, window.square_tokens)
-            start = max(now, worker.busy_until)
+            predicted = worker.predicted_ms(window.tokens, window.sequences, window.square_tokens)
+            start = max(now + worker.overhead_ms / 1e3, worker.busy_until)
             if best is None or start + predicted / 1e3 < best[2] + best[1] / 1e3:
                 best = (worker, predicted, start)
         return best
@@ -225,19 +258,23 @@ class Scheduler:
         if config.policy == "max_delay":
             return min(item.request.arrival for item in window.items) + config.max_delay_ms / 1e3
         # deadline: waiting is free while the worker is busy and the deadline is far. Leaving at t
-        # finishes at max(t, busy_until) + predicted; the latest t that still keeps the margin:
-        latest = window.earliest_deadline() - (predicted + config.margin_ms) / 1e3
-        deadline_bound = latest if latest >= start else now
-        idle_bound = worker.busy_until - config.idle_lead_ms / 1e3
+        # starts at max(t + overhead, busy_until) and finishes `predicted` later; the latest start
+        # that keeps the margin, and the latest departure for it:
+        overhead = worker.overhead_ms / 1e3
+        latest_start = window.earliest_deadline() - (predicted * (1 + config.margin_fraction) + config.margin_ms) / 1e3
+        deadline_bound = latest_start - overhead if latest_start >= start else now  # too late: go now
+        idle_bound = worker.busy_until - overhead - config.idle_lead_ms / 1e3
         return min(deadline_bound, idle_bound)
 
     def _dispatch(self, window: _Candidate, worker: WorkerState, predicted: float, now: float) -> Dispatch:
         self._window_ids += 1
-        dispatch = Dispatch(self._window_ids, worker.id, window.items, window.tokens, predicted)
+        dispatch = Dispatch(self._window_ids, worker.id, window.items, window.tokens, predicted,
+                            predicted / worker.scale)
+        self._sent_at[dispatch.window] = (now, bool(worker.in_flight))
         self.queue.remove(window.items)
         worker.in_flight[dispatch.window] = predicted
         worker.free_rows -= self._rows(window.tokens, worker)  # the engine keeps this count true
-        worker.busy_until = max(now, worker.busy_until) + predicted / 1e3
+        worker.busy_until = max(now + worker.overhead_ms / 1e3, worker.busy_until) + predicted / 1e3
         self._dispatched[dispatch.window] = dispatch
         return dispatch
 
@@ -252,8 +289,16 @@ class Scheduler:
         return window in self._dispatched
 
     def _fastest(self, tokens: int, sequences: int, square_tokens: int) -> float:
-        ready = [w for w in self.workers.values() if w.ready] or list(self.workers.values())
-        return min(w.predict(tokens, sequences, square_tokens) for w in ready)
+        """Predicted ms of an item alone on the fastest ready worker, from now (an idle worker's)."""
+        workers = list(self.workers.values())
+        shape = (tokens, sequences, square_tokens)
+        modelled = self._modelled_ms.get(shape)
+        if modelled is None:  # traffic has few distinct item shapes: run the cost model once for each
+            if len(self._modelled_ms) >= MAX_REMEMBERED_SHAPES:
+                self._modelled_ms.clear()
+            modelled = self._modelled_ms[shape] = [w.predict(tokens, sequences, square_tokens) for w in workers]
+        ready = [(w, ms) for w, ms in zip(workers, modelled) if w.ready] or list(zip(workers, modelled))
+        return min(ms * w.scale + w.overhead_ms for w, ms in ready)
 
     def _hopeless(self, items: list[QueuedItem], now: float) -> bool:
         return any(now >= item.request.deadline - item.alone_ms / 1e3 for item in items)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import torch
 import zmq
 
@@ -25,6 +24,7 @@ from vitserve.ipc.messages import (
     FromWorker, RunWindow, Shutdown, ToWorker, WindowDone, WindowFailed, WorkerCost, WorkerReady,
     WorkerStartFailed,
 )
+from vitserve.ipc.outputs import read_only_tensor
 from vitserve.ipc.slab_maps import writable_slab
 from vitserve.ipc.slabs import SHM_DIR
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
@@ -168,7 +168,7 @@ class Worker:
                 pieces[i] = part
         for i, item in enumerate(message.items):
             if item.kind == "patches":
-                pieces[i] = torch.from_numpy(np.asarray(frame_array(item.data, frames))).to(self.device)
+                pieces[i] = read_only_tensor(frame_array(item.data, frames)).to(self.device)
         pixel_values = torch.cat(pieces)  # (tokens, patch_dim) in the window's order
         rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
         out = self._slot(message.slab, message.offset, rows)

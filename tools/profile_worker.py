@@ -1,0 +1,117 @@
+"""Where a worker's window time goes, against the cost model the scheduler predicts with.
+
+Windows are formed first-come first-served from a named workload (as the scheduler forms them
+under load) and run through an in-process `Worker`, the worker process's own code:
+
+    python tools/profile_worker.py --workload arena-mix --windows 60
+
+prints, summed over the windows: the cost model's prediction; the runner alone on patches
+preprocessed beforehand; the worker one window at a time (preprocessing on the device, the
+runner, the copy into shared memory); and the worker pipelined two windows deep, as it runs
+in the engine. Each is shown as a ratio to the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from vitserve.bench.workloads import make_requests
+from vitserve.engine.admission import admit
+from vitserve.engine.outputs_layout import predictor
+from vitserve.ipc.messages import ArrayRef, RunWindow, WindowItem
+from vitserve.ipc.slabs import SlabPool
+from vitserve.preprocess import PreprocessConfig, preprocess_batch
+from vitserve.workers import WindowConfig
+from vitserve.workers.process import Worker, WorkerSpec
+
+
+def form_windows(items, capacities, count: int) -> list[list]:
+    """First-come first-served windows of admitted items, as full as the capacities allow."""
+    windows, current, tokens = [], [], 0
+    for item in items:
+        if current and (tokens + item.tokens > capacities.max_budget or len(current) == capacities.max_items):
+            windows.append(current)
+            current, tokens = [], 0
+            if len(windows) == count:
+                break
+        current.append(item)
+        tokens += item.tokens
+    return windows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="random:qwen3-vl-8b")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--workload", default="arena-mix")
+    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--extra-budgets", default="784")
+    args = parser.parse_args()
+    extra = tuple(int(b) for b in args.extra_budgets.split(",")) if args.extra_budgets else ()
+    spec = WorkerSpec(0, "ipc:///unused", args.model, args.device, None, WindowConfig(extra_budgets=extra),
+                      PreprocessConfig())
+    worker = Worker(spec)
+    caps = worker.runner.capacities
+    predict = predictor(worker.ready, caps)
+    items = [admit(array, spec.preprocess, 2 * caps.max_budget) for request in
+             make_requests(args.workload, 4 * args.windows) for array in request]
+    windows = form_windows(items, caps, args.windows)
+    row_bytes = worker.row_shape[0] * worker.row_shape[1] * worker.runner.dtype.itemsize
+    pool = SlabPool("prof", caps.max_budget // caps.merge_factor * row_bytes, 4)
+    slots = [pool.acquire() for _ in range(3)]
+
+    def message(index: int, window) -> tuple[RunWindow, list]:
+        frames = [np.ascontiguousarray(item.array) for item in window]
+        refs = [WindowItem(ArrayRef(i, "uint8", f.shape), item.kind, item.grid)
+                for i, (f, item) in enumerate(zip(frames, window))]
+        slot = slots[index % len(slots)]
+        return RunWindow(index, refs, slot.slab, slot.offset), [memoryview(f) for f in frames]
+
+    predicted = [predict(sum(i.tokens for i in w), sum(i.sequences for i in w),
+                         sum(i.tokens ** 2 // i.sequences for i in w)) for w in windows]
+    patches = [preprocess_batch([i.array for i in w], spec.preprocess, device=worker.device) for w in windows]
+
+    def sync() -> None:
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)
+
+    def timed(run) -> float:
+        sync()
+        began = time.perf_counter()
+        run()
+        sync()
+        return (time.perf_counter() - began) * 1e3
+
+    for index, window in enumerate(windows[:3]):  # warm-up
+        worker.start(*message(index, window)).reply()
+    runner_ms = sum(timed(lambda p=p: worker.runner.encode(p.pixel_values, p.grid_thw.tolist(), wait=True))
+                    for p in patches)
+    single_ms = sum(timed(lambda i=i, w=w: worker.start(*message(i, w)).reply()) for i, w in enumerate(windows))
+
+    def pipelined() -> None:
+        running = deque()
+        for index, window in enumerate(windows):
+            if len(running) == 2:
+                running.popleft().reply()
+            running.append(worker.start(*message(index, window)))
+        while running:
+            running.popleft().reply()
+
+    pipelined_ms = timed(pipelined)
+    model_ms = sum(predicted)
+    tokens = sum(i.tokens for w in windows for i in w)
+    print(f"{len(windows)} windows of {args.workload}, {tokens / len(windows):.0f} tokens and "
+          f"{sum(map(len, windows)) / len(windows):.1f} items each")
+    for label, ms in (("cost model", model_ms), ("runner, preprocessed", runner_ms),
+                      ("worker, one at a time", single_ms), ("worker, pipelined", pipelined_ms)):
+        print(f"  {label:<24} {ms / len(windows):8.2f} ms/window  {ms / model_ms:5.2f}x model")
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()
