@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,34 @@ def test_releasing_a_running_request_cancels_it(expected):
             assert engine.stats()["slots_leased"] == 0.0
 
     asyncio.run(run())
+
+
+HOLDING_CLIENT = """
+import os, sys
+import numpy as np
+from vitserve import Client
+client = Client(sys.argv[1])
+held = [client.encode([np.full((64, 64, 3), i, dtype=np.uint8)]) for i in range(3)]
+print("holding", flush=True)
+sys.stdin.readline()
+os._exit(0)  # no release, no garbage collection: as if the process were killed
+"""
+
+
+def test_slots_of_a_client_that_exits_without_releasing_come_back(server):
+    endpoint, _ = server
+    client = subprocess.Popen([sys.executable, "-c", HOLDING_CLIENT, endpoint], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert client.stdout.readline().strip() == "holding"
+    with Client(endpoint) as watcher:
+        held = watcher.stats()["slots_leased"]
+        if endpoint.startswith("ipc://"):
+            assert held > 0  # local results stay in shared memory until released
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.wait(30) == 0
+        for _ in range(100):  # the engine checks client processes every second
+            if watcher.stats()["slots_leased"] == 0:
+                break
+            time.sleep(0.1)
+        assert watcher.stats()["slots_leased"] == 0

@@ -8,7 +8,8 @@ import pytest
 from scheduler_fakes import MAX_BUDGET, cost, ids, make, req, submit_ok
 
 from vitserve.scheduler import WorkerState
-from vitserve.scheduler.scheduler import SCALE_BOUNDS, SCALE_LEARNING_RATE
+from vitserve.scheduler.learning import LEARNING_RATE as SCALE_LEARNING_RATE
+from vitserve.scheduler.learning import SCALE_BOUNDS
 
 FULL_MS = cost(MAX_BUDGET, 1, 0)  # the fake model's time for a full window
 

@@ -25,9 +25,11 @@ from vitserve.engine.errors import EngineError
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    PROTOCOL_VERSION, Cancel, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, VideoItem, Welcome,
+    PROTOCOL_VERSION, Cancel, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, Stats, StatsQuery,
+    VideoItem, Welcome,
 )
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
+from vitserve.ipc.peers import own_identity
 from vitserve.ipc.slab_maps import SlabReader
 
 CONNECT_TIMEOUT_S = 30.0
@@ -49,6 +51,7 @@ class AsyncClient:
         self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
         self._reader = SlabReader()
         self._releases: list[int] = []  # gathered during one loop turn, sent as one message
+        self._stats: list[asyncio.Future] = []  # stats queries in flight, answered in order
         self._receiver: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -63,7 +66,8 @@ class AsyncClient:
         """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
         self._loop = asyncio.get_running_loop()
         self._socket.socket.connect(self.endpoint)
-        await self._socket.send(self._codec.encode(Hello(PROTOCOL_VERSION, self.name)))
+        pid, pid_start = own_identity()
+        await self._socket.send(self._codec.encode(Hello(PROTOCOL_VERSION, self.name, pid, pid_start)))
         try:
             reply = await self._socket.receive_one(timeout_s)
         except asyncio.TimeoutError:
@@ -111,6 +115,13 @@ class AsyncClient:
                 release = None if self.inline else self._releaser(request_id)
                 return encoded_from_refs(refs, self._reader, release, frames=reply_frames)
 
+    async def stats(self) -> dict[str, float]:
+        """The engine's counters: requests, results, errors, queued items, open requests, leased slots..."""
+        future = self._loop.create_future()
+        self._stats.append(future)
+        await self._socket.send(self._codec.encode(StatsQuery()))
+        return await future
+
     def _releaser(self, request_id: int):
         loop = self._loop
 
@@ -146,6 +157,10 @@ class AsyncClient:
             message, arrays = self._codec.decode(frames)
         except ProtocolError:
             return  # not ours to answer; the engine only sends valid messages
+        if isinstance(message, Stats):
+            if self._stats and not self._stats[0].done():
+                self._stats.pop(0).set_result(dict(message.values))
+            return
         request_id = getattr(message, "id", None)
         future = self._waiting.get(request_id)
         if future is not None and not future.done():
@@ -163,7 +178,7 @@ class AsyncClient:
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
-        for future in self._waiting.values():
+        for future in [*self._waiting.values(), *self._stats]:
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
         self._socket.close()
@@ -186,6 +201,9 @@ class Client:
 
     def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
         return self._call(self._client.encode(items, deadline_ms, priority))
+
+    def stats(self) -> dict[str, float]:
+        return self._call(self._client.stats())
 
     def close(self) -> None:
         if self._loop.is_running():

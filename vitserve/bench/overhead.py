@@ -47,6 +47,7 @@ class Overhead:
     raw_p50_ms: float
     runner_p50_ms: float
     engine_p50_ms: float
+    worker_mean_ms: float  # in the worker process, from a window's receipt to its reply (sequential phase)
     added_p50_ms: float  # engine - raw - runner
     raw_rps: float
     engine_rps: float
@@ -68,13 +69,15 @@ def _echo(endpoint: str, ready) -> None:
     context.term()
 
 
-async def _time(send_and_wait, requests: int, concurrency: int) -> tuple[float, float]:
+async def _time(send_and_wait, requests: int, concurrency: int, after_sequential=None) -> tuple[float, float]:
     """Median sequential latency (ms) and pipelined requests per second."""
     latencies = []
     for _ in range(max(requests // 10, 20)):
         began = time.perf_counter()
         await send_and_wait()
         latencies.append((time.perf_counter() - began) * 1e3)
+    if after_sequential is not None:
+        await after_sequential()
     left = iter(range(requests))
 
     async def lane() -> None:
@@ -143,7 +146,9 @@ async def _raw(endpoint: str, item, requests: int, concurrency: int) -> tuple[fl
         context.term()
 
 
-async def _engine(endpoint: str, item, requests: int, concurrency: int) -> tuple[float, float]:
+async def _engine(endpoint: str, item, requests: int, concurrency: int) -> tuple[float, float, float]:
+    """Median sequential latency, pipelined requests per second, and the mean time the worker
+    spent per window during the sequential requests."""
     from vitserve.client import AsyncClient
 
     async with AsyncClient(endpoint) as client:
@@ -152,7 +157,16 @@ async def _engine(endpoint: str, item, requests: int, concurrency: int) -> tuple
 
         for _ in range(50):  # warm-up: first windows, slab mappings
             await send_and_wait()
-        return await _time(send_and_wait, requests, concurrency)
+        before = await client.stats()
+        sequential = {}
+
+        async def note_worker_time() -> None:
+            after = await client.stats()
+            windows = after["windows_sent"] - before["windows_sent"]
+            sequential["worker_ms"] = (after["worker_ms"] - before["worker_ms"]) / max(windows, 1)
+
+        p50, rps = await _time(send_and_wait, requests, concurrency, note_worker_time)
+        return p50, rps, sequential["worker_ms"]
 
 
 def _runner_p50_ms(model: str, device: str, window, item, threads: int | None, samples: int = 100) -> float:
@@ -226,14 +240,14 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
     runner_p50 = _runner_p50_ms(model, device, window, item, threads)
     server = _start_server(engine_endpoint, model, devices, serve_arguments)
     try:
-        engine_p50, engine_rps = _run(_engine(engine_endpoint, item, requests, concurrency))
+        engine_p50, engine_rps, worker_ms = _run(_engine(engine_endpoint, item, requests, concurrency))
     finally:
         server.terminate()
         server.wait(60)
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)
-    return Overhead(describe(item), requests, concurrency, raw_p50, runner_p50, engine_p50,
+    return Overhead(describe(item), requests, concurrency, raw_p50, runner_p50, engine_p50, worker_ms,
                     engine_p50 - raw_p50 - runner_p50, raw_rps, engine_rps)
 
 
@@ -253,6 +267,8 @@ def overhead_table(result: Overhead) -> str:
         f"{'raw':<8} {result.raw_p50_ms:>8.3f} {result.raw_rps:>9.0f}   ZeroMQ round trip of the same frames",
         f"{'runner':<8} {result.runner_p50_ms:>8.3f} {'':>9}   preprocess + encode + output copy, in process",
         f"{'engine':<8} {result.engine_p50_ms:>8.3f} {result.engine_rps:>9.0f}   vitserve serve + AsyncClient",
+        f"{'worker':<8} {result.worker_mean_ms:>8.3f} {'':>9}   mean per window in the worker process "
+        f"(receipt to reply), sequential requests",
         f"added p50 (engine - raw - runner): {result.added_p50_ms * 1e3:.0f} µs; "
         f"engine throughput {result.engine_rps / result.raw_rps:.2f}x raw",
     ])

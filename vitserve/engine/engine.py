@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq.asyncio
 
-from vitserve.ipc.messages import ArrayRef, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerReady
+from vitserve.ipc.messages import OutputRef, WorkerReady
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slab_maps import SlabReader, remove_stale_slabs
 from vitserve.ipc.slabs import SlabPool, Slot
@@ -35,11 +35,10 @@ from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
 from .errors import EngineError
 from .outputs_layout import agreed_capacities, output_layout, predictor
+from .windows import WindowTraffic
 from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
-
-LIVENESS_POLL_MS = 500  # how often an idle receive loop checks that its worker process is alive
 
 
 @dataclass(eq=False)
@@ -50,7 +49,7 @@ class _Pending:
     slots: list[tuple[int, Slot]] = field(default_factory=list)  # (worker, slot) held for this request
 
 
-class Engine:
+class Engine(WindowTraffic):
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.capacities: Capacities | None = None
@@ -62,6 +61,7 @@ class Engine:
         self._windows: dict[int, tuple[Dispatch, Slot]] = {}
         self._keys = itertools.count(1)
         self._sent = [0, 0]  # windows and items sent to workers
+        self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader()
@@ -210,6 +210,7 @@ class Engine:
             "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._pools.values())),
             "windows_sent": float(self._sent[0]),
             "items_sent": float(self._sent[1]),
+            "worker_ms": self._worker_ms,
         }
 
     def read(self, ref: OutputRef) -> np.ndarray:
@@ -257,123 +258,3 @@ class Engine:
 
     def _sync_free_rows(self, worker: int) -> None:
         self.scheduler.workers[worker].free_rows = self._pools[worker].largest_free_run() * self.layout.slot_rows
-
-    # -- the loops -----------------------------------------------------------------------------
-    async def _dispatch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._poke.clear()
-            dispatches, failures = self.scheduler.poll(loop.time())
-            for failure in failures:
-                self._fail(failure.request.key, failure.code, failure.message, failure.retry_after_ms)
-            while stalled := self.scheduler.stalled_on_memory():
-                for request in stalled:
-                    self._fail(request.key, "overloaded", "every shared-memory output row is held by results not "
-                               "yet released: release results sooner, or raise output_windows", retry_after_ms=100.0)
-            for dispatch in dispatches:
-                self._send(dispatch)
-            wakeup = self.scheduler.wakeup
-            alarm = None if wakeup is None else loop.call_at(wakeup, self._poke.set)  # cheaper than wait_for
-            await self._poke.wait()
-            if alarm is not None:
-                alarm.cancel()
-
-    def _send(self, dispatch: Dispatch) -> None:
-        loop = asyncio.get_running_loop()
-        keys = {item.request.key for item in dispatch.items}
-        if not self.scheduler.holds(dispatch.window):  # its worker was lost while this poll's windows went out
-            for key in keys:
-                self._fail(key, "worker_failed", f"worker {dispatch.worker} was lost before the window was sent")
-            return
-        pool = self._pools[dispatch.worker]
-        rows = dispatch.tokens // self.capacities.merge_factor
-        slot = pool.acquire(self.layout.slots_for(rows))
-        if slot is None:  # should not happen (the scheduler counts rows in whole slots); fail, do not stop
-            self.scheduler.window_done(dispatch.window, loop.time())
-            for key in keys:
-                self._fail(key, "overloaded", "no shared-memory output rows are free", retry_after_ms=100.0)
-            return
-        holders = keys
-        if len(holders) > 1:
-            pool.hold(slot, len(holders) - 1)
-        self._sync_free_rows(dispatch.worker)
-        self._windows[dispatch.window] = (dispatch, slot)
-        self._sent[0] += 1
-        self._sent[1] += len(dispatch.items)
-        window_items, frames = [], []
-        for item in dispatch.items:
-            admitted = self._pending[item.request.key].items[item.index]
-            array = np.ascontiguousarray(admitted.array)
-            dtype = "float32" if admitted.kind == "patches" else "uint8"
-            window_items.append(WindowItem(ArrayRef(len(frames), dtype, array.shape), admitted.kind, admitted.grid))
-            frames.append(array)
-        handle = self._handles[dispatch.worker]
-        if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset), frames):
-            self._worker_died(handle)  # no peer on the socket: the process is gone
-
-    async def _receive_loop(self, handle: WorkerHandle) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not await handle.socket.poll(timeout=LIVENESS_POLL_MS):
-                if not handle.alive():
-                    self._worker_died(handle)
-                    return
-                continue
-            message = await handle.receive()
-            match message:
-                case WindowDone(window=window, rows=rows):
-                    self._complete(window, rows, loop.time())
-                case WindowFailed(window=window, message=problem):
-                    dispatch, slot = self._windows.pop(window)
-                    self.scheduler.window_done(window, loop.time())
-                    self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
-            self._poke.set()
-
-    def _worker_died(self, handle: WorkerHandle) -> None:
-        """Fail what the dead worker held; with no worker left, fail the queue too (no request may hang).
-        (Restarting workers with fresh graphs and a new slab epoch is the next step.)"""
-        code = handle.process.exitcode if handle.process is not None else None
-        log.error("worker %d (%s) exited with code %s", handle.worker, handle.spec.device, code)
-        if not self.scheduler.workers[handle.worker].ready:
-            return  # already handled
-        for dispatch in self.scheduler.worker_lost(handle.worker):
-            sent = self._windows.pop(dispatch.window, None)
-            problem = f"worker {handle.worker} exited (code {code}) while running the window"
-            if sent is not None:
-                self._fail_window(dispatch, sent[1], problem)
-            else:
-                for key in {item.request.key for item in dispatch.items}:
-                    self._fail(key, "worker_failed", problem)
-        if not any(state.ready for state in self.scheduler.workers.values()):
-            for key in {item.request.key for item in self.scheduler.queue}:
-                self._fail(key, "worker_failed", "no worker is left to serve the request")
-        self._poke.set()
-
-    def _fail_window(self, dispatch: Dispatch, slot: Slot, problem: str) -> None:
-        for key in {item.request.key for item in dispatch.items}:
-            self._release_slot(dispatch.worker, slot)  # the window's reference for this request
-            self._fail(key, "worker_failed", problem)
-
-    def _complete(self, window: int, rows: list[int], now: float) -> None:
-        dispatch, slot = self._windows.pop(window)
-        self.scheduler.window_done(window, now)
-        merge = self.capacities.merge_factor
-        for item, first_row in zip(dispatch.items, rows):
-            pending = self._pending.get(item.request.key)
-            if pending is None:
-                continue
-            admitted = pending.items[item.index]
-            pending.outputs[item.index] = OutputRef(
-                shape=(admitted.tokens // merge, *self.layout.row_shape), dtype=self.ready.dtype, slab=slot.slab,
-                epoch=slot.epoch, offset=slot.offset + first_row * self.layout.row_bytes)
-        for key in {item.request.key for item in dispatch.items}:
-            pending = self._pending.get(key)
-            if pending is None:  # failed or cancelled while the window ran: its reference goes now
-                self._release_slot(dispatch.worker, slot)
-                continue
-            pending.slots.append((dispatch.worker, slot))
-            request_items = [i for i in dispatch.items if i.request.key == key]
-            request = request_items[0].request
-            request.unfinished -= len(request_items)
-            if request.unfinished == 0 and not pending.future.done():
-                pending.future.set_result(list(pending.outputs))

@@ -4,7 +4,8 @@ Each client connection is a ROUTER identity. Messages are decoded with one typed
 anything that is not a valid message gets an `error` reply with a code, and the connection
 stays usable. An encode request is admitted and queued at once; the reply goes out from its
 future's callback, so a slow window never blocks other clients. Outputs stay leased until the
-client sends `release` (inline outputs are copied into the reply and released at once).
+client sends `release` (inline outputs are copied into the reply and released at once), or
+until the client's process is seen to have exited (local clients that named their process).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import zmq
 
 from vitserve.ipc.burst import BurstSocket
+from vitserve.ipc.peers import process_start, still_running
 from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array, server_codec
 from vitserve.ipc.messages import (
     PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
@@ -27,6 +29,8 @@ from .errors import EngineError
 
 log = logging.getLogger(__name__)
 
+CLIENT_CHECK_S = 1.0  # how often the processes of clients holding results are checked
+
 
 class Frontend:
     def __init__(self, engine: Engine, endpoint: str):
@@ -34,6 +38,7 @@ class Frontend:
         self.endpoint = endpoint
         self._codec = server_codec()
         self._active: dict[tuple[bytes, int], int] = {}  # (client, request id) -> engine key
+        self._processes: dict[bytes, tuple[int, int]] = {}  # client -> (pid, start time), where verified
         self._context = zmq.Context()
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
@@ -44,6 +49,7 @@ class Frontend:
 
     async def serve(self) -> None:
         """Answer messages until cancelled."""
+        watcher = asyncio.ensure_future(self._watch_clients())
         try:
             while True:
                 for identity, *frames in await self.socket.receive():
@@ -53,6 +59,7 @@ class Frontend:
                         log.exception("a message could not be handled")
                         self._send(identity.bytes, Error(None, "protocol", f"the message could not be handled: {err}"))
         finally:
+            watcher.cancel()
             self.socket.close()
             self._context.term()
 
@@ -63,7 +70,9 @@ class Frontend:
             self._send(client, Error(None, err.code, str(err)))
             return
         match message:
-            case Hello(version=version):
+            case Hello(version=version, pid=pid, pid_start=pid_start):
+                if pid > 0 and pid_start > 0 and process_start(pid) == pid_start:
+                    self._processes[client] = (pid, pid_start)
                 if version != PROTOCOL_VERSION:
                     self._send(client, Error(None, "protocol", f"protocol version {version} is not supported; "
                                                                f"this engine speaks version {PROTOCOL_VERSION}"))
@@ -138,6 +147,19 @@ class Frontend:
         self._active.pop(request, None)
         self.engine.release(key)
         self._send(client, Result(message.id, inline), frames)
+
+    async def _watch_clients(self) -> None:
+        """Release what clients whose process exited still hold (and cancel what they still wait for)."""
+        while True:
+            await asyncio.sleep(CLIENT_CHECK_S)
+            gone = {client for client, process in self._processes.items() if not still_running(*process)}
+            if not gone:
+                continue
+            for request in [request for request in self._active if request[0] in gone]:
+                self.engine.release(self._active.pop(request))
+            for client in gone:
+                del self._processes[client]
+            log.info("released the requests of %d client(s) whose process exited", len(gone))
 
     def _error(self, client: bytes, request_id: int | None, code: str, text: str, retry: float | None = None) -> None:
         self.counters["errors"] += 1

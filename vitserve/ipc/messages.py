@@ -65,6 +65,8 @@ class OutputRef(msgspec.Struct, frozen=True):
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
     version: int
     client: str = ""
+    pid: int = 0  # a local client's process and its start time (clock ticks since boot), so the
+    pid_start: int = 0  # engine can take back its slots when it exits; 0: not given
 
 
 class Encode(msgspec.Struct, frozen=True, tag="encode"):
@@ -154,6 +156,7 @@ class RunWindow(msgspec.Struct, frozen=True, tag="run_window"):
 class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
     window: int
     rows: list[int]  # first output row of each item inside the slot, in the window's order
+    worker_ms: float = 0.0  # from the worker's receipt of the window to its reply (diagnostics)
 
 
 class WindowFailed(msgspec.Struct, frozen=True, tag="window_failed"):

@@ -3,7 +3,8 @@ against the runner's capacities, deadline-aware flushing and dispatch to workers
 
 from .config import POLICIES, SchedulerConfig
 from .queue import QueuedItem, Request, RequestQueue
-from .scheduler import Dispatch, Failure, Predictor, Scheduler, WorkerState, deadline_at
+from .scheduler import Scheduler, deadline_at
+from .state import Dispatch, Failure, Predictor, WorkerState
 
 __all__ = [
     "POLICIES",

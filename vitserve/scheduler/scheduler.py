@@ -16,68 +16,25 @@ the budget, item and sequence capacities. Under the `deadline` policy it leaves 
 and it goes to the worker that is predicted to finish it first. Waiting while the workers
 are busy is what makes windows large; the deadline and idle rules bound what it costs.
 
-Two things are learned per worker from completions. Its scale: observed over modelled time of
-windows that queued behind another (from the previous completion to theirs: processing alone,
-preprocessing included, which the capture-time model leaves out). And its overhead: what a
-window sent to an idle worker takes beyond that (messages, uploads, host work before the device
-starts). Windows for a busy worker leave early enough to hide the overhead; the margin is
-`margin_ms` plus `margin_fraction` of the prediction, as errors grow with the window.
+Predictions are the cost model times each worker's learned scale, plus its learned overhead
+for a worker that is idle (learning.py); windows for a busy worker leave early enough to hide
+the overhead. The margin is `margin_ms` plus `margin_fraction` of the prediction, as errors
+grow with the window.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vitserve.workers import Capacities
 
 from .config import SchedulerConfig
+from .learning import learn_from_completion
 from .queue import QueuedItem, Request, RequestQueue
+from .state import Dispatch, Failure, WorkerState
 
 MAX_REMEMBERED_SHAPES = 4096  # item shapes whose predicted time is kept
-SCALE_LEARNING_RATE = 0.1  # weight of each completed window in a worker's learned scale and overhead
-SCALE_BOUNDS = (0.5, 4.0)  # a learned scale outside these means a broken cost model, not noise
-MAX_OVERHEAD_MS = 1000.0
-
-# (patch tokens, attention sequences, sum of squared segment lengths) -> predicted milliseconds
-Predictor = Callable[[int, int, int], float]
-
-
-@dataclass(eq=False)
-class WorkerState:
-    id: int
-    predict: Predictor
-    ready: bool = True
-    free_rows: int = 1 << 62  # output rows it can still lease in shared memory; a window needs tokens / merge²
-    row_granularity: int = 1  # rows are leased in slots of this many: a window needs whole slots
-    busy_until: float = 0.0  # predicted end of its in-flight windows, scheduler clock seconds
-    in_flight: dict[int, float] = field(default_factory=dict)  # window id -> predicted ms
-    scale: float = 1.0  # observed / modelled processing time, learned from completions
-    overhead_ms: float = 0.0  # learned latency of a window sent to an idle worker, beyond its processing
-    last_done: float = -math.inf  # when its latest window completed
-
-    def predicted_ms(self, tokens: int, sequences: int, square_tokens: int) -> float:
-        return self.predict(tokens, sequences, square_tokens) * self.scale
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    window: int
-    worker: int
-    items: list[QueuedItem]
-    tokens: int
-    predicted_ms: float
-    modelled_ms: float  # the cost model's figure, before the worker's learned scale
-
-
-@dataclass(frozen=True)
-class Failure:
-    request: Request
-    code: str  # an ErrorCode of the wire protocol
-    message: str
-    retry_after_ms: float | None = None
-
 
 @dataclass
 class _Candidate:
@@ -140,14 +97,8 @@ class Scheduler:
         worker = self.workers[dispatch.worker]
         worker.in_flight.pop(window, None)
         sent_at, queued = self._sent_at.pop(window)
-        if self.config.learn_costs and dispatch.modelled_ms > 0:
-            if queued and worker.last_done > sent_at:  # it waited for the previous window: processing alone
-                ratio = (now - worker.last_done) * 1e3 / dispatch.modelled_ms
-                worker.scale += SCALE_LEARNING_RATE * (min(max(ratio, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]) - worker.scale)
-            else:  # sent to an idle worker: its latency is overhead plus processing
-                extra = (now - sent_at) * 1e3 - dispatch.modelled_ms * worker.scale
-                extra = min(max(extra, 0.0), MAX_OVERHEAD_MS)
-                worker.overhead_ms += SCALE_LEARNING_RATE * (extra - worker.overhead_ms)
+        if self.config.learn_costs:
+            learn_from_completion(worker, dispatch.modelled_ms, sent_at, queued, now)
         worker.last_done = now
         worker.busy_until = now + sum(worker.in_flight.values()) / 1e3
         return dispatch

@@ -104,6 +104,7 @@ class Running:
     window: int
     result: EncodeResult | None
     failure: str = ""
+    received: float = 0.0  # time.perf_counter() when the window's message arrived
 
     def finished(self) -> bool:
         return self.result is None or self.result.done is None or self.result.done.query()
@@ -116,7 +117,8 @@ class Running:
         except Exception as err:  # an asynchronous CUDA error surfaces here
             log.exception("window %d failed", self.window)
             return WindowFailed(self.window, f"{type(err).__name__}: {err}")
-        return WindowDone(self.window, [item.offset for item in self.result.items])
+        return WindowDone(self.window, [item.offset for item in self.result.items],
+                          (time.perf_counter() - self.received) * 1e3)
 
 
 class Worker:
@@ -147,11 +149,12 @@ class Worker:
 
     def start(self, message: RunWindow, frames: list[memoryview]) -> Running:
         """Queue the window's work on the device without waiting for it."""
+        received = time.perf_counter()
         try:
-            return Running(message.window, self._encode(message, frames))
+            return Running(message.window, self._encode(message, frames), received=received)
         except Exception as err:  # the window fails, the worker goes on
             log.exception("window %d failed", message.window)
-            return Running(message.window, None, f"{type(err).__name__}: {err}")
+            return Running(message.window, None, f"{type(err).__name__}: {err}", received)
 
     @torch.inference_mode()
     def _encode(self, message: RunWindow, frames: list[memoryview]) -> EncodeResult:
