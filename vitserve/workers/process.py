@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # Windows queued on the device ahead of their replies: the host prepares the next window while
 # the GPU runs the current one. (The engine keeps a matching number in flight per worker.)
 MAX_RUNNING = 2
+# While windows run on the device, the loop sleeps this long between checks for a new window and
+# for the oldest one's completion (ZeroMQ polls in whole milliseconds). Blocking on the oldest
+# instead would leave a window that arrives meanwhile unprepared until the device is idle: a
+# bubble of host work in every window.
+RUNNING_POLL_S = 100e-6
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,8 +86,11 @@ def worker_main(spec: WorkerSpec) -> None:
     while True:
         while running and running[0].finished():
             socket.send(encoder.encode(running.popleft().reply()))
-        if running and (len(running) >= MAX_RUNNING or not socket.poll(0)):
-            socket.send(encoder.encode(running.popleft().reply()))  # nothing new to queue: wait for the oldest
+        if len(running) >= MAX_RUNNING:
+            socket.send(encoder.encode(running.popleft().reply()))  # full: wait for the oldest
+            continue
+        if running and not socket.poll(0):
+            time.sleep(RUNNING_POLL_S)  # nothing new yet: check the oldest again shortly
             continue
         message, frames = codec.decode(socket.recv_multipart(copy=False))
         match message:
