@@ -237,3 +237,16 @@ def test_slots_of_a_client_that_exits_without_releasing_come_back(server):
                 break
             time.sleep(0.1)
         assert watcher.stats()["slots_leased"] == 0
+
+
+def test_an_abandoned_stats_query_does_not_block_later_ones(server):
+    endpoint, _ = server
+
+    async def run() -> dict:
+        async with AsyncClient(endpoint) as client:
+            abandoned = asyncio.ensure_future(client.stats())
+            await asyncio.sleep(0)  # sent; its reply has not come yet
+            abandoned.cancel()
+            return await asyncio.wait_for(client.stats(), 10)
+
+    assert "slots_leased" in asyncio.run(run())

@@ -122,3 +122,14 @@ def test_early_failure_counts_the_learned_scale_and_overhead():
     assert failure is not None and failure.code == "deadline_exceeded"
     ok = scheduler.submit(req(2, (MAX_BUDGET, 1), deadline=(2 * FULL_MS + 3.5) / 1e3), 0.0)
     assert ok is None
+
+
+def test_failed_or_unsent_windows_teach_nothing():
+    """A window that failed (or never left) ends at once: timing it would drag the overhead to zero."""
+    worker = WorkerState(0, cost, scale=1.5, overhead_ms=4.0)
+    scheduler = make(worker, learn_costs=True)
+    submit_ok(scheduler, req(1, (MAX_BUDGET, 1)))
+    (dispatch,), _ = scheduler.poll(0.0)
+    scheduler.window_done(dispatch.window, 0.0001, learn=False)
+    assert (worker.scale, worker.overhead_ms, worker.last_done) == (1.5, 4.0, float("-inf"))
+    assert worker.in_flight == {}

@@ -119,7 +119,11 @@ class AsyncClient:
         """The engine's counters: requests, results, errors, queued items, open requests, leased slots..."""
         future = self._loop.create_future()
         self._stats.append(future)
-        await self._socket.send(self._codec.encode(StatsQuery()))
+        try:
+            await self._socket.send(self._codec.encode(StatsQuery()))
+        except BaseException:  # not sent: no reply will come for it
+            self._stats.remove(future)
+            raise
         return await future
 
     def _releaser(self, request_id: int):
@@ -157,9 +161,10 @@ class AsyncClient:
             message, arrays = self._codec.decode(frames)
         except ProtocolError:
             return  # not ours to answer; the engine only sends valid messages
-        if isinstance(message, Stats):
-            if self._stats and not self._stats[0].done():
-                self._stats.pop(0).set_result(dict(message.values))
+        if isinstance(message, Stats):  # one reply per query, in order (its caller may have given up)
+            future = self._stats.pop(0) if self._stats else None
+            if future is not None and not future.done():
+                future.set_result(dict(message.values))
             return
         request_id = getattr(message, "id", None)
         future = self._waiting.get(request_id)

@@ -152,14 +152,21 @@ class Frontend:
         """Release what clients whose process exited still hold (and cancel what they still wait for)."""
         while True:
             await asyncio.sleep(CLIENT_CHECK_S)
-            gone = {client for client, process in self._processes.items() if not still_running(*process)}
-            if not gone:
-                continue
-            for request in [request for request in self._active if request[0] in gone]:
-                self.engine.release(self._active.pop(request))
-            for client in gone:
-                del self._processes[client]
-            log.info("released the requests of %d client(s) whose process exited", len(gone))
+            try:
+                self._release_exited_clients()
+            except Exception:  # the watch must go on: it is what frees an exited client's slots
+                log.exception("checking client processes failed")
+
+    def _release_exited_clients(self) -> None:
+        exited = {process for process in set(self._processes.values()) if not still_running(*process)}
+        if not exited:
+            return
+        gone = {client for client, process in self._processes.items() if process in exited}
+        for request in [request for request in self._active if request[0] in gone]:
+            self.engine.release(self._active.pop(request))
+        for client in gone:
+            del self._processes[client]
+        log.info("released the requests of %d connection(s) of %d exited process(es)", len(gone), len(exited))
 
     def _error(self, client: bytes, request_id: int | None, code: str, text: str, retry: float | None = None) -> None:
         self.counters["errors"] += 1

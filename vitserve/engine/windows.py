@@ -55,7 +55,7 @@ class WindowTraffic:
         rows = dispatch.tokens // self.capacities.merge_factor
         slot = pool.acquire(self.layout.slots_for(rows))
         if slot is None:  # should not happen (the scheduler counts rows in whole slots); fail, do not stop
-            self.scheduler.window_done(dispatch.window, loop.time())
+            self.scheduler.window_done(dispatch.window, loop.time(), learn=False)
             for key in keys:
                 self._fail(key, "overloaded", "no shared-memory output rows are free", retry_after_ms=100.0)
             return
@@ -92,7 +92,7 @@ class WindowTraffic:
                     self._complete(window, rows, loop.time())
                 case WindowFailed(window=window, message=problem):
                     dispatch, slot = self._windows.pop(window)
-                    self.scheduler.window_done(window, loop.time())
+                    self.scheduler.window_done(window, loop.time(), learn=False)
                     self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
             self._poke.set()
 

@@ -81,7 +81,9 @@ class BurstSocket:
     # -- waiting -----------------------------------------------------------------------------
     async def _until(self, event: int) -> None:
         """Return once the socket may have `event` (callers retry; a spurious wake is harmless)."""
-        if self.socket.get(zmq.EVENTS) & event:
+        events = self.socket.get(zmq.EVENTS)  # this read may consume a signal other waiters need:
+        self._wake(events)  # pass it on before sleeping
+        if events & event:
             return
         loop = asyncio.get_running_loop()
         if self._loop is None:

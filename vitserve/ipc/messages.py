@@ -14,7 +14,7 @@ from typing import Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: release carries a list of ids
 
 # What a request can end with, besides a result (DESIGN.md, failure model). `protocol` is for
 # messages that cannot be understood at all (undecodable, wrong version, bad frames).

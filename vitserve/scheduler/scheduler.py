@@ -91,15 +91,17 @@ class Scheduler:
         self.queue.remove(items)
         return bool(items)
 
-    def window_done(self, window: int, now: float) -> Dispatch:
-        """A window finished: free its worker's place, learn from its service time; returns what it held."""
+    def window_done(self, window: int, now: float, learn: bool = True) -> Dispatch:
+        """A window finished: free its worker's place, learn from its service time (unless it failed
+        or was never sent: `learn=False`); returns what it held."""
         dispatch = self._dispatched.pop(window)
         worker = self.workers[dispatch.worker]
         worker.in_flight.pop(window, None)
         sent_at, queued = self._sent_at.pop(window)
-        if self.config.learn_costs:
+        if learn and self.config.learn_costs:
             learn_from_completion(worker, dispatch.modelled_ms, sent_at, queued, now)
-        worker.last_done = now
+        if learn:
+            worker.last_done = now
         worker.busy_until = now + sum(worker.in_flight.values()) / 1e3
         return dispatch
 
