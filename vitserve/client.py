@@ -99,7 +99,11 @@ class AsyncClient:
         future = self._loop.create_future()
         self._waiting[request_id] = future
         message = Encode(request_id, wire_items, deadline_ms, priority, self.inline)
-        await self._socket.send(self._codec.encode(message, frames))
+        try:
+            await self._socket.send(self._codec.encode(message, frames))
+        except BaseException:  # not sent: nothing to cancel at the engine
+            self._waiting.pop(request_id, None)
+            raise
         try:
             reply, reply_frames = await future
         except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
@@ -170,9 +174,9 @@ class AsyncClient:
         future = self._waiting.get(request_id)
         if future is not None and not future.done():
             future.set_result((message, arrays))
-        elif isinstance(message, Result) and request_id in self._cancelled:  # finished before the cancel
+        elif request_id in self._cancelled:  # the one reply to a request given up on
             self._cancelled.discard(request_id)
-            if not self.inline:
+            if isinstance(message, Result) and not self.inline:  # it finished before the cancel
                 self._send_release(request_id)
         elif isinstance(message, Error) and request_id is None:
             for waiting in self._waiting.values():  # an error about a message we sent, not a request
