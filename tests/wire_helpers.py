@@ -7,6 +7,10 @@ from contextlib import contextmanager
 import pytest
 
 from vitserve.ipc.codec import ProtocolError
+from vitserve.ipc.messages import Cancel, Encode, HealthQuery, Hello, Release, StatsQuery
+
+CLIENT_TYPES = (Hello, Encode, Cancel, Release, StatsQuery, HealthQuery)  # what a server may receive
+
 
 def on_the_wire(frames: list) -> list[bytes]:
     """What the peer receives: every frame as plain bytes."""

@@ -1,0 +1,76 @@
+"""The wire protocol under fuzzing: random bytes and random msgpack values decode to one of the
+client messages or fail with a ProtocolError, never anything else."""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wire_helpers import CLIENT_TYPES, raises_protocol
+
+from vitserve.engine.frontend import _items
+from vitserve.ipc.codec import WIRE_DTYPES, ProtocolError, server_codec
+
+_TAGS = ["hello", "encode", "cancel", "release", "stats", "health", "image", "video", "patches",
+         "welcome", "result", "error", "stats_reply", "health_reply", "run_window", "shutdown"]
+_FIELDS = ["type", "version", "client", "id", "items", "deadline_ms", "priority", "inline", "pixels", "frames",
+           "pixel_values", "grid_thw", "frame", "dtype", "shape"]
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+    | st.sampled_from(_TAGS + list(WIRE_DTYPES))
+)
+_keys = st.sampled_from(_FIELDS) | st.text(max_size=8)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(_keys, children, max_size=6),
+    max_leaves=30,
+)
+
+
+@st.composite
+def _maps_or_lists(draw):
+    value = draw(_values)
+    if draw(st.booleans()):
+        value = draw(st.dictionaries(_keys, _values, max_size=6))
+        if draw(st.integers(0, 3)):
+            value["type"] = draw(st.sampled_from(_TAGS))
+    return value
+
+
+def _assert_decodes_or_protocol_error(header: bytes) -> None:
+    try:
+        message, arrays = server_codec().decode([header])
+    except ProtocolError as err:
+        assert err.code == "protocol" and err.request_id is None and str(err)
+    else:
+        assert isinstance(message, CLIENT_TYPES)
+        assert arrays == []
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=256))
+def test_fuzz_random_bytes(header):
+    _assert_decodes_or_protocol_error(header)
+
+
+@settings(max_examples=2000, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_maps_or_lists())
+def test_fuzz_msgpack_values(value):
+    _assert_decodes_or_protocol_error(msgspec.msgpack.encode(value))
+
+
+def test_items_overflowing_shape_is_invalid_input():
+    header = msgspec.msgpack.encode(
+        {"type": "encode", "id": 9, "items": [
+            {"type": "image", "pixels": {"frame": 0, "dtype": "uint8", "shape": [2**32, 2**32, 3]}}]})
+    message, arrays = server_codec().decode([header, b""])
+    with raises_protocol("invalid_input", request_id=9):
+        _items(message, arrays)
