@@ -60,7 +60,8 @@ class Engine(WindowTraffic):
         self._pending: dict[int, _Pending] = {}
         self._windows: dict[int, tuple[Dispatch, Slot]] = {}
         self._keys = itertools.count(1)
-        self._sent = [0, 0]  # windows and items sent to workers
+        self._windows_sent = 0
+        self._items_sent = 0
         self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
@@ -208,8 +209,8 @@ class Engine(WindowTraffic):
             "requests_open": float(len(self._pending)),
             "windows_in_flight": float(len(self._windows)),
             "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._pools.values())),
-            "windows_sent": float(self._sent[0]),
-            "items_sent": float(self._sent[1]),
+            "windows_sent": float(self._windows_sent),
+            "items_sent": float(self._items_sent),
             "worker_ms": self._worker_ms,
         }
 

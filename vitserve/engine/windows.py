@@ -59,13 +59,12 @@ class WindowTraffic:
             for key in keys:
                 self._fail(key, "overloaded", "no shared-memory output rows are free", retry_after_ms=100.0)
             return
-        holders = keys
-        if len(holders) > 1:
-            pool.hold(slot, len(holders) - 1)
+        if len(keys) > 1:  # one reference per request with items in the window
+            pool.hold(slot, len(keys) - 1)
         self._sync_free_rows(dispatch.worker)
         self._windows[dispatch.window] = (dispatch, slot)
-        self._sent[0] += 1
-        self._sent[1] += len(dispatch.items)
+        self._windows_sent += 1
+        self._items_sent += len(dispatch.items)
         window_items, frames = [], []
         for item in dispatch.items:
             admitted = self._pending[item.request.key].items[item.index]
