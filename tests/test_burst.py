@@ -57,3 +57,23 @@ def test_a_waiter_reading_the_events_passes_on_a_signal_meant_for_another(tmp_pa
             context.term()
 
     assert asyncio.run(run()) == b"hello"
+
+
+def test_receive_with_a_timeout_returns_nothing_then_still_receives(tmp_path):
+    async def run() -> tuple[list, float, list]:
+        context, ours, peer = pair(tmp_path)
+        try:
+            began = time.perf_counter()
+            empty = await ours.receive(timeout_s=0.05)
+            waited = time.perf_counter() - began
+            asyncio.get_running_loop().call_later(0.02, peer.send, b"late")
+            burst = await ours.receive(timeout_s=5.0)
+            return empty, waited, [frames[0].bytes for frames in burst]
+        finally:
+            ours.close()
+            peer.close(0)
+            context.term()
+
+    empty, waited, late = asyncio.run(run())
+    assert empty == [] and 0.04 <= waited < 1.0
+    assert late == [b"late"]

@@ -193,3 +193,16 @@ def test_max_delay_policy_ignores_deadline_pressure():
     submit_ok(scheduler, req(1, (100, 1), deadline=0.002))
     assert scheduler.poll(0.0) == ([], [])
     assert scheduler.wakeup == 0.005
+
+
+def test_switching_a_live_scheduler_to_immediate_sends_what_the_deadline_policy_held():
+    worker = WorkerState(0, cost, busy_until=10.0)
+    scheduler = make(worker, in_flight_per_worker=2)
+    submit_ok(scheduler, req(1, (4, 1), deadline=100.0))
+    assert scheduler.poll(0.0) == ([], [])  # deadline policy: the busy worker lets the window grow
+    scheduler.use_policy("immediate")
+    assert [ids(d) for d in scheduler.poll(0.0)[0]] == [[(1, 0)]]
+    scheduler.use_policy("max_delay", max_delay_ms=7.0)
+    assert (scheduler.config.policy, scheduler.config.max_delay_ms) == ("max_delay", 7.0)
+    with pytest.raises(ValueError, match="unknown"):
+        scheduler.use_policy("fastest")

@@ -1,6 +1,5 @@
 """Load through the real engine: closed loop (a fixed number of requests outstanding) and open
-loop (Poisson arrivals at a given rate), and the comparison of flush policies on the same
-arrivals.
+loop (Poisson arrivals at a given rate).
 
 A request counts toward goodput when it returns a result within its deadline; a result
 after the deadline and a `deadline_exceeded` error are both misses. Every request ends
@@ -10,7 +9,6 @@ exactly once, so completed + errors always equals sent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import statistics
 import time
@@ -111,49 +109,3 @@ async def open_loop(encode: Encode, requests: Sequence[Sequence[np.ndarray]], ar
     await asyncio.gather(*tasks)
     result.seconds = time.perf_counter() - began
     return result
-
-
-async def compare_policies(make_engine, requests: Sequence[Sequence[np.ndarray]], load: float, seconds: float,
-                           deadline_ms: float, policies: Sequence[str], saturation_requests: int = 400,
-                           seed: int = 0) -> dict:
-    """Measure saturation once (closed loop), then run the same Poisson arrivals at `load` x saturation
-    through an engine per policy. `make_engine(policy)` returns an Engine (not started)."""
-    async with make_engine(policies[0]) as engine:
-        await closed_loop(lambda items, d: engine.encode(items, d), requests, 64, 16)  # warm-up
-        saturation = await closed_loop(lambda items, d: engine.encode(items, d), requests, saturation_requests, 64,
-                                       label="saturation")
-    rate = load * saturation.completed / saturation.seconds
-    arrivals = poisson_arrivals(rate, seconds, seed)
-    rows = []
-    for policy in policies:
-        async with make_engine(policy) as engine:
-            await closed_loop(lambda items, d: engine.encode(items, d), requests, 32, 8)  # warm-up
-            before = engine.stats()
-            result = await open_loop(lambda items, d: engine.encode(items, d), requests, arrivals, deadline_ms,
-                                     label=policy)
-            after = engine.stats()
-        windows = after["windows_sent"] - before["windows_sent"]
-        rows.append(result.row() | {"windows": windows,
-                                    "items_per_window": (after["items_sent"] - before["items_sent"]) / max(windows, 1),
-                                    "scales": [s.scale for s in engine.scheduler.workers.values()]})
-    return {"saturation_rps": saturation.completed / saturation.seconds, "rate_rps": rate, "load": load,
-            "deadline_ms": deadline_ms, "arrivals": len(arrivals), "policies": rows}
-
-
-def policy_table(report: dict) -> str:
-    lines = [f"open loop at {report['load']:.0%} of saturation ({report['saturation_rps']:.1f} req/s): "
-             f"{report['rate_rps']:.1f} req/s, {report['arrivals']} arrivals, deadline {report['deadline_ms']:.0f} ms",
-             f"{'policy':<10} {'sent':>6} {'done':>6} {'miss %':>7} {'goodput/s':>10} {'img/s':>8} {'p50 ms':>8} "
-             f"{'p99 ms':>8} {'items/win':>9} {'scale':>6}  errors"]
-    for row in report["policies"]:
-        lines.append(f"{row['label']:<10} {row['sent']:>6} {row['completed']:>6} {row['miss_pct']:>7.2f} "
-                     f"{row['goodput_rps']:>10.1f} {row['images_per_s']:>8.1f} {row['p50_ms']:>8.1f} "
-                     f"{row['p99_ms']:>8.1f} {row['items_per_window']:>9.1f} "
-                     f"{max(row['scales']):>6.2f}  {row['errors'] or ''}")
-    return "\n".join(lines)
-
-
-def with_policy(config, policy: str, max_delay_ms: float):
-    """The engine config with the scheduler's policy replaced."""
-    scheduler = dataclasses.replace(config.scheduler, policy=policy, max_delay_ms=max_delay_ms)
-    return dataclasses.replace(config, scheduler=scheduler)

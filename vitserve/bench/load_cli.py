@@ -7,7 +7,8 @@ import asyncio
 import json
 import sys
 
-from .load import closed_loop, compare_policies, open_loop, poisson_arrivals, policy_table, with_policy
+from .load import closed_loop, open_loop, poisson_arrivals
+from .policies import compare_policies, policy_table
 from .workloads import make_requests
 
 REQUEST_POOL = 32  # distinct requests per workload, sent round-robin (making large images is slow)
@@ -18,16 +19,20 @@ def run(args: argparse.Namespace, window) -> int:
         return _overhead(args, window)
     requests = [r for name in args.workloads.split(",") for r in make_requests(name, REQUEST_POOL)]
     if args.compare_policies:
+        if args.rounds < 1:
+            return fail(f"--rounds must be at least 1, got {args.rounds}")
         from vitserve.engine import Engine, EngineConfig
 
-        base = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), window=window,
-                            output_windows=args.output_windows)
+        config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), window=window,
+                              output_windows=args.output_windows)
 
-        def make_engine(policy: str) -> Engine:
-            return Engine(with_policy(base, policy, args.max_delay_ms))
+        async def compare() -> dict:
+            async with Engine(config) as engine:
+                return await compare_policies(engine, requests, args.load, args.duration, args.deadline_ms,
+                                              ("deadline", "immediate", "max_delay"), args.max_delay_ms,
+                                              rounds=args.rounds)
 
-        report = asyncio.run(compare_policies(make_engine, requests, args.load, args.duration, args.deadline_ms,
-                                              ("deadline", "immediate", "max_delay")))
+        report = asyncio.run(compare())
         print(policy_table(report))
     else:
         report = asyncio.run(_against_endpoint(args, requests))
@@ -88,8 +93,8 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     load.add_argument("--duration", type=float, default=20.0, help="open loop: seconds of arrivals")
     load.add_argument("--deadline-ms", type=float, default=200.0)
     load.add_argument("--compare-policies", action="store_true",
-                      help="deadline-aware vs immediate vs max-delay flushing on the same Poisson arrivals, each "
-                           "through an embedded engine on --devices")
+                      help="deadline-aware vs immediate vs max-delay flushing on the same Poisson arrivals, "
+                           "interleaved on one embedded engine on --devices (--duration of arrivals per policy)")
     load.add_argument("--overhead", action="store_true",
                       help="single-image requests through `vitserve serve` on --devices against a raw ZeroMQ round "
                            "trip and the runner alone, in one run (--requests, --concurrency, --image-side)")
@@ -99,6 +104,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     load.add_argument("--devices", default="cuda:0",
                       help="with --compare-policies or --overhead: comma-separated torch devices")
     load.add_argument("--load", type=float, default=0.8, help="with --compare-policies: fraction of saturation")
+    load.add_argument("--rounds", type=int, default=4,
+                      help="with --compare-policies: arrival sequences, each played once per policy (--duration "
+                           "is split among them)")
     load.add_argument("--max-delay-ms", type=float, default=5.0, help="the max_delay policy's wait")
     load.add_argument("--output-windows", type=int, default=16)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import zmq.asyncio
+import zmq
 
 from vitserve.ipc.messages import OutputRef, WorkerReady
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
@@ -67,7 +67,7 @@ class Engine(WindowTraffic):
         self._poke = asyncio.Event()
         self._reader = SlabReader()
         self._closing = False
-        self._context: zmq.asyncio.Context | None = None
+        self._context: zmq.Context | None = None
         self._socket_dir: str | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class Engine(WindowTraffic):
         if removed:
             log.warning("removed %d shared-memory slabs left by a crashed engine", len(removed))
         config = self.config
-        self._context = zmq.asyncio.Context()
+        self._context = zmq.Context()
         self._socket_dir = tempfile.mkdtemp(prefix="vitserve-")
         for worker, device in enumerate(config.devices):
             spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}", model=config.model,

@@ -20,7 +20,7 @@ from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-LIVENESS_POLL_MS = 500  # how often an idle receive loop checks that its worker process is alive
+LIVENESS_POLL_S = 0.5  # how often an idle receive loop checks that its worker process is alive
 
 
 class WindowTraffic:
@@ -79,21 +79,21 @@ class WindowTraffic:
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not await handle.socket.poll(timeout=LIVENESS_POLL_MS):
-                if not handle.alive():
-                    self._worker_died(handle)
-                    return
-                continue
-            message = await handle.receive()
-            match message:
-                case WindowDone(window=window, rows=rows, worker_ms=worker_ms):
-                    self._worker_ms += worker_ms
-                    self._complete(window, rows, loop.time())
-                case WindowFailed(window=window, message=problem):
-                    dispatch, slot = self._windows.pop(window)
-                    self.scheduler.window_done(window, loop.time(), learn=False)
-                    self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
-            self._poke.set()
+            messages = await handle.receive(LIVENESS_POLL_S)
+            if not messages and not handle.alive():
+                self._worker_died(handle)
+                return
+            for message in messages:
+                match message:
+                    case WindowDone(window=window, rows=rows, worker_ms=worker_ms):
+                        self._worker_ms += worker_ms
+                        self._complete(window, rows, loop.time())
+                    case WindowFailed(window=window, message=problem):
+                        dispatch, slot = self._windows.pop(window)
+                        self.scheduler.window_done(window, loop.time(), learn=False)
+                        self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
+            if messages:
+                self._poke.set()
 
     def _worker_died(self, handle: WorkerHandle) -> None:
         """Fail what the dead worker held; with no worker left, fail the queue too (no request may hang).

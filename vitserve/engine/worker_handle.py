@@ -9,8 +9,8 @@ import multiprocessing
 
 import msgspec
 import zmq
-import zmq.asyncio
 
+from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import Codec, ProtocolError
 from vitserve.ipc.messages import FromWorker, Shutdown, WorkerReady, WorkerStartFailed
 from vitserve.workers.process import WorkerSpec, worker_main
@@ -18,7 +18,7 @@ from vitserve.workers.process import WorkerSpec, worker_main
 log = logging.getLogger(__name__)
 
 
-STARTUP_POLL_MS = 200  # how often start-up checks that the process is still alive
+STARTUP_POLL_S = 0.2  # how often start-up checks that the process is still alive
 
 
 class WorkerStartError(RuntimeError):
@@ -26,12 +26,13 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerHandle:
-    def __init__(self, spec: WorkerSpec, context: zmq.asyncio.Context):
+    def __init__(self, spec: WorkerSpec, context: zmq.Context):
         self.spec = spec
         self.worker = spec.worker
-        self.socket = context.socket(zmq.PAIR)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(spec.endpoint)
+        socket = context.socket(zmq.PAIR)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(spec.endpoint)
+        self.socket = BurstSocket(socket)
         self.process: multiprocessing.process.BaseProcess | None = None
         self.ready: WorkerReady | None = None
         self._encoder = msgspec.msgpack.Encoder()
@@ -44,7 +45,12 @@ class WorkerHandle:
         self.process.start()
         where = f"worker {self.worker} ({self.spec.model} on {self.spec.device})"
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not await self.socket.poll(timeout=STARTUP_POLL_MS):
+        while True:
+            try:
+                frames = await self.socket.receive_one(STARTUP_POLL_S)
+                break
+            except asyncio.TimeoutError:
+                pass
             if not self.process.is_alive():
                 raise WorkerStartError(f"{where} exited with code {self.process.exitcode} before it was ready; "
                                        f"see its log above")
@@ -52,7 +58,7 @@ class WorkerHandle:
                 self.kill()
                 raise WorkerStartError(f"{where} was not ready within {timeout_s:.0f} s (loading and graph "
                                        f"capture); raise startup_timeout_s or check the device")
-        message = await self.receive()
+        message = self.decode(frames)
         match message:
             case WorkerReady():
                 self.ready = message
@@ -64,20 +70,19 @@ class WorkerHandle:
         raise WorkerStartError(f"{where} sent {type(message).__name__} instead of its readiness report")
 
     async def send(self, message: msgspec.Struct, frames: list) -> None:
-        await self.socket.send_multipart([self._encoder.encode(message), *frames], copy=False)
+        await self.socket.send([self._encoder.encode(message), *frames])
 
     def send_now(self, message: msgspec.Struct, frames: list) -> bool:
         """Send without waiting; False when the worker's end of the socket is gone (a PAIR socket
         without a peer would block forever; the engine keeps far fewer messages in flight than
         its high-water mark, so a full queue means a dead peer)."""
-        try:
-            self.socket.send_multipart([self._encoder.encode(message), *frames], copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
+        return self.socket.send_now([self._encoder.encode(message), *frames])
 
-    async def receive(self) -> msgspec.Struct:
-        frames = await self.socket.recv_multipart(copy=False)
+    async def receive(self, timeout_s: float) -> list[msgspec.Struct]:
+        """The messages that have arrived (at least one), or none after `timeout_s`."""
+        return [self.decode(frames) for frames in await self.socket.receive(timeout_s)]
+
+    def decode(self, frames: list) -> msgspec.Struct:
         try:
             message, _ = self._codec.decode(frames)
         except ProtocolError as err:  # our own worker: a bug, not a client's fault
@@ -95,7 +100,7 @@ class WorkerHandle:
             except (asyncio.TimeoutError, zmq.ZMQError):
                 pass
         self.kill()
-        self.socket.close(0)
+        self.socket.close()
 
     def kill(self) -> None:
         if self.process is not None and self.process.is_alive():

@@ -46,13 +46,15 @@ class BurstSocket:
             await self._until(zmq.POLLOUT)
 
     # -- receiving ---------------------------------------------------------------------------
-    async def receive(self) -> list[list[zmq.Frame]]:
-        """The messages that have arrived, at least one (waits for it)."""
+    async def receive(self, timeout_s: float | None = None) -> list[list[zmq.Frame]]:
+        """The messages that have arrived: at least one, or none once `timeout_s` has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
             burst = self._take()
-            if burst:
+            if burst or (deadline is not None and loop.time() >= deadline):
                 return burst
-            await self._until(zmq.POLLIN)
+            await self._until(zmq.POLLIN, deadline)
 
     async def receive_one(self, timeout_s: float | None = None) -> list[zmq.Frame]:
         """One message (for handshakes); raises TimeoutError when none arrives in time."""
@@ -79,8 +81,9 @@ class BurstSocket:
         return burst
 
     # -- waiting -----------------------------------------------------------------------------
-    async def _until(self, event: int) -> None:
-        """Return once the socket may have `event` (callers retry; a spurious wake is harmless)."""
+    async def _until(self, event: int, deadline: float | None = None) -> None:
+        """Return once the socket may have `event`, or at `deadline` (loop time); callers retry, so
+        a spurious wake is harmless."""
         events = self.socket.get(zmq.EVENTS)  # this read may consume a signal other waiters need:
         self._wake(events)  # pass it on before sleeping
         if events & event:
@@ -91,9 +94,12 @@ class BurstSocket:
             self._loop = loop
         waiter = (event, loop.create_future())
         self._waiters.append(waiter)
+        timer = None if deadline is None else loop.call_at(deadline, _resolve, waiter[1])
         try:
             await waiter[1]
         finally:
+            if timer is not None:
+                timer.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
@@ -111,8 +117,7 @@ class BurstSocket:
         waiting = []
         for event, future in self._waiters:
             if events & event:
-                if not future.done():
-                    future.set_result(None)
+                _resolve(future)
             else:
                 waiting.append((event, future))
         self._waiters = waiting
@@ -127,3 +132,8 @@ class BurstSocket:
                 future.cancel()
         self._waiters = []
         self.socket.close(0)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

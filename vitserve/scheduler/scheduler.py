@@ -24,6 +24,7 @@ grow with the window.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -59,6 +60,11 @@ class Scheduler:
         self._dispatched: dict[int, Dispatch] = {}
         self._modelled_ms: dict[tuple[int, int, int], list[float]] = {}  # item shape -> model ms per worker
         self._sent_at: dict[int, tuple[float, bool]] = {}  # window id -> (dispatch time, queued behind another)
+
+    def use_policy(self, policy: str, max_delay_ms: float | None = None) -> None:
+        """Switch the flush policy of a live scheduler (benchmarks compare policies on one engine)."""
+        changes = {"policy": policy} if max_delay_ms is None else {"policy": policy, "max_delay_ms": max_delay_ms}
+        self.config = dataclasses.replace(self.config, **changes)
 
     # -- events ------------------------------------------------------------------------------
     def submit(self, request: Request, now: float) -> Failure | None:
