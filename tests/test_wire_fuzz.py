@@ -7,42 +7,10 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wire_helpers import CLIENT_TYPES, raises_protocol
+from wire_helpers import CLIENT_TYPES, maps_or_lists, raises_protocol
 
 from vitserve.engine.frontend import _items
-from vitserve.ipc.codec import WIRE_DTYPES, ProtocolError, server_codec
-
-_TAGS = ["hello", "encode", "cancel", "release", "stats", "health", "image", "video", "patches",
-         "welcome", "result", "error", "stats_reply", "health_reply", "run_window", "shutdown"]
-_FIELDS = ["type", "version", "client", "id", "items", "deadline_ms", "priority", "inline", "pixels", "frames",
-           "pixel_values", "grid_thw", "frame", "dtype", "shape"]
-
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=12)
-    | st.binary(max_size=12)
-    | st.sampled_from(_TAGS + list(WIRE_DTYPES))
-)
-_keys = st.sampled_from(_FIELDS) | st.text(max_size=8)
-_values = st.recursive(
-    _scalars,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(_keys, children, max_size=6),
-    max_leaves=30,
-)
-
-
-@st.composite
-def _maps_or_lists(draw):
-    value = draw(_values)
-    if draw(st.booleans()):
-        value = draw(st.dictionaries(_keys, _values, max_size=6))
-        if draw(st.integers(0, 3)):
-            value["type"] = draw(st.sampled_from(_TAGS))
-    return value
-
+from vitserve.ipc.codec import ProtocolError, server_codec
 
 def _assert_decodes_or_protocol_error(header: bytes) -> None:
     try:
@@ -62,7 +30,7 @@ def test_fuzz_random_bytes(header):
 
 @settings(max_examples=2000, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(_maps_or_lists())
+@given(maps_or_lists())
 def test_fuzz_msgpack_values(value):
     _assert_decodes_or_protocol_error(msgspec.msgpack.encode(value))
 

@@ -137,7 +137,9 @@ def run_serve(args: argparse.Namespace) -> int:
         scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
                                     max_queued_tokens=args.max_queued_tokens)
         config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
-                              window=window, scheduler=scheduler, output_windows=args.output_windows)
+                              window=window, scheduler=scheduler, output_windows=args.output_windows,
+                              max_request_bytes=args.max_request_bytes,
+                              lease_timeout_s=args.lease_timeout_s or None)
     except ValueError as err:
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
@@ -196,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"))
     serve.add_argument("--max-queued-items", type=int, default=4096)
     serve.add_argument("--max-queued-tokens", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 30,
+                       help="input bytes of one request; larger ones get too_large")
+    serve.add_argument("--lease-timeout-s", type=float, default=300.0,
+                       help="results not released this long after delivery are reclaimed (0: never)")
     serve.add_argument("--output-windows", type=int, default=16,
                        help="shared-memory output per worker, in windows of the largest budget")
     serve.set_defaults(handler=run_serve)

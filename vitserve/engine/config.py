@@ -18,7 +18,10 @@ class EngineConfig:
     "cpu"). output_windows: each worker's shared-memory output, in windows of the largest
     budget; a window leases the rows it needs until every request with items in it is released.
     max_item_tokens: the largest single item admitted (items over the largest budget run
-    eagerly); larger ones get `too_large`."""
+    eagerly); larger ones get `too_large`. max_request_bytes: the input arrays of one request
+    together (over the wire, a larger frame disconnects its sender before it is read).
+    lease_timeout_s: results not released this long after they were delivered are reclaimed
+    (their rows may then be overwritten); None keeps them until released."""
 
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("cpu",)
@@ -31,6 +34,8 @@ class EngineConfig:
     startup_timeout_s: float = 600.0
     cpu_threads_per_worker: int | None = None  # default: the host's cores less two, shared by the CPU workers
     output_device: str | None = None  # embedded engine: copy results to this torch device
+    max_request_bytes: int = 1 << 30
+    lease_timeout_s: float | None = 300.0
 
     def __post_init__(self) -> None:
         devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
@@ -48,6 +53,12 @@ class EngineConfig:
         threads = self.cpu_threads_per_worker
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ValueError(f"cpu_threads_per_worker must be a positive integer or None, got {threads!r}")
+        value = self.max_request_bytes
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_request_bytes must be a positive integer, got {value!r}")
+        if self.lease_timeout_s is not None and not 0 < self.lease_timeout_s < float("inf"):
+            raise ValueError(f"lease_timeout_s must be a number of seconds > 0 (or None: leases never expire), "
+                             f"got {self.lease_timeout_s!r}")
         if not self.startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0 seconds, got {self.startup_timeout_s!r}")
 

@@ -40,6 +40,9 @@ from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
+MAX_DEADLINE_MS = 86_400_000.0  # a day: anything longer is a client bug, not a deadline
+LEASE_CHECK_S = 1.0  # how often unreleased results are checked against the lease timeout
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -47,6 +50,7 @@ class _Pending:
     future: asyncio.Future
     outputs: list[OutputRef | None]
     slots: list[tuple[int, Slot]] = field(default_factory=list)  # (worker, slot) held for this request
+    delivered_at: float | None = None  # loop time the result was handed over; its lease runs from here
 
 
 class Engine(WindowTraffic):
@@ -63,6 +67,7 @@ class Engine(WindowTraffic):
         self._windows_sent = 0
         self._items_sent = 0
         self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
+        self._leases_expired = 0
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader()
@@ -100,6 +105,8 @@ class Engine(WindowTraffic):
         self._tasks = [loop.create_task(self._dispatch_loop(), name="vitserve-dispatch")]
         self._tasks += [loop.create_task(self._receive_loop(h), name=f"vitserve-receive-{h.worker}")
                         for h in self._handles]
+        if config.lease_timeout_s is not None:
+            self._tasks.append(loop.create_task(self._lease_loop(config.lease_timeout_s), name="vitserve-leases"))
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
 
@@ -165,10 +172,15 @@ class Engine(WindowTraffic):
         if not items:
             raise EngineError("invalid_input", "a request needs at least one item")
         try:
-            return [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}")
-                    for i, item in enumerate(items)]
+            admitted = [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}")
+                        for i, item in enumerate(items)]
         except AdmissionError as err:
             raise EngineError(err.code, err.message) from None
+        size = sum(item.array.nbytes for item in admitted)
+        if size > self.config.max_request_bytes:
+            raise EngineError("too_large", f"the request's inputs take {size} bytes, over the engine's "
+                                           f"max_request_bytes={self.config.max_request_bytes}: split it")
+        return admitted
 
     async def run(self, items: list[AdmittedItem], deadline_ms: float | None,
                   priority: int) -> tuple[int, list[OutputRef]]:
@@ -187,8 +199,9 @@ class Engine(WindowTraffic):
             raise EngineError("shutting_down", "the engine is not running")
         if not any(state.ready for state in self.scheduler.workers.values()):
             raise EngineError("worker_failed", "no worker is running")
-        if deadline_ms is not None and not deadline_ms >= 0:
-            raise EngineError("invalid_input", f"deadline_ms must be >= 0 (or None), got {deadline_ms!r}")
+        if deadline_ms is not None and not 0 <= deadline_ms <= MAX_DEADLINE_MS:
+            raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
+                                               f"None for no deadline; got {deadline_ms!r}")
         loop = asyncio.get_running_loop()
         key = next(self._keys)
         now = loop.time()
@@ -212,7 +225,12 @@ class Engine(WindowTraffic):
             "windows_sent": float(self._windows_sent),
             "items_sent": float(self._items_sent),
             "worker_ms": self._worker_ms,
+            "leases_expired": float(self._leases_expired),
         }
+
+    def is_open(self, key: int) -> bool:
+        """Whether the request is still running or holds a result not yet released."""
+        return key in self._pending
 
     def read(self, ref: OutputRef) -> np.ndarray:
         """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""
@@ -234,6 +252,20 @@ class Engine(WindowTraffic):
         pending = self._pending.pop(key, None)
         if pending is not None:
             self._release_slots(pending)
+
+    async def _lease_loop(self, timeout_s: float) -> None:
+        """Reclaim results whose holders never released them: memory stays bounded whatever a
+        client does (one that exited is caught sooner, by the frontend)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(LEASE_CHECK_S, timeout_s / 4))
+            oldest = loop.time() - timeout_s
+            expired = [key for key, p in self._pending.items() if p.delivered_at is not None and p.delivered_at < oldest]
+            for key in expired:
+                self.release(key)
+            if expired:
+                self._leases_expired += len(expired)
+                log.warning("reclaimed %d results not released within lease_timeout_s=%g", len(expired), timeout_s)
 
     def _fail(self, key: int, code: str, message: str, retry_after_ms: float | None = None) -> None:
         if self.scheduler is not None:

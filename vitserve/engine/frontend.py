@@ -29,7 +29,8 @@ from .errors import EngineError
 
 log = logging.getLogger(__name__)
 
-CLIENT_CHECK_S = 1.0  # how often the processes of clients holding results are checked
+CLIENT_CHECK_S = 1.0  # how often client processes and reclaimed leases are checked
+MAX_HEADER_BYTES = 1 << 20  # a message header (the frames' descriptions) is far smaller
 
 
 class Frontend:
@@ -43,6 +44,8 @@ class Frontend:
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped, not raised
+        # A frame larger than any admissible request is not even read: its sender is disconnected.
+        socket.setsockopt(zmq.MAXMSGSIZE, engine.config.max_request_bytes + MAX_HEADER_BYTES)
         socket.bind(endpoint)
         self.socket = BurstSocket(socket)
         self.counters = {"requests": 0, "results": 0, "errors": 0}
@@ -89,8 +92,13 @@ class Frontend:
             case Release(ids=request_ids):
                 for request_id in request_ids:
                     key = self._active.pop((client, request_id), None)
-                    if key is not None:
+                    if key is not None and self.engine.is_open(key):
                         self.engine.release(key)
+                    else:
+                        self._error(client, request_id, "invalid_input",
+                                    f"request {request_id} holds nothing for this client to release: it was never "
+                                    f"sent on this connection, was already released, ended with an error, or its "
+                                    f"result outlived lease_timeout_s")
             case StatsQuery():
                 self._send(client, Stats({name: float(value) for name, value in self.counters.items()}
                                          | self.engine.stats()))
@@ -154,8 +162,15 @@ class Frontend:
             await asyncio.sleep(CLIENT_CHECK_S)
             try:
                 self._release_exited_clients()
+                self._forget_reclaimed()
             except Exception:  # the watch must go on: it is what frees an exited client's slots
                 log.exception("checking client processes failed")
+
+    def _forget_reclaimed(self) -> None:
+        """Requests the engine no longer holds (leases that expired) are no longer the clients'."""
+        closed = [request for request, key in self._active.items() if not self.engine.is_open(key)]
+        for request in closed:
+            del self._active[request]
 
     def _release_exited_clients(self) -> None:
         exited = {process for process in set(self._processes.values()) if not still_running(*process)}

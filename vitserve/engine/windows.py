@@ -143,3 +143,4 @@ class WindowTraffic:
             request.unfinished -= len(request_items)
             if request.unfinished == 0 and not pending.future.done():
                 pending.future.set_result(list(pending.outputs))
+                pending.delivered_at = now
