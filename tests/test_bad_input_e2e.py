@@ -5,19 +5,16 @@ hostile client would send them."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 
 import msgspec
 import numpy as np
 import pytest
-import zmq
+from served import RawPeer, served
 
 from vitserve import Client
-from vitserve.ipc.codec import array_ref, client_codec
+from vitserve.ipc.codec import array_ref
 from vitserve.ipc.messages import (PROTOCOL_VERSION, ArrayRef, Encode, Error, Hello, ImageItem, PatchItem, Release,
-                                   Result, Stats, StatsQuery, VideoItem)
+                                   Result, VideoItem)
 
 MAX_REQUEST_BYTES = 1 << 20
 PATCH_DIM = 3 * 2 * 16 * 16
@@ -26,55 +23,8 @@ PATCH_DIM = 3 * 2 * 16 * 16
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     endpoint = f"ipc://{tmp_path_factory.mktemp('sock')}/bad-input.sock"
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, "--min-budget", "64",
-               "--max-budget", "2048", "--max-request-bytes", str(MAX_REQUEST_BYTES)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    if "ready" not in line:
-        process.kill()
-        pytest.fail(f"vitserve serve did not start: {line}{process.stderr.read()}")
-    yield endpoint
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0, process.stderr.read()
-
-
-class RawPeer:
-    """A DEALER socket that sends arbitrary frames and collects the replies to each message."""
-
-    def __init__(self, endpoint: str):
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.codec = client_codec()
-
-    def ask(self, frames: list) -> list:
-        """Send `frames`, then a stats query as a barrier: the replies that came before its answer."""
-        self.socket.send_multipart(frames, copy=False)
-        return self.barrier()
-
-    def barrier(self, replies: list | None = None) -> list:
-        self.socket.send_multipart(self.codec.encode(StatsQuery()))
-        replies = replies or []
-        while not isinstance((reply := self.receive())[0], Stats):
-            replies.append(reply)
-        return replies
-
-    def receive(self) -> tuple:
-        assert self.socket.poll(30_000), "the server stopped answering"
-        return self.codec.decode(self.socket.recv_multipart(copy=False))
-
-    def encode(self, request_id: int, items: list, arrays: list, deadline_ms=None) -> list:
-        """An encode request: every reply up to its own (a result takes a window's time), then a barrier."""
-        self.socket.send_multipart(self.codec.encode(Encode(request_id, items, deadline_ms), arrays), copy=False)
-        replies = [self.receive()]
-        while getattr(replies[-1][0], "id", None) != request_id:
-            replies.append(self.receive())
-        return self.barrier(replies)
-
-    def close(self) -> None:
-        self.socket.close(0)
-        self.context.term()
+    with served(endpoint, "--min-budget", "64", "--max-budget", "2048", "--max-request-bytes", str(MAX_REQUEST_BYTES)):
+        yield endpoint
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ afterwards the engine must still give the right embeddings for a valid request."
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
 import time
 import typing
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from served import RawPeer, served
 from wire_helpers import maps_or_lists
 
 from vitserve import Client
@@ -38,16 +36,8 @@ _dims = st.integers(0, 40) | st.integers(-3, 2**40)
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     endpoint = f"ipc://{tmp_path_factory.mktemp('sock')}/fuzz.sock"
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, "--min-budget", "64",
-               "--max-budget", "1024", "--max-request-bytes", str(1 << 20)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    if "ready" not in line:
-        process.kill()
-        pytest.fail(f"vitserve serve did not start: {line}{process.stderr.read()}")
-    yield endpoint
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0, process.stderr.read()
+    with served(endpoint, "--min-budget", "64", "--max-budget", "1024", "--max-request-bytes", str(1 << 20)):
+        yield endpoint
 
 
 @st.composite
@@ -127,15 +117,9 @@ messages = st.one_of(
 )
 
 
-class Peer:
+class Peer(RawPeer):
     def __init__(self, endpoint: str):
-        import zmq
-
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.codec = client_codec()
+        super().__init__(endpoint)
         self.replies = 0
 
     def exchange(self, frames: list) -> None:
@@ -143,8 +127,7 @@ class Peer:
         self.socket.send_multipart(frames, copy=False)
         self.socket.send_multipart(self.codec.encode(StatsQuery()))
         while True:
-            assert self.socket.poll(30_000), "the server stopped answering"
-            message, arrays = self.codec.decode(self.socket.recv_multipart(copy=False))  # raises if not valid
+            message, _ = self.receive()  # raises if not a valid server message
             self.replies += 1
             match message:
                 case Stats():
@@ -160,8 +143,7 @@ class Peer:
         while time.monotonic() < deadline:
             self.socket.send_multipart(self.codec.encode(StatsQuery()))
             while True:
-                assert self.socket.poll(30_000), "the server stopped answering"
-                message, _ = self.codec.decode(self.socket.recv_multipart(copy=False))
+                message, _ = self.receive()
                 if isinstance(message, Result):
                     self.socket.send_multipart(self.codec.encode(Release([message.id])))
                 elif isinstance(message, Stats):
@@ -171,9 +153,6 @@ class Peer:
             time.sleep(0.05)
         raise AssertionError(f"requests still open after {timeout_s} s: {message.values}")
 
-    def close(self) -> None:
-        self.socket.close(0)
-        self.context.term()
 
 
 def test_ten_thousand_generated_messages_then_a_valid_request(endpoint):

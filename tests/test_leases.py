@@ -4,13 +4,11 @@ shared memory stays bounded whatever clients do; a late release is answered, not
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from served import served
 
 from vitserve import Client, Engine, EngineConfig
 from vitserve.workers import WindowConfig
@@ -63,11 +61,7 @@ def test_lease_timeout_must_be_positive_and_finite(value):
 
 def test_a_served_client_that_holds_results_past_the_lease_loses_them(tmp_path):
     endpoint = f"ipc://{tmp_path}/lease.sock"
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, "--min-budget", "64",
-               "--max-budget", "1024", "--lease-timeout-s", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in process.stdout.readline(), process.stderr.read()
+    with served(endpoint, "--min-budget", "64", "--max-budget", "1024", "--lease-timeout-s", "1"):
         with Client(endpoint) as client:
             hoarded = [client.encode([image()]) for _ in range(3)]
             assert client.stats()["slots_leased"] > 0
@@ -81,6 +75,3 @@ def test_a_served_client_that_holds_results_past_the_lease_loses_them(tmp_path):
             with client.encode([image()]) as result:
                 assert result.items[0].embeddings.shape[0] == 64
             assert client.stats()["errors"] == errors_before + 3
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, process.stderr.read()
