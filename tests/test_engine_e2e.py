@@ -173,24 +173,6 @@ def test_worker_that_cannot_start_says_why(tmp_path: Path):
         asyncio.run(run())
 
 
-def test_a_dead_worker_fails_requests_instead_of_hanging(expected):
-    async def run() -> None:
-        async with Engine(EngineConfig(window=WINDOW)) as engine:
-            with await engine.encode([inputs()[0]]) as result:
-                check(result, [0], expected)
-            engine._handles[0].process.kill()
-            in_flight = asyncio.ensure_future(engine.encode([inputs()[3]] * 8))
-            with pytest.raises(EngineError) as info:
-                await asyncio.wait_for(in_flight, 30)
-            assert info.value.code == "worker_failed"
-            with pytest.raises(EngineError) as info:
-                await engine.encode([inputs()[0]])
-            assert info.value.code == "worker_failed" and "no worker is running" in info.value.message
-            assert engine.stats()["requests_open"] == 0.0
-
-    asyncio.run(run())
-
-
 def test_releasing_a_running_request_cancels_it(expected):
     async def run() -> None:
         async with Engine(EngineConfig(window=WINDOW)) as engine:

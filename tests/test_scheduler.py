@@ -149,6 +149,23 @@ def test_worker_lost_with_nothing_in_flight_returns_nothing():
     assert [d.worker for d in scheduler.poll(0.0)[0]] == [0]
 
 
+def test_items_of_a_lost_window_are_retried_ahead_of_later_arrivals_and_counted():
+    worker = WorkerState(0, cost)
+    scheduler = make(worker)
+    submit_ok(scheduler, req(1, (100, 1), (200, 1)))
+    (dispatch,), _ = scheduler.poll(0.0)
+    submit_ok(scheduler, req(2, (300, 1)))
+    (lost,) = scheduler.worker_lost(0)
+    scheduler.retry(lost.items)
+    assert queued_ids(scheduler) == [(1, 0), (1, 1), (2, 0)] and scheduler.queue.tokens == 600
+    assert [item.lost for item in scheduler.queue] == [1, 1, 0]
+    assert scheduler.poll(0.0)[0] == []  # no worker is ready
+    scheduler.worker_back(0, lambda t, s, q: 2 * cost(t, s, q), free_rows=1 << 20, now=0.5)
+    assert worker.ready and worker.busy_until == 0.5
+    (again,), _ = scheduler.poll(0.5)
+    assert ids(again) == [(1, 0), (1, 1), (2, 0)] and again.predicted_ms == 2 * cost(600, 3, 100**2 + 200**2 + 300**2)
+
+
 # -- 9. config validation ---------------------------------------------------------------------------
 
 

@@ -86,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from vitserve.bench.runner_bench import run_bench as bench
     from vitserve.bench.workloads import WORKLOADS
 
-    names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
+    names = [n for n, w in WORKLOADS.items() if w.named] if args.workloads == "all" else args.workloads.split(",")
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
@@ -138,13 +138,36 @@ def run_serve(args: argparse.Namespace) -> int:
                                     max_queued_tokens=args.max_queued_tokens)
         config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
                               window=window, scheduler=scheduler, output_windows=args.output_windows,
-                              max_request_bytes=args.max_request_bytes,
-                              lease_timeout_s=args.lease_timeout_s or None)
+                              max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
+                              lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
+                              window_timeout_s=args.window_timeout_s or None, drain_timeout_s=args.drain_timeout_s)
     except ValueError as err:
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
     run(config, args.endpoint)
     return 0
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vitserve.soak import SoakConfig, soak
+    from vitserve.soak.resources import Growth
+
+    serve_flags = ("--model", args.model, "--devices", args.devices, "--max-queued-items", str(args.max_queued_items),
+                   "--min-budget", str(args.min_budget), "--max-budget", str(args.max_budget),
+                   *(("--extra-budgets", args.extra_budgets) if args.extra_budgets else ()),
+                   *(("--budgets", args.budgets) if args.budgets else ()))
+    try:
+        config = SoakConfig(endpoint=args.endpoint, serve_flags=serve_flags, duration_s=args.duration, rate=args.rate,
+                            workload=args.workload, distinct=args.distinct, clients=args.clients,
+                            deadline_ms=args.deadline_ms, faults=tuple(f for f in args.faults.split(",") if f),
+                            fault_interval_s=args.fault_interval, overload_burst=args.overload_burst,
+                            growth=Growth(args.max_rss_growth_mb, args.max_gpu_growth_mb), seed=args.seed)
+    except ValueError as err:
+        print(f"vitserve soak: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(soak(config))
 
 
 def _window_config(args: argparse.Namespace):
@@ -204,8 +227,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="results not released this long after delivery are reclaimed (0: never)")
     serve.add_argument("--output-windows", type=int, default=16,
                        help="shared-memory output per worker, in windows of the largest budget")
+    serve.add_argument("--max-item-tokens", type=int, help="largest item in patch tokens (default: twice the largest "
+                       "budget); larger ones get too_large")
+    serve.add_argument("--worker-restarts", type=int, default=3,
+                       help="start attempts for a worker that died before it is given up (0: never restart)")
+    serve.add_argument("--window-timeout-s", type=float, default=60.0,
+                       help="a window running longer means a stuck worker: it is killed and restarted (0: no watchdog)")
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM, how long admitted requests may take to finish")
     serve.set_defaults(handler=run_serve)
+    _add_soak_parser(commands)
     return parser
+
+
+def _add_soak_parser(commands) -> None:
+    from vitserve.bench.workloads import WORKLOADS
+    from vitserve.soak.faults import FAULTS
+
+    soak = commands.add_parser("soak", help="mixed load with faults against an engine; exits 1 on any violation")
+    soak.add_argument("--endpoint", help="a running engine (default: start one with --model and --devices)")
+    soak.add_argument("--model", default=DEFAULT_MODEL, help=f"own engine's model (default {DEFAULT_MODEL})")
+    soak.add_argument("--devices", default="cpu", help="own engine's devices, e.g. cuda:0")
+    soak.add_argument("--max-queued-items", type=int, default=256, help="own engine's queue bound (overload hits it)")
+    _add_budget_arguments(soak)
+    soak.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    soak.add_argument("--rate", type=float, default=20.0, help="requests per second (Poisson)")
+    soak.add_argument("--workload", default="small-mix", choices=sorted(WORKLOADS))
+    soak.add_argument("--distinct", type=int, default=32, help="distinct inputs, repeated to compare results")
+    soak.add_argument("--clients", type=int, default=4, help="client connections sharing the load")
+    soak.add_argument("--deadline-ms", type=float, help="deadline of every request (default: none)")
+    soak.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in turn: {', '.join(FAULTS)}")
+    soak.add_argument("--fault-interval", type=float, default=10.0, help="seconds between faults")
+    soak.add_argument("--overload-burst", type=int, default=400, help="requests sent at once by the overload fault")
+    soak.add_argument("--max-rss-growth-mb", type=float, default=256.0)
+    soak.add_argument("--max-gpu-growth-mb", type=float, default=512.0)
+    soak.add_argument("--seed", type=int, default=0)
+    soak.set_defaults(handler=run_soak)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,8 @@ from vitserve.engine.errors import EngineError
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    PROTOCOL_VERSION, Cancel, Encode, Error, Hello, ImageItem, PatchItem, Release, Result, Stats, StatsQuery,
-    VideoItem, Welcome,
+    PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, PatchItem, Release, Result, Stats,
+    StatsQuery, VideoItem, Welcome,
 )
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
 from vitserve.ipc.peers import own_identity
@@ -49,9 +49,11 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
+        self.stray_replies = 0  # replies for no request awaiting one (a second reply to a request would count)
         self._reader = SlabReader()
         self._releases: list[int] = []  # gathered during one loop turn, sent as one message
-        self._stats: list[asyncio.Future] = []  # stats queries in flight, answered in order
+        # stats and health queries in flight, by reply type; each type is answered in order
+        self._queries: dict[type, list[asyncio.Future]] = {Stats: [], Health: []}
         self._receiver: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -121,12 +123,19 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, float]:
         """The engine's counters: requests, results, errors, queued items, open requests, leased slots..."""
+        return dict((await self._query(StatsQuery(), Stats)).values)
+
+    async def health(self) -> Health:
+        """Whether the engine serves now (`ready`: admitting, with a worker up), its workers, their pids."""
+        return await self._query(HealthQuery(), Health)
+
+    async def _query(self, query: StatsQuery | HealthQuery, reply_type: type):
         future = self._loop.create_future()
-        self._stats.append(future)
+        self._queries[reply_type].append(future)
         try:
-            await self._socket.send(self._codec.encode(StatsQuery()))
+            await self._socket.send(self._codec.encode(query))
         except BaseException:  # not sent: no reply will come for it
-            self._stats.remove(future)
+            self._queries[reply_type].remove(future)
             raise
         return await future
 
@@ -165,10 +174,11 @@ class AsyncClient:
             message, arrays = self._codec.decode(frames)
         except ProtocolError:
             return  # not ours to answer; the engine only sends valid messages
-        if isinstance(message, Stats):  # one reply per query, in order (its caller may have given up)
-            future = self._stats.pop(0) if self._stats else None
+        queries = self._queries.get(type(message))
+        if queries is not None:  # one reply per query, in order (its caller may have given up)
+            future = queries.pop(0) if queries else None
             if future is not None and not future.done():
-                future.set_result(dict(message.values))
+                future.set_result(message)
             return
         request_id = getattr(message, "id", None)
         future = self._waiting.get(request_id)
@@ -182,12 +192,14 @@ class AsyncClient:
             for waiting in self._waiting.values():  # an error about a message we sent, not a request
                 if not waiting.done():
                     waiting.set_result((message, []))
+        else:
+            self.stray_replies += 1
 
     async def close(self) -> None:
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
-        for future in [*self._waiting.values(), *self._stats]:
+        for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
         self._socket.close()
@@ -213,6 +225,9 @@ class Client:
 
     def stats(self) -> dict[str, float]:
         return self._call(self._client.stats())
+
+    def health(self) -> Health:
+        return self._call(self._client.health())
 
     def close(self) -> None:
         if self._loop.is_running():

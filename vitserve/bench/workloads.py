@@ -9,12 +9,14 @@ import numpy as np
 
 ARENA_SIDES = (224, 336, 448, 672, 1008)
 ARENA_WEIGHTS = (0.2, 0.3, 0.2, 0.2, 0.1)
+SMALL_SIDES = (32, 64, 96, 128)
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
     purpose: str
+    named: bool = True  # one of DESIGN.md's benchmark workloads (`bench --workloads all` runs these)
 
     def request_shapes(self, rng: random.Random) -> list[tuple[int, ...]]:
         """Input shapes of one request: (H, W) images, (T, H, W) videos."""
@@ -27,6 +29,9 @@ class Workload:
             return [(336, 336)] * 20
         if self.name == "video-448":
             return [(16, 448, 448)]
+        if self.name == "small-mix":  # cheap enough for the tiny model on two CPU cores
+            shapes = [(rng.choice(SMALL_SIDES), rng.choice(SMALL_SIDES)) for _ in range(rng.randint(1, 3))]
+            return shapes + [(4, 64, 64)] if rng.random() < 0.1 else shapes
         raise ValueError(f"unknown workload {self.name!r}")
 
 
@@ -37,6 +42,7 @@ WORKLOADS = {
         Workload("arena-mix", "realistic mixed traffic"),
         Workload("many-336", "many small items per request"),
         Workload("video-448", "frames as attention sequences"),
+        Workload("small-mix", "CPU soak and tests: 1-3 small images, sometimes a short video", named=False),
     )
 }
 

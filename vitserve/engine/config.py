@@ -21,7 +21,11 @@ class EngineConfig:
     eagerly); larger ones get `too_large`. max_request_bytes: the input arrays of one request
     together (over the wire, a larger frame disconnects its sender before it is read).
     lease_timeout_s: results not released this long after they were delivered are reclaimed
-    (their rows may then be overwritten); None keeps them until released."""
+    (their rows may then be overwritten); None keeps them until released. worker_restarts: start
+    attempts for a worker that died before it is given up (0: never restart). window_timeout_s: a
+    window running longer is taken for a stuck worker, which is killed and restarted (None: no
+    watchdog). drain_timeout_s: how long close() lets queued and running requests finish before it
+    fails the rest with `shutting_down`."""
 
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("cpu",)
@@ -36,6 +40,9 @@ class EngineConfig:
     output_device: str | None = None  # embedded engine: copy results to this torch device
     max_request_bytes: int = 1 << 30
     lease_timeout_s: float | None = 300.0
+    worker_restarts: int = 3
+    window_timeout_s: float | None = 60.0
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
@@ -59,6 +66,15 @@ class EngineConfig:
         if self.lease_timeout_s is not None and not 0 < self.lease_timeout_s < float("inf"):
             raise ValueError(f"lease_timeout_s must be a number of seconds > 0 (or None: leases never expire), "
                              f"got {self.lease_timeout_s!r}")
+        value = self.worker_restarts
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"worker_restarts must be an integer >= 0 (0: a worker that dies stays down), got {value!r}")
+        if self.window_timeout_s is not None and not 0 < self.window_timeout_s < float("inf"):
+            raise ValueError(f"window_timeout_s must be a number of seconds > 0 (or None: no watchdog), "
+                             f"got {self.window_timeout_s!r}")
+        if not 0 <= self.drain_timeout_s < float("inf"):
+            raise ValueError(f"drain_timeout_s must be a number of seconds >= 0 (0: fail what is pending at once), "
+                             f"got {self.drain_timeout_s!r}")
         if not self.startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0 seconds, got {self.startup_timeout_s!r}")
 

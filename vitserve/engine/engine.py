@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,25 +24,25 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from vitserve.ipc.messages import OutputRef, WorkerReady
+from vitserve.ipc.messages import Health, OutputRef, WorkerReady
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slab_maps import SlabReader, remove_stale_slabs
 from vitserve.ipc.slabs import SlabPool, Slot
 from vitserve.scheduler import Dispatch, Request, Scheduler, WorkerState, deadline_at
 from vitserve.workers import Capacities
-from vitserve.workers.process import WorkerSpec
 
 from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
 from .errors import EngineError
 from .outputs_layout import agreed_capacities, output_layout, predictor
+from .request_ends import RequestEnds
+from .restarts import WorkerRestarts
 from .windows import WindowTraffic
 from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
 MAX_DEADLINE_MS = 86_400_000.0  # a day: anything longer is a client bug, not a deadline
-LEASE_CHECK_S = 1.0  # how often unreleased results are checked against the lease timeout
 
 
 @dataclass(eq=False)
@@ -53,24 +54,30 @@ class _Pending:
     delivered_at: float | None = None  # loop time the result was handed over; its lease runs from here
 
 
-class Engine(WindowTraffic):
+class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.capacities: Capacities | None = None
         self.ready: WorkerReady | None = None
         self.scheduler: Scheduler | None = None
         self._handles: list[WorkerHandle] = []
-        self._pools: dict[int, SlabPool] = {}
+        self._pools: dict[int, SlabPool] = {}  # worker -> the pool of its current epoch
+        self._retired: dict[tuple[int, int], SlabPool] = {}  # (worker, epoch) of a lost worker -> its pool
+        self._epochs: dict[int, int] = {}  # worker -> its current epoch (slabs and socket)
+        self._restarting: set[int] = set()
         self._pending: dict[int, _Pending] = {}
-        self._windows: dict[int, tuple[Dispatch, Slot]] = {}
+        self._windows: dict[int, tuple[Dispatch, Slot, float]] = {}  # window -> (dispatch, slot, loop time sent)
         self._keys = itertools.count(1)
         self._windows_sent = 0
         self._items_sent = 0
         self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
         self._leases_expired = 0
+        self._worker_restarts = 0
+        self._windows_retried = 0
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader()
+        self._draining = False  # no new requests; those admitted finish
         self._closing = False
         self._context: zmq.Context | None = None
         self._socket_dir: str | None = None
@@ -90,11 +97,8 @@ class Engine(WindowTraffic):
         config = self.config
         self._context = zmq.Context()
         self._socket_dir = tempfile.mkdtemp(prefix="vitserve-")
-        for worker, device in enumerate(config.devices):
-            spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}", model=config.model,
-                              device=device, dtype=config.dtype, window=config.window, preprocess=config.preprocess,
-                              threads=config.worker_threads(device), log_level=logging.getLogger().level)
-            self._handles.append(WorkerHandle(spec, self._context))
+        self._handles = [self._spawn(worker, 0) for worker in range(len(config.devices))]
+        self._epochs = dict.fromkeys(range(len(config.devices)), 0)
         try:
             readies = await asyncio.gather(*(h.start(config.startup_timeout_s) for h in self._handles))
             self._setup(readies)
@@ -126,15 +130,33 @@ class Engine(WindowTraffic):
                                     self.config.item_token_limit)
         states = []
         for ready in readies:
-            self._pools[ready.worker] = SlabPool(f"w{ready.worker}", self.layout.slot_rows * self.layout.row_bytes,
-                                                 self.layout.slots)
+            self._pools[ready.worker] = self._new_pool(ready.worker, 0)
             states.append(WorkerState(ready.worker, predictor(ready, self.capacities),
                                       free_rows=self.layout.slots * self.layout.slot_rows,
                                       row_granularity=self.layout.slot_rows))
         self.scheduler = Scheduler(self.config.scheduler, self.capacities, states)
 
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Stop admitting (new requests get `shutting_down`) and let every admitted request finish,
+        for up to `timeout_s` (default: the config's drain_timeout_s); then fail the rest with
+        `shutting_down`. Returns how many failed. Results already delivered stay leased."""
+        self._draining = True
+        timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        running = [p.future for p in self._pending.values() if not p.future.done()]
+        if running and timeout_s > 0 and not self._closing:
+            await asyncio.wait(running, timeout=timeout_s)
+        unfinished = [key for key, p in self._pending.items() if not p.future.done()]
+        for key in unfinished:
+            self._fail(key, "shutting_down", f"the engine shut down before the request finished "
+                                             f"(drain_timeout_s={timeout_s:g})")
+        if unfinished:
+            log.warning("%d requests did not finish within the drain timeout of %g s", len(unfinished), timeout_s)
+        return len(unfinished)
+
     async def close(self) -> None:
-        """Fail what is still pending with `shutting_down`, stop the workers, remove every slab."""
+        """Drain (see `drain`), stop the workers, remove every slab."""
+        if self._tasks:
+            await self.drain()
         self._closing = True
         for key in list(self._pending):
             self._fail(key, "shutting_down", "the engine is shutting down")
@@ -142,7 +164,7 @@ class Engine(WindowTraffic):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(h.stop() for h in self._handles), return_exceptions=True)
-        for pool in self._pools.values():
+        for pool in self._all_pools():
             pool.close()
         self._reader.close()
         if self._context is not None:
@@ -195,9 +217,9 @@ class Engine(WindowTraffic):
     def submit(self, items: list[AdmittedItem], deadline_ms: float | None,
                priority: int) -> tuple[int, asyncio.Future]:
         """Queue admitted items; the future gets their output references or an EngineError."""
-        if self._closing or self.scheduler is None:
-            raise EngineError("shutting_down", "the engine is not running")
-        if not any(state.ready for state in self.scheduler.workers.values()):
+        if self._closing or self._draining or self.scheduler is None:
+            raise EngineError("shutting_down", "the engine is shutting down or not running")
+        if not self.workers_ready() and not self._restarting:
             raise EngineError("worker_failed", "no worker is running")
         if deadline_ms is not None and not 0 <= deadline_ms <= MAX_DEADLINE_MS:
             raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
@@ -221,73 +243,25 @@ class Engine(WindowTraffic):
             "queued_items": float(len(self.scheduler.queue)) if self.scheduler else 0.0,
             "requests_open": float(len(self._pending)),
             "windows_in_flight": float(len(self._windows)),
-            "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._pools.values())),
+            "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._all_pools())),
             "windows_sent": float(self._windows_sent),
             "items_sent": float(self._items_sent),
             "worker_ms": self._worker_ms,
             "leases_expired": float(self._leases_expired),
+            "workers_ready": float(self.workers_ready()),
+            "worker_restarts": float(self._worker_restarts),
+            "windows_retried": float(self._windows_retried),
         }
 
-    def is_open(self, key: int) -> bool:
-        """Whether the request is still running or holds a result not yet released."""
-        return key in self._pending
+    def health(self) -> Health:
+        """Ready while admitting requests with a worker up; not while shutting down or restarting."""
+        up = self.workers_ready()
+        shutting_down = self._draining or self._closing
+        detail = ("shutting down" if shutting_down else "" if up else
+                  "no worker is up; restarting" if self._restarting else "no worker is up")
+        return Health(up > 0 and not shutting_down, up, len(self.config.devices), detail,
+                      [h.process.pid for h in self._handles if h.alive()], os.getpid())
 
     def read(self, ref: OutputRef) -> np.ndarray:
         """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""
         return ref_array(ref, self._reader)
-
-    def cancel(self, key: int) -> bool:
-        """Cancel a request still running: its queued items are dropped, in-flight results discarded."""
-        pending = self._pending.get(key)
-        if pending is None or (pending.future.done() and not pending.future.cancelled()):
-            return False  # unknown, or finished (failed requests are forgotten at once)
-        self._fail(key, "cancelled", "cancelled by the client")
-        return True
-
-    def release(self, key: int) -> None:
-        """The caller is done with a request's outputs: their slots may be reused. Releasing a
-        request that is still running cancels it."""
-        if self.cancel(key):
-            return
-        pending = self._pending.pop(key, None)
-        if pending is not None:
-            self._release_slots(pending)
-
-    async def _lease_loop(self, timeout_s: float) -> None:
-        """Reclaim results whose holders never released them: memory stays bounded whatever a
-        client does (one that exited is caught sooner, by the frontend)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(LEASE_CHECK_S, timeout_s / 4))
-            oldest = loop.time() - timeout_s
-            expired = [key for key, p in self._pending.items() if p.delivered_at is not None and p.delivered_at < oldest]
-            for key in expired:
-                self.release(key)
-            if expired:
-                self._leases_expired += len(expired)
-                log.warning("reclaimed %d results not released within lease_timeout_s=%g", len(expired), timeout_s)
-
-    def _fail(self, key: int, code: str, message: str, retry_after_ms: float | None = None) -> None:
-        if self.scheduler is not None:
-            self.scheduler.cancel(key)
-        pending = self._pending.pop(key, None)
-        if pending is None:
-            return
-        self._release_slots(pending)
-        if not pending.future.done():
-            pending.future.set_exception(EngineError(code, message, retry_after_ms))
-
-    def _release_slots(self, pending: _Pending) -> None:
-        for worker, slot in pending.slots:
-            self._release_slot(worker, slot)
-        pending.slots.clear()
-
-    def _release_slot(self, worker: int, slot: Slot) -> None:
-        pool = self._pools.get(worker)
-        if pool is not None and not self._closing:
-            pool.release(slot)
-            self._sync_free_rows(worker)
-            self._poke.set()
-
-    def _sync_free_rows(self, worker: int) -> None:
-        self.scheduler.workers[worker].free_rows = self._pools[worker].largest_free_run() * self.layout.slot_rows

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CLIENT_CHECK_S = 1.0  # how often client processes and reclaimed leases are checked
 MAX_HEADER_BYTES = 1 << 20  # a message header (the frames' descriptions) is far smaller
+CLOSE_LINGER_MS = 2000  # at shutdown, replies already queued get this long to reach their clients
 
 
 class Frontend:
@@ -63,7 +64,7 @@ class Frontend:
                         self._send(identity.bytes, Error(None, "protocol", f"the message could not be handled: {err}"))
         finally:
             watcher.cancel()
-            self.socket.close()
+            self.socket.close(CLOSE_LINGER_MS)
             self._context.term()
 
     def _handle(self, client: bytes, frames: list) -> None:
@@ -103,9 +104,7 @@ class Frontend:
                 self._send(client, Stats({name: float(value) for name, value in self.counters.items()}
                                          | self.engine.stats()))
             case HealthQuery():
-                workers = len(self.engine.config.devices)
-                ready = sum(1 for state in self.engine.scheduler.workers.values() if state.ready)
-                self._send(client, Health(ready > 0, ready, workers))
+                self._send(client, self.engine.health())
 
     def _encode(self, client: bytes, message: Encode, arrays: list[memoryview]) -> None:
         request = (client, message.id)

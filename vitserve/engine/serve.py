@@ -1,4 +1,8 @@
-"""`vitserve serve`: an Engine behind the ZeroMQ frontend until SIGINT or SIGTERM."""
+"""`vitserve serve`: an Engine behind the ZeroMQ frontend until SIGINT or SIGTERM.
+
+On the signal the engine drains: new requests get `shutting_down`, those admitted finish (up to
+drain_timeout_s) and their replies go out while the frontend still runs; then everything stops
+and the slabs are removed."""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ async def serve(config: EngineConfig, endpoint: str) -> None:
               f"started in {time.perf_counter() - began:.1f} s", flush=True)
         task = loop.create_task(frontend.serve())
         await stop.wait()
+        print("vitserve: draining", flush=True)
+        await engine.drain()
+        await asyncio.sleep(0)  # the replies of requests failed at the drain's end are sent from callbacks
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

@@ -1,5 +1,5 @@
 """The engine's traffic with its workers: the dispatch loop that sends the scheduler's windows,
-the receive loops that complete them, and what happens when a worker dies.
+and the receive loops that complete them (and notice a worker that died or is stuck).
 
 A mixin of `Engine` (engine.py), which owns the state used here: the scheduler, the slab pools,
 the pending requests and the windows in flight.
@@ -48,8 +48,8 @@ class WindowTraffic:
         loop = asyncio.get_running_loop()
         keys = {item.request.key for item in dispatch.items}
         if not self.scheduler.holds(dispatch.window):  # its worker was lost while this poll's windows went out
-            for key in keys:
-                self._fail(key, "worker_failed", f"worker {dispatch.worker} was lost before the window was sent")
+            self.scheduler.retry([item for item in dispatch.items if item.request.key in self._pending])
+            self._fail_if_no_worker()
             return
         pool = self._pools[dispatch.worker]
         rows = dispatch.tokens // self.capacities.merge_factor
@@ -62,7 +62,7 @@ class WindowTraffic:
         if len(keys) > 1:  # one reference per request with items in the window
             pool.hold(slot, len(keys) - 1)
         self._sync_free_rows(dispatch.worker)
-        self._windows[dispatch.window] = (dispatch, slot)
+        self._windows[dispatch.window] = (dispatch, slot, loop.time())
         self._windows_sent += 1
         self._items_sent += len(dispatch.items)
         window_items, frames = [], []
@@ -80,7 +80,9 @@ class WindowTraffic:
         loop = asyncio.get_running_loop()
         while True:
             messages = await handle.receive(LIVENESS_POLL_S)
-            if not messages and not handle.alive():
+            if self._handles[handle.worker] is not handle or not self.scheduler.workers[handle.worker].ready:
+                return  # lost while this loop waited (e.g. a send found no peer): its windows were dealt with
+            if not messages and (not handle.alive() or self._check_stuck(handle, loop.time())):
                 self._worker_died(handle)
                 return
             for message in messages:
@@ -89,31 +91,11 @@ class WindowTraffic:
                         self._worker_ms += worker_ms
                         self._complete(window, rows, loop.time())
                     case WindowFailed(window=window, message=problem):
-                        dispatch, slot = self._windows.pop(window)
+                        dispatch, slot, _ = self._windows.pop(window)
                         self.scheduler.window_done(window, loop.time(), learn=False)
                         self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
             if messages:
                 self._poke.set()
-
-    def _worker_died(self, handle: WorkerHandle) -> None:
-        """Fail what the dead worker held; with no worker left, fail the queue too (no request may hang).
-        (Restarting workers with fresh graphs and a new slab epoch is the next step.)"""
-        code = handle.process.exitcode if handle.process is not None else None
-        log.error("worker %d (%s) exited with code %s", handle.worker, handle.spec.device, code)
-        if not self.scheduler.workers[handle.worker].ready:
-            return  # already handled
-        for dispatch in self.scheduler.worker_lost(handle.worker):
-            sent = self._windows.pop(dispatch.window, None)
-            problem = f"worker {handle.worker} exited (code {code}) while running the window"
-            if sent is not None:
-                self._fail_window(dispatch, sent[1], problem)
-            else:
-                for key in {item.request.key for item in dispatch.items}:
-                    self._fail(key, "worker_failed", problem)
-        if not any(state.ready for state in self.scheduler.workers.values()):
-            for key in {item.request.key for item in self.scheduler.queue}:
-                self._fail(key, "worker_failed", "no worker is left to serve the request")
-        self._poke.set()
 
     def _fail_window(self, dispatch: Dispatch, slot: Slot, problem: str) -> None:
         for key in {item.request.key for item in dispatch.items}:
@@ -121,7 +103,7 @@ class WindowTraffic:
             self._fail(key, "worker_failed", problem)
 
     def _complete(self, window: int, rows: list[int], now: float) -> None:
-        dispatch, slot = self._windows.pop(window)
+        dispatch, slot, _ = self._windows.pop(window)
         self.scheduler.window_done(window, now)
         merge = self.capacities.merge_factor
         for item, first_row in zip(dispatch.items, rows):

@@ -99,7 +99,12 @@ class WorkerHandle:
                 await asyncio.to_thread(self.process.join, timeout_s)
             except (asyncio.TimeoutError, zmq.ZMQError):
                 pass
-        self.kill()
+        await self.close()
+
+    async def close(self) -> None:
+        """Kill the process if it still runs and close the socket."""
+        if self.alive():
+            await asyncio.to_thread(self.kill)
         self.socket.close()
 
     def kill(self) -> None:

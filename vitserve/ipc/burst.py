@@ -122,8 +122,9 @@ class BurstSocket:
                 waiting.append((event, future))
         self._waiters = waiting
 
-    def close(self) -> None:
-        """Stop watching the descriptor and close the socket (pending messages are dropped)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Stop watching the descriptor and close the socket; messages not yet sent are dropped
+        (or, with `linger_ms`, get that long to go out when the context terminates)."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.socket.get(zmq.FD))
         self._loop = None
@@ -131,7 +132,7 @@ class BurstSocket:
             if not future.done():
                 future.cancel()
         self._waiters = []
-        self.socket.close(0)
+        self.socket.close(linger_ms)
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -125,10 +125,12 @@ class Stats(msgspec.Struct, frozen=True, tag="stats_reply"):
 
 
 class Health(msgspec.Struct, frozen=True, tag="health_reply"):
-    ready: bool
+    ready: bool  # admitting requests, with at least one worker up
     workers_ready: int
     workers: int
     detail: str = ""
+    worker_pids: list[int] = []  # running workers (fault-injection tools on the same host use them)
+    pid: int = 0  # the engine's process
 
 
 ClientMessage = Union[Hello, Encode, Cancel, Release, StatsQuery, HealthQuery]

@@ -37,6 +37,7 @@ class QueuedItem:
     sequences: int
     order: tuple[int, float, int, int]  # (priority, deadline, arrival number, index)
     alone_ms: float = 0.0  # predicted time of this item's own window, for early deadline failure
+    lost: int = 0  # windows holding it that a worker lost (it is retried once)
 
     @property
     def square_tokens(self) -> int:
@@ -66,6 +67,12 @@ class RequestQueue:
             self.tokens += tokens
             added.append(item)
         return added
+
+    def put_back(self, items: Sequence[QueuedItem]) -> None:
+        """Queue items again in their original order (those of a window a worker lost)."""
+        for item in items:
+            bisect.insort(self._items, item, key=lambda queued: queued.order)
+            self.tokens += item.tokens
 
     def remove(self, items: Sequence[QueuedItem]) -> None:
         gone = {id(item) for item in items}

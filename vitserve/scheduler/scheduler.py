@@ -27,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from vitserve.workers import Capacities
 
 from .config import SchedulerConfig
 from .learning import learn_from_completion
 from .queue import QueuedItem, Request, RequestQueue
-from .state import Dispatch, Failure, WorkerState
+from .state import Dispatch, Failure, Predictor, WorkerState
 
 MAX_REMEMBERED_SHAPES = 4096  # item shapes whose predicted time is kept
 
@@ -120,6 +121,20 @@ class Scheduler:
             self._sent_at.pop(dispatch.window, None)
         worker.in_flight.clear()
         return lost
+
+    def retry(self, items: Sequence[QueuedItem]) -> None:
+        """Queue the items of a lost window again, ahead of later arrivals of their priority."""
+        for item in items:
+            item.lost += 1
+        self.queue.put_back(items)
+
+    def worker_back(self, worker_id: int, predict: Predictor, free_rows: int, now: float) -> None:
+        """A restarted worker takes windows again; it keeps what was learned of its device."""
+        worker = self.workers[worker_id]
+        worker.predict, worker.free_rows, worker.busy_until = predict, free_rows, now
+        worker.in_flight.clear()
+        worker.ready = True
+        self._modelled_ms.clear()  # modelled per worker: its cost model was measured anew
 
     # -- decisions ---------------------------------------------------------------------------
     def poll(self, now: float) -> tuple[list[Dispatch], list[Failure]]:

@@ -10,6 +10,7 @@ in place. The process talks to the engine over one ZeroMQ PAIR socket.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ MAX_RUNNING = 2
 # instead would leave a window that arrives meanwhile unprepared until the device is idle: a
 # bubble of host work in every window.
 RUNNING_POLL_S = 100e-6
+ORPHAN_CHECK_MS = 1000  # an idle worker checks this often that the engine that started it still runs
+EXIT_DEVICE_FAULT = 3  # exit code after a CUDA error: the context is unusable, the engine restarts us
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +65,13 @@ class WorkerSpec:
     log_level: int = logging.WARNING
 
 
+class DeviceFault(Exception):
+    """A CUDA error: the device context cannot be trusted for any later window."""
+
+
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of the spawned process."""
+    engine_pid = os.getppid()
     logging.basicConfig(level=spec.log_level, format=f"worker {spec.worker}: %(levelname)s %(message)s")
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -81,6 +89,18 @@ def worker_main(spec: WorkerSpec) -> None:
         socket.close()
         context.term()
         return
+    try:
+        serve_windows(worker, socket, encoder, engine_pid)
+    except DeviceFault as fault:  # no reply: the engine retries the window on a fresh worker
+        log.error("device fault, exiting: %s", fault)
+        os._exit(EXIT_DEVICE_FAULT)
+    worker.close()
+    socket.close()
+    context.term()
+
+
+def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.Encoder, engine_pid: int) -> None:
+    """Run the engine's windows until it says Shutdown (or is gone)."""
     codec = Codec(ToWorker)
     running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
     while True:
@@ -92,6 +112,11 @@ def worker_main(spec: WorkerSpec) -> None:
         if running and not socket.poll(0):
             time.sleep(RUNNING_POLL_S)  # nothing new yet: check the oldest again shortly
             continue
+        if not running and not socket.poll(ORPHAN_CHECK_MS):
+            if os.getppid() != engine_pid:
+                log.error("the engine (pid %d) is gone: exiting", engine_pid)
+                return
+            continue
         message, frames = codec.decode(socket.recv_multipart(copy=False))
         match message:
             case Shutdown():
@@ -100,9 +125,6 @@ def worker_main(spec: WorkerSpec) -> None:
                 running.append(worker.start(message, frames))
     for window in running:
         socket.send(encoder.encode(window.reply()))
-    worker.close()
-    socket.close()
-    context.term()
 
 
 @dataclass
@@ -123,8 +145,7 @@ class Running:
         try:
             self.result.wait()
         except Exception as err:  # an asynchronous CUDA error surfaces here
-            log.exception("window %d failed", self.window)
-            return WindowFailed(self.window, f"{type(err).__name__}: {err}")
+            raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
         return WindowDone(self.window, [item.offset for item in self.result.items],
                           (time.perf_counter() - self.received) * 1e3)
 
@@ -160,7 +181,9 @@ class Worker:
         received = time.perf_counter()
         try:
             return Running(message.window, self._encode(message, frames), received=received)
-        except Exception as err:  # the window fails, the worker goes on
+        except Exception as err:  # the window fails, the worker goes on (unless the device is broken)
+            if self.device.type == "cuda" and is_cuda_error(err):
+                raise DeviceFault(f"window {message.window}: {type(err).__name__}: {err}") from err
             log.exception("window %d failed", message.window)
             return Running(message.window, None, f"{type(err).__name__}: {err}", received)
 
@@ -195,3 +218,9 @@ class Worker:
 
     def close(self) -> None:
         self.slabs.clear()
+
+
+def is_cuda_error(err: BaseException) -> bool:
+    """Whether `err` comes from the CUDA runtime (sticky: every later call on the context fails too)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(err, accelerator_error)) or "CUDA error" in str(err)

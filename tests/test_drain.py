@@ -1,0 +1,114 @@
+"""Draining and crashes of the engine: SIGTERM or close() lets admitted requests finish and answers
+new ones with `shutting_down`; a crashed engine's slabs are removed by the next start and its
+workers exit by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from served import served
+
+from vitserve import AsyncClient, Client, Engine, EngineConfig
+from vitserve.engine import EngineError
+from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
+from vitserve.workers import WindowConfig
+
+WINDOW = WindowConfig(min_budget=64, max_budget=512)
+BIG = 1536  # one eager window of about a second on the CPU
+FLAGS = ("--min-budget", "64", "--max-budget", "512", "--max-item-tokens", "16384")
+
+
+def image(side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def slab_files(pid: int) -> list[str]:
+    return [name for name in os.listdir(SHM_DIR) if (parsed := parse_slab_name(name)) and parsed[0] == pid]
+
+
+def test_close_lets_admitted_requests_finish_and_refuses_new_ones():
+    async def run() -> None:
+        engine = Engine(EngineConfig(window=WINDOW, max_item_tokens=16384))
+        await engine.start()
+        running = [asyncio.ensure_future(engine.run(engine.admit([image(BIG, 1)]), None, 0))]
+        running += [asyncio.ensure_future(engine.run(engine.admit([image(64 + 8 * i, i)]), None, 0)) for i in range(6)]
+        await asyncio.sleep(0)  # all admitted
+        closing = asyncio.ensure_future(engine.close())
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineError) as info:
+            engine.submit(engine.admit([image(64)]), None, 0)
+        assert info.value.code == "shutting_down"
+        health = engine.health()
+        assert not health.ready and health.detail == "shutting down"
+        for done in await asyncio.gather(*running):  # every one got its result, none an error
+            key, refs = done
+            assert len(refs) == 1 and refs[0].epoch == 0
+        await closing
+
+    asyncio.run(run())
+
+
+def test_what_does_not_finish_within_the_drain_timeout_fails_with_shutting_down():
+    async def run() -> None:
+        async with Engine(EngineConfig(window=WINDOW, max_item_tokens=16384, drain_timeout_s=0.2)) as engine:
+            running = asyncio.ensure_future(engine.encode([image(BIG, 1)] * 3))
+            await asyncio.sleep(0.05)
+            assert await engine.drain() == 1
+            with pytest.raises(EngineError) as info:
+                await running
+            assert info.value.code == "shutting_down" and "drain_timeout_s=0.2" in info.value.message
+            assert engine.stats()["requests_open"] == 0
+
+    asyncio.run(run())
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_cleanly(tmp_path):
+    endpoint = f"ipc://{tmp_path}/drain.sock"
+
+    async def run(process: subprocess.Popen) -> None:
+        async with AsyncClient(endpoint) as client:
+            pictures = [image(BIG, 1), *(image(64 + 8 * i, i) for i in range(8))]
+            running = [asyncio.ensure_future(client.encode([picture])) for picture in pictures]
+            await asyncio.sleep(0)  # the encodes go out
+            assert (await client.stats())["requests"] == len(pictures)  # answered after they were admitted
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            health = await client.health()
+            assert not health.ready and health.detail == "shutting down"
+            with pytest.raises(EngineError) as info:
+                await client.encode([image(64)])
+            assert info.value.code == "shutting_down"
+            for result in await asyncio.gather(*running):
+                assert result.items[0].embeddings.shape[1] > 0
+                result.release()
+
+    with served(endpoint, *FLAGS) as process:
+        asyncio.run(run(process))
+    assert slab_files(process.pid) == []
+
+
+def test_a_crashed_engines_slabs_are_removed_by_the_next_start_and_its_workers_exit(tmp_path):
+    endpoint = f"ipc://{tmp_path}/first.sock"
+    process = subprocess.Popen([sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *FLAGS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "ready" in process.stdout.readline()
+    with Client(endpoint) as client:
+        client.encode([image(64)])  # held: the crash leaves it behind
+        workers = client.health().worker_pids
+    process.kill()
+    process.wait(30)
+    assert slab_files(process.pid), "a killed engine leaves its slabs"
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
+        assert time.monotonic() < deadline, "the workers of a killed engine did not exit"
+        time.sleep(0.1)
+    with served(f"ipc://{tmp_path}/second.sock", *FLAGS):
+        assert slab_files(process.pid) == []

@@ -1,0 +1,155 @@
+"""Worker failure: detect a dead or stuck worker, retry its windows once, restart it in a new epoch.
+
+A worker is lost when its process exits (killed, or a CUDA error, which the worker treats as
+fatal), when its socket has no peer, or when a window runs past `window_timeout_s` (the
+watchdog kills it). Items of its in-flight windows are queued again, once: an item lost a
+second time fails its request with `worker_failed`. The worker is started again with freshly
+captured graphs and a new slab pool of the next epoch. The old pool is retired, not closed:
+results delivered from it stay readable until released, and its slabs go with the last one.
+No reference of the old epoch can name a slab of the new one, so a stale reference reads the
+data it was given or fails, never another request's rows.
+
+A mixin of `Engine` (engine.py), which owns the state used here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vitserve.ipc.messages import WorkerReady
+from vitserve.ipc.slabs import SlabPool
+from vitserve.workers.process import WorkerSpec
+
+from .outputs_layout import agreed_capacities, predictor
+from .worker_handle import WorkerHandle, WorkerStartError
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = 1.0  # wait before another start attempt, times the attempts so far
+
+
+class WorkerRestarts:
+    def _spawn(self, worker: int, epoch: int) -> WorkerHandle:
+        """A handle for worker `worker` in `epoch` (not started yet)."""
+        config, device = self.config, self.config.devices[worker]
+        spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}-e{epoch}",
+                          model=config.model, device=device, dtype=config.dtype, window=config.window,
+                          preprocess=config.preprocess, threads=config.worker_threads(device),
+                          log_level=logging.getLogger().level)
+        return WorkerHandle(spec, self._context)
+
+    def _new_pool(self, worker: int, epoch: int) -> SlabPool:
+        return SlabPool(f"w{worker}", self.layout.slot_rows * self.layout.row_bytes, self.layout.slots, epoch=epoch)
+
+    def _check_stuck(self, handle: WorkerHandle, now: float) -> bool:
+        """Kill the worker if its oldest window has run past the watchdog; True when it was killed."""
+        limit = self.config.window_timeout_s
+        in_flight = self.scheduler.workers[handle.worker].in_flight
+        if limit is None or not in_flight:
+            return False
+        oldest = min(self._windows[window][2] for window in in_flight if window in self._windows)
+        if now - oldest <= limit:
+            return False
+        log.error("worker %d has run a window for %.1f s, over window_timeout_s=%g: killing it",
+                  handle.worker, now - oldest, limit)
+        handle.kill()
+        return True
+
+    def _worker_died(self, handle: WorkerHandle) -> None:
+        """Retry or fail what the lost worker held, and start it again."""
+        worker = handle.worker
+        if handle is not self._handles[worker] or not self.scheduler.workers[worker].ready:
+            return  # already handled
+        code = handle.process.exitcode if handle.process is not None else None
+        log.error("worker %d (%s) is lost (exit code %s)", worker, handle.spec.device, code)
+        problem = f"worker {worker} was lost (exit code {code}) while running the request's items twice"
+        lost = self.scheduler.worker_lost(worker)
+        pool = self._pools.pop(worker)
+        self._retired[(worker, pool.epoch)] = pool
+        retry, doomed = [], set()
+        for dispatch in lost:
+            sent = self._windows.pop(dispatch.window, None)
+            keys = {item.request.key for item in dispatch.items}
+            for _ in keys if sent is not None else ():
+                self._release_slot(worker, sent[1])  # the window's reference for each of its requests
+            for item in dispatch.items:
+                if item.request.key not in self._pending:
+                    continue  # cancelled or failed while the window ran
+                if item.lost:
+                    doomed.add(item.request.key)
+                else:
+                    retry.append(item)
+        self._close_if_unused(worker, pool.epoch)
+        self._windows_retried += len(lost)
+        self.scheduler.retry([item for item in retry if item.request.key not in doomed])
+        for key in doomed:
+            self._fail(key, "worker_failed", problem)
+        if self.config.worker_restarts and not self._closing:
+            self._restarting.add(worker)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._restart(handle),
+                                                                      name=f"vitserve-restart-{worker}"))
+        self._fail_if_no_worker()
+        self._poke.set()
+
+    async def _restart(self, old: WorkerHandle) -> None:
+        try:
+            back = await self._start_again(old)
+        except Exception:  # e.g. no room for new slabs: the worker stays down, and nothing may wait for it
+            log.exception("restarting worker %d failed", old.worker)
+            back = False
+        if not back:
+            log.error("worker %d stays down", old.worker)
+            self._restarting.discard(old.worker)
+            self._fail_if_no_worker()
+
+    async def _start_again(self, old: WorkerHandle) -> bool:
+        """Start attempts, with a growing pause between them; True once the worker is back."""
+        worker = old.worker
+        epoch = self._epochs[worker]
+        await old.close()
+        for attempt in range(1, self.config.worker_restarts + 1):
+            epoch += 1  # every attempt gets its own socket and, if it starts, slabs of its own
+            handle = self._handles[worker] = self._spawn(worker, epoch)
+            try:
+                ready = await handle.start(self.config.startup_timeout_s)
+                self._check_restarted(ready)
+            except WorkerStartError as err:
+                log.error("restart %d of %d of worker %d failed: %s", attempt, self.config.worker_restarts, worker, err)
+                await handle.close()
+                await asyncio.sleep(RESTART_BACKOFF_S * attempt)
+                continue
+            self._epochs[worker] = epoch
+            self._pools[worker] = self._new_pool(worker, epoch)
+            loop = asyncio.get_running_loop()
+            self.scheduler.worker_back(worker, predictor(ready, self.capacities),
+                                       self.layout.slots * self.layout.slot_rows, loop.time())
+            self._restarting.discard(worker)
+            self._worker_restarts += 1
+            receive = loop.create_task(self._receive_loop(handle), name=f"vitserve-receive-{worker}-e{epoch}")
+            receive.add_done_callback(self._loop_ended)
+            self._tasks.append(receive)
+            log.warning("worker %d is back (epoch %d, capture %.1f s)", worker, epoch, ready.capture_s)
+            self._poke.set()
+            return True
+        return False
+
+    def _check_restarted(self, ready: WorkerReady) -> None:
+        """A restarted worker must take the same windows and write the same rows as before."""
+        first = self.ready
+        try:
+            agreed_capacities([first, ready])
+        except RuntimeError as err:
+            raise WorkerStartError(f"worker {ready.worker} restarted unlike it first started: {err}") from None
+        if (ready.out_hidden, ready.num_deepstack, ready.dtype) != (first.out_hidden, first.num_deepstack, first.dtype):
+            raise WorkerStartError(f"worker {ready.worker} restarted with other outputs: {ready} vs {first}")
+
+    def _fail_if_no_worker(self) -> None:
+        """With no worker serving and none coming back, nothing queued can run: fail it."""
+        if self.workers_ready() or self._restarting:
+            return
+        for key in {item.request.key for item in self.scheduler.queue}:
+            self._fail(key, "worker_failed", "no worker is left to serve the request")
+
+    def workers_ready(self) -> int:
+        return sum(1 for state in self.scheduler.workers.values() if state.ready) if self.scheduler else 0

@@ -1,0 +1,34 @@
+"""The soak's summary table (markdown, so that it can go into notes as it is)."""
+
+from __future__ import annotations
+
+from .ledger import Ledger
+from .resources import Footprint
+
+
+def summary(config, ledger: Ledger, seconds: float, start: Footprint | None, end: Footprint | None) -> str:
+    rows = [
+        ("duration", f"{seconds:.0f} s of load at {config.rate:g} req/s ({config.workload}, {config.clients} clients)"),
+        ("requests", f"{ledger.sent} sent, {ledger.ended} ended"),
+    ]
+    rows += [(f"outcome: {code}", str(count)) for code, count in sorted(ledger.outcomes.items())]
+    rows += [(f"fault: {kind}", str(count)) for kind, count in sorted(ledger.faults.items())]
+    rows += [
+        ("latency of results", f"p50 {ledger.percentile(50):.1f} ms, p99 {ledger.percentile(99):.1f} ms"),
+        ("repeated inputs compared", str(ledger.compared)),
+    ]
+    if start is not None and end is not None:
+        rows += [
+            ("engine + workers RSS", f"{start.rss_mib:.0f} MiB at start, {end.rss_mib:.0f} MiB at end"),
+            ("GPU memory used", "n/a" if start.gpu_mib is None or end.gpu_mib is None else
+             f"{start.gpu_mib:.0f} MiB at start, {end.gpu_mib:.0f} MiB at end"),
+            ("/dev/shm slabs", f"{start.shm_files} files, {start.shm_mib:.0f} MiB at start; "
+                               f"{end.shm_files} files, {end.shm_mib:.0f} MiB at end"),
+        ]
+    rows.append(("violations", str(len(ledger.violations))))
+    width = max(len(name) for name, _ in rows)
+    lines = ["", f"| {'what'.ljust(width)} | value |", f"| {'-' * width} | --- |"]
+    lines += [f"| {name.ljust(width)} | {value} |" for name, value in rows]
+    lines += [f"violation: {problem}" for problem in ledger.violations]
+    lines.append("soak: " + ("FAILED" if ledger.violations else "passed"))
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""The engine's footprint on its host, sampled at the start and end of a soak run: resident memory
+of the engine and its workers, GPU memory in use, and its shared-memory slabs in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import psutil
+
+from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Footprint:
+    rss_mib: float  # engine and workers together
+    gpu_mib: float | None  # used on the engine's GPUs (None: no nvidia-smi, or CPU devices)
+    shm_mib: float  # the engine's slab files
+    shm_files: int
+
+
+def footprint(engine_pid: int, worker_pids: list[int], gpus: list[int] | None) -> Footprint:
+    rss = 0
+    for pid in [engine_pid, *worker_pids]:
+        try:
+            rss += psutil.Process(pid).memory_info().rss
+        except psutil.Error:  # a worker that is being restarted
+            pass
+    sizes = []
+    for name in os.listdir(SHM_DIR):
+        parsed = parse_slab_name(name)
+        if parsed is not None and parsed[0] == engine_pid:
+            try:
+                sizes.append(os.stat(SHM_DIR / name).st_size)
+            except FileNotFoundError:
+                pass  # removed while listing
+    return Footprint(rss / MIB, gpu_used_mib(gpus), sum(sizes) / MIB, len(sizes))
+
+
+def gpu_used_mib(gpus: list[int] | None) -> float | None:
+    """Device memory in use on `gpus` (None: every GPU), from nvidia-smi (what the driver sees, graphs
+    and pools included); None without GPUs or nvidia-smi."""
+    if gpus == [] or shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    used = {int(index): float(mib) for index, mib in (line.split(",") for line in out.strip().splitlines())}
+    return sum(used.values()) if gpus is None else sum(used.get(gpu, 0.0) for gpu in gpus)
+
+
+def gpu_indices(devices: list[str]) -> list[int]:
+    """CUDA device indices of devices like "cuda:1" ("cuda" alone is 0)."""
+    return [int(d.partition(":")[2] or 0) for d in devices if d.startswith("cuda")]
+
+
+@dataclass(frozen=True)
+class Growth:
+    """How much each footprint may grow over the run before it counts as a leak."""
+
+    rss_mib: float = 256.0
+    gpu_mib: float = 512.0
+
+    def violations(self, start: Footprint, end: Footprint) -> list[str]:
+        found = []
+        if end.rss_mib - start.rss_mib > self.rss_mib:
+            found.append(f"resident memory grew from {start.rss_mib:.0f} to {end.rss_mib:.0f} MiB "
+                         f"(allowed: {self.rss_mib:.0f} MiB)")
+        if start.gpu_mib is not None and end.gpu_mib is not None and end.gpu_mib - start.gpu_mib > self.gpu_mib:
+            found.append(f"GPU memory grew from {start.gpu_mib:.0f} to {end.gpu_mib:.0f} MiB "
+                         f"(allowed: {self.gpu_mib:.0f} MiB)")
+        if end.shm_mib > start.shm_mib or end.shm_files > start.shm_files:
+            found.append(f"/dev/shm slabs grew from {start.shm_files} files, {start.shm_mib:.0f} MiB to "
+                         f"{end.shm_files} files, {end.shm_mib:.0f} MiB after every result was released")
+        return found
