@@ -49,7 +49,7 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
-        self.stray_replies = 0  # replies for no request awaiting one (a second reply to a request would count)
+        self.stray_replies: list[str] = []  # replies for no request awaiting one (a second reply would be one)
         self._reader = SlabReader()
         self._releases: list[int] = []  # gathered during one loop turn, sent as one message
         # stats and health queries in flight, by reply type; each type is answered in order
@@ -109,8 +109,11 @@ class AsyncClient:
         try:
             reply, reply_frames = await future
         except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
-            self._cancelled.add(request_id)
-            self._send_control(Cancel(request_id))
+            if future.done() and not future.cancelled():  # the reply came in the same turn as the cancellation
+                self._unwanted(request_id, future.result()[0])
+            else:
+                self._cancelled.add(request_id)
+                self._send_control(Cancel(request_id))
             raise
         finally:
             self._waiting.pop(request_id, None)
@@ -186,14 +189,18 @@ class AsyncClient:
             future.set_result((message, arrays))
         elif request_id in self._cancelled:  # the one reply to a request given up on
             self._cancelled.discard(request_id)
-            if isinstance(message, Result) and not self.inline:  # it finished before the cancel
-                self._send_release(request_id)
+            self._unwanted(request_id, message)
         elif isinstance(message, Error) and request_id is None:
             for waiting in self._waiting.values():  # an error about a message we sent, not a request
                 if not waiting.done():
                     waiting.set_result((message, []))
-        else:
-            self.stray_replies += 1
+        elif len(self.stray_replies) < 100:
+            self.stray_replies.append(repr(message)[:300])
+
+    def _unwanted(self, request_id: int, reply: Result | Error) -> None:
+        """The reply to a request given up on: a result that finished before the cancel is released."""
+        if isinstance(reply, Result) and not self.inline:
+            self._send_release(request_id)
 
     async def close(self) -> None:
         if self._receiver is not None:

@@ -47,10 +47,8 @@ class WindowTraffic:
     def _send(self, dispatch: Dispatch) -> None:
         loop = asyncio.get_running_loop()
         keys = {item.request.key for item in dispatch.items}
-        if not self.scheduler.holds(dispatch.window):  # its worker was lost while this poll's windows went out
-            self.scheduler.retry([item for item in dispatch.items if item.request.key in self._pending])
-            self._fail_if_no_worker()
-            return
+        if not self.scheduler.holds(dispatch.window):
+            return  # its worker was lost while this poll's windows went out: its items were retried or failed then
         pool = self._pools[dispatch.worker]
         rows = dispatch.tokens // self.capacities.merge_factor
         slot = pool.acquire(self.layout.slots_for(rows))

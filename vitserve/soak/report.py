@@ -19,7 +19,9 @@ def summary(config, ledger: Ledger, seconds: float, start: Footprint | None, end
     ]
     if start is not None and end is not None:
         rows += [
-            ("engine + workers RSS", f"{start.rss_mib:.0f} MiB at start, {end.rss_mib:.0f} MiB at end"),
+            ("baseline", "settled after one round of every fault (or after the warm-up)"),
+            ("engine + workers RSS", f"{start.rss_mib:.0f} MiB at start, {end.rss_mib:.0f} MiB at end (engine "
+                                     f"{start.engine_rss_mib:.0f}, {end.engine_rss_mib:.0f})"),
             ("GPU memory used", "n/a" if start.gpu_mib is None or end.gpu_mib is None else
              f"{start.gpu_mib:.0f} MiB at start, {end.gpu_mib:.0f} MiB at end"),
             ("/dev/shm slabs", f"{start.shm_files} files, {start.shm_mib:.0f} MiB at start; "

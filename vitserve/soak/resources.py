@@ -18,16 +18,17 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class Footprint:
     rss_mib: float  # engine and workers together
+    engine_rss_mib: float  # of which the engine process
     gpu_mib: float | None  # used on the engine's GPUs (None: no nvidia-smi, or CPU devices)
     shm_mib: float  # the engine's slab files
     shm_files: int
 
 
 def footprint(engine_pid: int, worker_pids: list[int], gpus: list[int] | None) -> Footprint:
-    rss = 0
+    rss = {}
     for pid in [engine_pid, *worker_pids]:
         try:
-            rss += psutil.Process(pid).memory_info().rss
+            rss[pid] = psutil.Process(pid).memory_info().rss
         except psutil.Error:  # a worker that is being restarted
             pass
     sizes = []
@@ -38,7 +39,8 @@ def footprint(engine_pid: int, worker_pids: list[int], gpus: list[int] | None) -
                 sizes.append(os.stat(SHM_DIR / name).st_size)
             except FileNotFoundError:
                 pass  # removed while listing
-    return Footprint(rss / MIB, gpu_used_mib(gpus), sum(sizes) / MIB, len(sizes))
+    return Footprint(sum(rss.values()) / MIB, rss.get(engine_pid, 0) / MIB, gpu_used_mib(gpus), sum(sizes) / MIB,
+                     len(sizes))
 
 
 def gpu_used_mib(gpus: list[int] | None) -> float | None:

@@ -74,6 +74,8 @@ class Soak:
         self.requests = make_requests(config.workload, config.distinct, config.seed)
         self.rng = random.Random(config.seed)
         self.tasks: list[asyncio.Task] = []
+        self.baseline: Footprint | None = None  # footprint once every fault has happened once, settled
+        self.paused_s = 0.0  # arrivals paused for the baseline
         self._next_client = itertools.cycle(clients)
 
     def send(self, index: int, cancel_after_s: float | None = None) -> None:
@@ -118,8 +120,11 @@ class Soak:
                 done = True
         self.ledger.faults[kind if done else f"{kind} (not possible then)"] += 1
 
-    async def load(self, progress: tqdm) -> None:
-        """Poisson arrivals for the duration, with a fault every interval."""
+    async def load(self, progress: tqdm, workers: int, gpus: list[int] | None) -> None:
+        """Poisson arrivals for the duration, with a fault every interval. After the first round of
+        faults, arrivals pause until the engine settles, for the baseline footprint: the first
+        restart, burst and killed client raise memory high-water marks once, and a leak is what
+        grows after that."""
         config, loop = self.config, asyncio.get_running_loop()
         began = loop.time()
         kinds = itertools.cycle(config.faults) if config.faults else None
@@ -132,6 +137,15 @@ class Soak:
             if kinds is not None and next_fault <= now:
                 injecting.append(asyncio.ensure_future(self.inject(next(kinds))))
                 next_fault += config.fault_interval_s
+                if len(injecting) == len(config.faults):
+                    paused = loop.time()
+                    await asyncio.gather(*injecting, *self.tasks)
+                    await self.settled(workers)
+                    self.baseline = await self.sample(gpus) or self.baseline
+                    shift = loop.time() - paused  # the pause does not count as load
+                    self.paused_s += shift
+                    began, next_arrival, next_fault, next_tick = (t + shift for t in (began, next_arrival, next_fault,
+                                                                                        next_tick))
             if next_tick <= now:
                 progress.update(1)
                 progress.set_postfix(self.ledger.progress() | {"p50_ms": f"{self.ledger.percentile(50):.0f}"})
@@ -169,16 +183,16 @@ class Soak:
             self.send(index)
         await asyncio.gather(*self.tasks)
         await self.settled(workers)
-        start = await self.sample(gpus)
+        self.baseline = await self.sample(gpus)
         began = time.perf_counter()
         with tqdm(total=int(self.config.duration_s), unit="s", desc="soak", dynamic_ncols=True) as progress:
-            await self.load(progress)
-        seconds = time.perf_counter() - began
+            await self.load(progress, workers, gpus)
+        seconds = time.perf_counter() - began - self.paused_s
         await self.settled(workers)
-        end = await self.sample(gpus)
-        stray = sum(client.stray_replies for client in self.clients)
-        if stray:
-            self.ledger.violate(f"{stray} replies matched no waiting request (a request answered twice?)")
+        start, end = self.baseline, await self.sample(gpus)
+        for client in self.clients:
+            for reply in client.stray_replies:
+                self.ledger.violate(f"a reply matched no waiting request of {client.name}: {reply}")
         if start is not None and end is not None:
             for problem in self.config.growth.violations(start, end):
                 self.ledger.violate(problem)
