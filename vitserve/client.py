@@ -111,7 +111,7 @@ class AsyncClient:
         except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
             if future.done() and not future.cancelled():  # the reply came in the same turn as the cancellation
                 self._unwanted(request_id, future.result()[0])
-            else:
+            elif request_id in self._waiting:  # no reply yet (`_dispatch` takes one that comes as we unwind)
                 self._cancelled.add(request_id)
                 self._send_control(Cancel(request_id))
             raise
@@ -187,6 +187,9 @@ class AsyncClient:
         future = self._waiting.get(request_id)
         if future is not None and not future.done():
             future.set_result((message, arrays))
+        elif future is not None and future.cancelled():  # given up on in this very turn: still its one reply
+            del self._waiting[request_id]
+            self._unwanted(request_id, message)
         elif request_id in self._cancelled:  # the one reply to a request given up on
             self._cancelled.discard(request_id)
             self._unwanted(request_id, message)
