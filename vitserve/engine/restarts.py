@@ -48,7 +48,7 @@ class WorkerRestarts:
         in_flight = self.scheduler.workers[handle.worker].in_flight
         if limit is None or not in_flight:
             return False
-        oldest = min(self._windows[window][2] for window in in_flight if window in self._windows)
+        oldest = min((self._windows[window][2] for window in in_flight if window in self._windows), default=now)
         if now - oldest <= limit:
             return False
         log.error("worker %d has run a window for %.1f s, over window_timeout_s=%g: killing it",
