@@ -16,7 +16,8 @@ from vitserve.ipc.messages import Encode, Stats, StatsQuery
 
 @contextmanager
 def served(endpoint: str, *flags: str):
-    """`vitserve serve` on `endpoint` (tiny model, CPU) until the block ends; it must exit cleanly on SIGTERM."""
+    """`vitserve serve` on `endpoint` (tiny model, CPU) until the block ends; it must exit cleanly on SIGTERM,
+    unless the block killed and reaped it on purpose."""
     command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
@@ -26,8 +27,9 @@ def served(endpoint: str, *flags: str):
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, process.stderr.read()
+        if process.returncode is None:  # still ours to stop: a crash of its own shows as a non-zero exit
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0, process.stderr.read()
 
 
 class RawPeer:

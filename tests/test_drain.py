@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -97,14 +96,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly(tmp_path):
 
 def test_a_crashed_engines_slabs_are_removed_by_the_next_start_and_its_workers_exit(tmp_path):
     endpoint = f"ipc://{tmp_path}/first.sock"
-    process = subprocess.Popen([sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *FLAGS],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "ready" in process.stdout.readline()
-    with Client(endpoint) as client:
-        client.encode([image(64)])  # held: the crash leaves it behind
-        workers = client.health().worker_pids
-    process.kill()
-    process.wait(30)
+    with served(endpoint, *FLAGS) as process:
+        with Client(endpoint) as client:
+            client.encode([image(64)])  # held: the crash leaves it behind
+            workers = client.health().worker_pids
+        process.kill()
+        process.wait(30)
     assert slab_files(process.pid), "a killed engine leaves its slabs"
     deadline = time.monotonic() + 30
     while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):

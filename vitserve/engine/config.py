@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from vitserve.checks import check_int, check_seconds
 from vitserve.preprocess import PreprocessConfig
 from vitserve.scheduler import SchedulerConfig
 from vitserve.workers import WindowConfig
@@ -51,32 +52,17 @@ class EngineConfig:
             raise ValueError("devices is empty: name at least one, e.g. ('cuda:0',) or ('cpu',)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16 (or None for the default)")
-        value = self.output_windows
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-            raise ValueError(f"output_windows must be an integer >= 2 (one window fills while clients read another), "
-                             f"got {value!r}")
-        if self.max_item_tokens is not None and (not isinstance(self.max_item_tokens, int) or self.max_item_tokens < 1):
-            raise ValueError(f"max_item_tokens must be a positive integer or None, got {self.max_item_tokens!r}")
-        threads = self.cpu_threads_per_worker
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"cpu_threads_per_worker must be a positive integer or None, got {threads!r}")
-        value = self.max_request_bytes
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"max_request_bytes must be a positive integer, got {value!r}")
-        if self.lease_timeout_s is not None and not 0 < self.lease_timeout_s < float("inf"):
-            raise ValueError(f"lease_timeout_s must be a number of seconds > 0 (or None: leases never expire), "
-                             f"got {self.lease_timeout_s!r}")
-        value = self.worker_restarts
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"worker_restarts must be an integer >= 0 (0: a worker that dies stays down), got {value!r}")
-        if self.window_timeout_s is not None and not 0 < self.window_timeout_s < float("inf"):
-            raise ValueError(f"window_timeout_s must be a number of seconds > 0 (or None: no watchdog), "
-                             f"got {self.window_timeout_s!r}")
-        if not 0 <= self.drain_timeout_s < float("inf"):
-            raise ValueError(f"drain_timeout_s must be a number of seconds >= 0 (0: fail what is pending at once), "
-                             f"got {self.drain_timeout_s!r}")
-        if not self.startup_timeout_s > 0:
-            raise ValueError(f"startup_timeout_s must be > 0 seconds, got {self.startup_timeout_s!r}")
+        check_int("output_windows", self.output_windows, 2, "one window fills while clients read another")
+        if self.max_item_tokens is not None:
+            check_int("max_item_tokens", self.max_item_tokens, 1, "or None for twice the largest budget")
+        if self.cpu_threads_per_worker is not None:
+            check_int("cpu_threads_per_worker", self.cpu_threads_per_worker, 1, "or None to share the host's cores")
+        check_int("max_request_bytes", self.max_request_bytes, 1, "the input arrays of one request together")
+        check_seconds("lease_timeout_s", self.lease_timeout_s, "or None: leases never expire", none_ok=True)
+        check_int("worker_restarts", self.worker_restarts, 0, "0: a worker that dies stays down")
+        check_seconds("window_timeout_s", self.window_timeout_s, "or None: no watchdog", none_ok=True)
+        check_seconds("drain_timeout_s", self.drain_timeout_s, "0: fail what is pending at once", zero_ok=True)
+        check_seconds("startup_timeout_s", self.startup_timeout_s, "how long a worker may take to load and capture")
 
     def worker_threads(self, device: str) -> int | None:
         """Torch threads of the worker on `device`: None (torch's default) for accelerators. CPU

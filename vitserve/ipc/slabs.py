@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitserve.checks import check_int
+
 SHM_DIR = Path("/dev/shm")
 PREFIX = "vitserve"
 SLOT_ALIGNMENT = max(4096, mmap.PAGESIZE)  # page sizes are powers of two, so always a multiple of 4096
@@ -114,11 +116,6 @@ def _discard_slabs(paths: list[Path], maps: list[mmap.mmap], creator_pid: int) -
     maps.clear()
 
 
-def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}: {hint}")
-
-
 class SlabPool:
     """Owner side (lives in the engine/worker that writes outputs): creates the slabs and leases slots."""
 
@@ -126,11 +123,11 @@ class SlabPool:
                  slots_per_slab: int | None = None, directory: Path = SHM_DIR):
         if not isinstance(owner, str) or not _OWNER.fullmatch(owner) or len(owner) > MAX_OWNER_LENGTH:
             raise ValueError(f"owner must be 1-{MAX_OWNER_LENGTH} letters, digits or _ like 'w0', got {owner!r}")
-        _check_int("slot_bytes", slot_bytes, 1, "pass the largest window output in bytes")
-        _check_int("slots", slots, 1, "pass how many windows may hold outputs at once")
+        check_int("slot_bytes", slot_bytes, 1, "pass the largest window output in bytes")
+        check_int("slots", slots, 1, "pass how many windows may hold outputs at once")
         if slots_per_slab is not None:
-            _check_int("slots_per_slab", slots_per_slab, 1, "or pass None to put all slots in one slab")
-        _check_int("epoch", epoch, 0, "increase it on every worker restart")
+            check_int("slots_per_slab", slots_per_slab, 1, "or pass None to put all slots in one slab")
+        check_int("epoch", epoch, 0, "increase it on every worker restart")
         self.owner, self.epoch, self.total_slots, self.directory = owner, epoch, slots, Path(directory)
         self.slot_bytes = -(-slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
         self.slots_per_slab = min(slots_per_slab or slots, slots)
@@ -199,7 +196,7 @@ class SlabPool:
     def acquire(self, count: int = 1) -> Slot | None:
         """`count` consecutive free slots in one slab with one reference, lowest index first (first fit
         keeps the touched memory compact); None when no such run is free."""
-        _check_int("count", count, 1, "pass how many consecutive slots the window needs")
+        check_int("count", count, 1, "pass how many consecutive slots the window needs")
         with self._lock:
             self._check(None)
             start = self._first_free_run(count)
@@ -236,7 +233,7 @@ class SlabPool:
 
     def hold(self, slot: Slot, count: int = 1) -> None:
         """Add `count` references (one per further request reading the slot)."""
-        _check_int("count", count, 1, "pass how many references to add")
+        check_int("count", count, 1, "pass how many references to add")
         with self._lock:
             self._check_held(slot, "acquire a slot before holding it")
             self._refcounts[slot.index] += count
