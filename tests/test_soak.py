@@ -65,6 +65,8 @@ def test_the_summary_lists_outcomes_faults_and_violations():
     ledger.faults["kill-worker"] += 1
     ledger.violate("something leaked")
     text = summary(SoakConfig(), ledger, 60.0, Footprint(1, 1, None, 2, 1), Footprint(1, 1, None, 2, 1))
+    assert "| /dev/shm slabs" in text and "1 file, 2 MiB at start; 1 file, 2 MiB at end" in text
+    assert "GPU memory used" in text and "n/a" in text and "growth allowed: 256)" in text
     assert re.search(r"\| outcome: worker_failed +\| 1 \|", text) and "| fault: kill-worker" in text
     assert "violation: something leaked" in text and text.endswith("soak: FAILED")
 

@@ -21,11 +21,13 @@ def summary(config, ledger: Ledger, seconds: float, start: Footprint | None, end
         rows += [
             ("baseline", "settled after one round of every fault (or after the warm-up)"),
             ("engine + workers RSS", f"{start.rss_mib:.0f} MiB at start, {end.rss_mib:.0f} MiB at end (engine "
-                                     f"{start.engine_rss_mib:.0f}, {end.engine_rss_mib:.0f})"),
+                                     f"{start.engine_rss_mib:.0f}, {end.engine_rss_mib:.0f}; growth allowed: "
+                                     f"{config.growth.rss_mib:.0f})"),
             ("GPU memory used", "n/a" if start.gpu_mib is None or end.gpu_mib is None else
-             f"{start.gpu_mib:.0f} MiB at start, {end.gpu_mib:.0f} MiB at end"),
-            ("/dev/shm slabs", f"{start.shm_files} files, {start.shm_mib:.0f} MiB at start; "
-                               f"{end.shm_files} files, {end.shm_mib:.0f} MiB at end"),
+             f"{start.gpu_mib:.0f} MiB at start, {end.gpu_mib:.0f} MiB at end (growth allowed: "
+             f"{config.growth.gpu_mib:.0f})"),
+            ("/dev/shm slabs", f"{_files(start.shm_files)}, {start.shm_mib:.0f} MiB at start; "
+                               f"{_files(end.shm_files)}, {end.shm_mib:.0f} MiB at end (growth allowed: none)"),
         ]
     rows.append(("violations", str(len(ledger.violations))))
     width = max(len(name) for name, _ in rows)
@@ -34,3 +36,7 @@ def summary(config, ledger: Ledger, seconds: float, start: Footprint | None, end
     lines += [f"violation: {problem}" for problem in ledger.violations]
     lines.append("soak: " + ("FAILED" if ledger.violations else "passed"))
     return "\n".join(lines)
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"

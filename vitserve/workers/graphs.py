@@ -44,7 +44,10 @@ class BudgetGraphs:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's activations are not the graphs' memory
         reserved_before = torch.cuda.memory_reserved()
-        for budget, slots in tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=not progress):
+        # No tqdm at all without progress: even a disabled bar creates a multiprocessing lock, which
+        # a killed worker leaves registered with the engine's resource tracker (a warning at exit).
+        shown = tqdm(keys, desc="capturing CUDA graphs", unit="graph") if progress else keys
+        for budget, slots in shown:
             self.window.stage_dummy(budget)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

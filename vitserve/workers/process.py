@@ -137,7 +137,10 @@ class Running:
     received: float = 0.0  # time.perf_counter() when the window's message arrived
 
     def finished(self) -> bool:
-        return self.result is None or self.result.done is None or self.result.done.query()
+        try:
+            return self.result is None or self.result.done is None or self.result.done.query()
+        except Exception as err:  # an asynchronous CUDA error can surface at the query too
+            raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
 
     def reply(self) -> FromWorker:
         if self.result is None:
