@@ -35,10 +35,12 @@ def served(endpoint: str, *flags: str):
 class RawPeer:
     """A DEALER socket that sends arbitrary frames and collects the replies to each message."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, receive_hwm: int | None = None):
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if receive_hwm is not None:  # how many unread replies this peer's side queues (ZeroMQ's default: 1000)
+            self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
         self.socket.connect(endpoint)
         self.codec = client_codec()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from served import served
 
 from vitserve import Engine, EngineConfig
 from vitserve import AsyncClient, Client
@@ -77,16 +78,9 @@ def server(request, tmp_path_factory):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, "--min-budget", "64",
-               "--max-budget", "2048", "--output-windows", "64"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    if "ready" not in line:
-        process.kill()
-        pytest.fail(f"vitserve serve did not start: {line}{process.stderr.read()}")
-    yield endpoint, process
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0, process.stderr.read()
+    with served(endpoint, "--min-budget", "64", "--max-budget", "2048", "--output-windows", "64") as process:
+        yield endpoint, process
+    assert slab_files(process.pid) == []
     assert slab_files(process.pid) == []
 
 

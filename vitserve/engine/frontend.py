@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from functools import partial
 
 import numpy as np
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 CLIENT_CHECK_S = 1.0  # how often client processes and reclaimed leases are checked
 MAX_HEADER_BYTES = 1 << 20  # a message header (the frames' descriptions) is far smaller
 CLOSE_LINGER_MS = 2000  # at shutdown, replies already queued get this long to reach their clients
+UNREAD_REPLIES_PER_CLIENT = 1000  # ZeroMQ's default high-water mark, made explicit: replies past it are dropped
 
 
 class Frontend:
@@ -44,12 +46,15 @@ class Frontend:
         self._context = zmq.Context()
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped, not raised
+        # A reply that cannot go out (its client is gone, or has this many unread replies) raises
+        # instead of vanishing: it is counted, and a result's rows are freed at once.
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        socket.setsockopt(zmq.SNDHWM, UNREAD_REPLIES_PER_CLIENT)
         # A frame larger than any admissible request is not even read: its sender is disconnected.
         socket.setsockopt(zmq.MAXMSGSIZE, engine.config.max_request_bytes + MAX_HEADER_BYTES)
         socket.bind(endpoint)
         self.socket = BurstSocket(socket)
-        self.counters = {"requests": 0, "results": 0, "errors": 0}
+        self.counters = {"requests": 0, "results": 0, "errors": 0, "replies_dropped": 0}
 
     async def serve(self) -> None:
         """Answer messages until cancelled."""
@@ -146,7 +151,9 @@ class Frontend:
         refs = future.result()
         self.counters["results"] += 1
         if not message.inline:
-            self._send(client, Result(message.id, refs))
+            if not self._send(client, Result(message.id, refs)):  # never to be read: free its rows now
+                self._active.pop(request, None)
+                self.engine.release(key)
             return
         # Inline (remote clients): copy the rows into the reply, then the slots are free again.
         frames = [np.array(self.engine.read(ref)) for ref in refs]
@@ -186,13 +193,20 @@ class Frontend:
         self.counters["errors"] += 1
         self._send(client, Error(request_id, code, text, retry))
 
-    def _send(self, client: bytes, message, frames: list | None = None) -> None:
+    def _send(self, client: bytes, message, frames: list | None = None) -> bool:
+        """Whether the reply went out; one that cannot (a vanished client, or one not reading) is counted."""
         if self.socket.socket.closed:
-            return  # the server stopped: requests still ending (failed by the engine's close) go unanswered
+            return False  # the server stopped: requests still ending (failed by the engine's close) go unanswered
         try:
-            self.socket.send_now([client, *self._codec.encode(message, frames or [])])
-        except zmq.ZMQError as err:  # a vanished peer: its reply is lost, the server goes on
-            log.warning("reply to a client failed: %s", err)
+            sent = self.socket.send_now([client, *self._codec.encode(message, frames or [])])
+        except zmq.ZMQError:  # EHOSTUNREACH: the client's connection is gone
+            sent = False
+        if not sent:
+            dropped = self.counters["replies_dropped"] = self.counters["replies_dropped"] + 1
+            if math.log10(dropped).is_integer():  # 1, 10, 100...: a trend, not a line per reply
+                log.warning("%d replies could not be delivered so far (clients gone, or not reading theirs)",
+                            dropped)
+        return sent
 
 
 def _items(message: Encode, arrays: list[memoryview]) -> list:
