@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from vitserve.ipc.slabs import Slot
+from vitserve.ipc.slabs import SHM_DIR, Slot, parse_slab_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,3 +46,8 @@ def read_in_another_process(directory: Path, refs: list[dict]) -> list[dict]:
 
 def reference(slot: Slot, shape: tuple[int, ...], dtype: str) -> dict:
     return {"slab": slot.slab, "epoch": slot.epoch, "offset": slot.offset, "shape": list(shape), "dtype": dtype}
+
+
+def slab_files(pid: int) -> list[str]:
+    """The /dev/shm slab files that the engine process `pid` created."""
+    return [name for name in os.listdir(SHM_DIR) if (parsed := parse_slab_name(name)) and parsed[0] == pid]

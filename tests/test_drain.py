@@ -5,7 +5,6 @@ workers exit by themselves."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -14,10 +13,10 @@ import numpy as np
 import psutil
 import pytest
 from served import served
+from slab_helpers import slab_files
 
 from vitserve import AsyncClient, Client, Engine, EngineConfig
 from vitserve.engine import EngineError
-from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
 from vitserve.workers import WindowConfig
 
 WINDOW = WindowConfig(min_budget=64, max_budget=512)
@@ -27,10 +26,6 @@ FLAGS = ("--min-budget", "64", "--max-budget", "512", "--max-item-tokens", "1638
 
 def image(side: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-
-
-def slab_files(pid: int) -> list[str]:
-    return [name for name in os.listdir(SHM_DIR) if (parsed := parse_slab_name(name)) and parsed[0] == pid]
 
 
 def test_close_lets_admitted_requests_finish_and_refuses_new_ones():

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from served import served
+from slab_helpers import slab_files
 
 from vitserve import Engine, EngineConfig
 from vitserve import AsyncClient, Client
 from vitserve.engine import EngineError
-from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
 from vitserve.models import load_model
 from vitserve.preprocess import preprocess_image, preprocess_video
 from vitserve.workers import WindowConfig
@@ -63,10 +63,6 @@ def check(result, indices: list[int], expected: list) -> None:
         torch.testing.assert_close(item.deepstack, expected[index].deepstack, **TOLERANCE)
 
 
-def slab_files(pid: int) -> list[str]:
-    return [name for name in os.listdir(SHM_DIR) if (parsed := parse_slab_name(name)) and parsed[0] == pid]
-
-
 @pytest.fixture(scope="module", params=["ipc", "tcp"])
 def server(request, tmp_path_factory):
     """`vitserve serve` in its own process; yields its endpoint and checks a clean SIGTERM exit."""
@@ -80,7 +76,6 @@ def server(request, tmp_path_factory):
             endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
     with served(endpoint, "--min-budget", "64", "--max-budget", "2048", "--output-windows", "64") as process:
         yield endpoint, process
-    assert slab_files(process.pid) == []
     assert slab_files(process.pid) == []
 
 

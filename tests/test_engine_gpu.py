@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from slab_helpers import slab_files
 
 from vitserve import Engine, EngineConfig
-from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
 from vitserve.models import load_model
 from vitserve.preprocess import preprocess_image, preprocess_video
 from vitserve.workers import WindowConfig
@@ -48,4 +48,4 @@ def test_cuda_engine_matches_eager_model():
         return os.getpid()
 
     pid = asyncio.run(run())
-    assert not [n for n in os.listdir(SHM_DIR) if (p := parse_slab_name(n)) and p[0] == pid]
+    assert slab_files(pid) == []

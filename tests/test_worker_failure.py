@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from slab_helpers import slab_files
 
 from vitserve import Engine, EngineConfig
 from vitserve.engine import EngineError
@@ -192,4 +193,4 @@ def test_slab_files_of_an_engine_are_gone_after_close():
         return os.getpid()
 
     pid = asyncio.run(run())
-    assert [name for name in os.listdir(SHM_DIR) if name.startswith(f"vitserve-{pid}-")] == []
+    assert slab_files(pid) == []

@@ -22,7 +22,7 @@ from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.peers import process_start, still_running
 from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array, server_codec
 from vitserve.ipc.messages import (
-    PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
+    PROTOCOL_VERSION, Cancel, Encode, Error, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
     Result, Stats, StatsQuery, VideoItem, Welcome,
 )
 from .engine import Engine
