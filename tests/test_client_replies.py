@@ -12,9 +12,9 @@ import zmq
 
 from vitserve import AsyncClient
 from vitserve.ipc.codec import server_codec
-
-server_codec_for_clients = server_codec()  # decodes what clients send
 from vitserve.ipc.messages import PROTOCOL_VERSION, Error, OutputRef, Result, Welcome
+
+SERVER = server_codec()  # the engine's side: encodes replies, decodes what the client sent
 
 
 async def connected(tmp_path) -> tuple[AsyncClient, zmq.Socket]:
@@ -26,7 +26,7 @@ async def connected(tmp_path) -> tuple[AsyncClient, zmq.Socket]:
     client = AsyncClient(endpoint)
     connecting = asyncio.ensure_future(client.connect(10))
     identity, *_ = await asyncio.to_thread(router.recv_multipart)
-    router.send_multipart([identity, *server_codec().encode(Welcome(PROTOCOL_VERSION, "stand-in", 8, 0, "float32", [64]))])
+    router.send_multipart([identity, *SERVER.encode(Welcome(PROTOCOL_VERSION, "stand-in", 8, 0, "float32", [64]))])
     await connecting
     return client, router
 
@@ -44,7 +44,7 @@ def test_a_reply_in_the_same_turn_as_the_cancel_is_not_stray(tmp_path, kind):
         request = asyncio.ensure_future(client.encode([np.zeros((8, 8, 3), np.uint8)]))
         await asyncio.sleep(0.05)  # sent; awaiting its reply
         request.cancel()
-        client._dispatch(server_codec().encode(REPLIES[kind]))  # the reply, before the task unwinds
+        client._dispatch(SERVER.encode(REPLIES[kind]))  # the reply, before the task unwinds
         with pytest.raises(asyncio.CancelledError):
             await request
         assert client.stray_replies == [] and 1 not in client._cancelled and 1 not in client._waiting
@@ -52,7 +52,7 @@ def test_a_reply_in_the_same_turn_as_the_cancel_is_not_stray(tmp_path, kind):
         sent = []
         while router.poll(200):
             identity, *frames = router.recv_multipart()
-            sent.append(type(server_codec_for_clients.decode(frames)[0]).__name__)
+            sent.append(type(SERVER.decode(frames)[0]).__name__)
         assert sent == (["Encode", "Release"] if kind == "result" else ["Encode"])  # no Cancel: it was answered
         await client.close()
         router.close(0)
@@ -65,8 +65,8 @@ def test_a_second_reply_to_a_request_is_stray(tmp_path):
         client, router = await connected(tmp_path)
         request = asyncio.ensure_future(client.encode([np.zeros((8, 8, 3), np.uint8)]))
         await asyncio.sleep(0.05)
-        client._dispatch(server_codec().encode(REPLIES["error"]))
-        client._dispatch(server_codec().encode(REPLIES["error"]))
+        client._dispatch(SERVER.encode(REPLIES["error"]))
+        client._dispatch(SERVER.encode(REPLIES["error"]))
         with pytest.raises(Exception, match="overloaded"):
             await request
         assert len(client.stray_replies) == 1 and "overloaded" in client.stray_replies[0]

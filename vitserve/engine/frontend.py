@@ -202,7 +202,8 @@ class Frontend:
         except zmq.ZMQError:  # EHOSTUNREACH: the client's connection is gone
             sent = False
         if not sent:
-            dropped = self.counters["replies_dropped"] = self.counters["replies_dropped"] + 1
+            self.counters["replies_dropped"] += 1
+            dropped = self.counters["replies_dropped"]
             if math.log10(dropped).is_integer():  # 1, 10, 100...: a trend, not a line per reply
                 log.warning("%d replies could not be delivered so far (clients gone, or not reading theirs)",
                             dropped)
