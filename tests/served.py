@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from vitserve.ipc.codec import client_codec
-from vitserve.ipc.messages import Encode, Stats, StatsQuery
+from vitserve.ipc.messages import PROTOCOL_VERSION, Encode, Hello, Stats, StatsQuery, Welcome
 
 
 @contextmanager
@@ -35,7 +35,8 @@ def served(endpoint: str, *flags: str):
 class RawPeer:
     """A DEALER socket that sends arbitrary frames and collects the replies to each message."""
 
-    def __init__(self, endpoint: str, receive_hwm: int | None = None):
+    def __init__(self, endpoint: str, receive_hwm: int | None = None, hello: bool = True):
+        """`hello`: shake hands first (the engine answers nothing else before), and take the welcome."""
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -43,6 +44,10 @@ class RawPeer:
             self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
         self.socket.connect(endpoint)
         self.codec = client_codec()
+        if hello:
+            self.socket.send_multipart(self.codec.encode(Hello(PROTOCOL_VERSION)))
+            welcome = self.receive()[0]
+            assert isinstance(welcome, Welcome), welcome
 
     def ask(self, frames: list) -> list:
         """Send `frames`, then a stats query as a barrier: the replies that came before its answer."""

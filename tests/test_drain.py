@@ -52,7 +52,9 @@ def test_close_lets_admitted_requests_finish_and_refuses_new_ones():
 
 def test_what_does_not_finish_within_the_drain_timeout_fails_with_shutting_down():
     async def run() -> None:
-        async with Engine(EngineConfig(window=WINDOW, max_item_tokens=16384, drain_timeout_s=0.2)) as engine:
+        # output_windows=64: three big images need more output rows than the default gives one worker
+        async with Engine(EngineConfig(window=WINDOW, max_item_tokens=16384, drain_timeout_s=0.2,
+                                       output_windows=64)) as engine:
             running = asyncio.ensure_future(engine.encode([image(BIG, 1)] * 3))
             await asyncio.sleep(0.05)
             assert await engine.drain() == 1

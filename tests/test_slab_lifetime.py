@@ -147,3 +147,53 @@ def test_runs_are_first_fit_within_one_slab_and_free_together(tmp_path: Path):
             pool.release(a)  # the run of two was freed; slots 0-2 are now one run of three
         with pytest.raises(ValueError, match="count must be an integer >= 1"):
             pool.acquire(0)
+
+
+# -- readers let go of retired slabs ------------------------------------------------------------
+
+
+def mappings_of(path: Path) -> int:
+    """How many mappings of `path` this process holds (an unlinked file shows as "PATH (deleted)")."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return sum(line.endswith((f" {path}", f" {path} (deleted)")) for line in lines)
+
+
+def slab_file(directory: Path, epoch: int, value: float, owner: str = "w0") -> str:
+    """A slab as an engine's pool leaves it, without the pool's own mapping in this process."""
+    name = f"vitserve-{os.getpid()}-{owner}-e{epoch}-0"
+    (directory / name).write_bytes(np.full(1024, value, np.float32).tobytes())
+    return name
+
+
+def test_a_reader_unmaps_an_older_epoch_once_a_newer_one_of_its_owner_is_mapped(tmp_path: Path):
+    reader = SlabReader(tmp_path)
+    old, other = slab_file(tmp_path, 0, 1.0), slab_file(tmp_path, 0, 3.0, owner="w1")
+    old_view = reader.array(old, 0, 0, (4,), "float32")
+    reader.array(other, 0, 0, (4,), "float32")
+    new = slab_file(tmp_path, 1, 2.0)  # the worker restarted: its slabs have a new epoch
+    assert reader.array(new, 1, 0, (4,), "float32").tolist() == [2.0] * 4
+    assert old_view.tolist() == [1.0] * 4 and mappings_of(tmp_path / old) == 1  # a view handed out keeps it
+    del old_view
+    gc.collect()
+    assert mappings_of(tmp_path / old) == 0
+    assert mappings_of(tmp_path / other) == 1 and mappings_of(tmp_path / new) == 1  # another owner's stays
+    again = reader.array(old, 0, 0, (4,), "float32")  # a result from before the restart still reads...
+    assert again.tolist() == [1.0] * 4
+    del again
+    gc.collect()
+    assert mappings_of(tmp_path / old) == 0  # ...but its mapping is not kept
+    assert reader.array(new, 1, 0, (4,), "float32").tolist() == [2.0] * 4
+    reader.close()
+    assert mappings_of(tmp_path / new) == 0
+
+
+def test_a_reader_unmaps_slabs_whose_files_are_gone(tmp_path: Path):
+    reader = SlabReader(tmp_path)
+    first = slab_file(tmp_path, 0, 1.0)
+    reader.array(first, 0, 0, (4,), "float32")
+    (tmp_path / first).unlink()  # its pool closed (or its engine exited)
+    assert reader.array(slab_file(tmp_path, 0, 2.0, owner="w1"), 0, 0, (4,), "float32").tolist() == [2.0] * 4
+    assert mappings_of(tmp_path / first) == 0
+    with pytest.raises(SlabError, match="does not exist"):
+        reader.array(first, 0, 0, (4,), "float32")
+    reader.close()

@@ -9,7 +9,7 @@ import torch
 
 from wire_helpers import on_the_wire, raises_protocol
 
-from vitserve.engine.frontend import _items
+from vitserve.engine.client_requests import _items
 from vitserve.ipc.codec import (
     MAX_RANK,
     WIRE_DTYPES,

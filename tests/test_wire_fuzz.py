@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from wire_helpers import CLIENT_TYPES, maps_or_lists, raises_protocol
 
-from vitserve.engine.frontend import _items
+from vitserve.engine.client_requests import _items
 from vitserve.ipc.codec import ProtocolError, server_codec
 
 def _assert_decodes_or_protocol_error(header: bytes) -> None:

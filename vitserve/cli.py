@@ -96,7 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         args.workloads = ",".join(names)
         try:
-            window = _window_config(args)
+            window = window_config(args)
         except ValueError as err:
             return load_cli.fail(str(err))
         return load_cli.run(args, window)
@@ -107,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print("vitserve bench: --requests must be at least 2 (p99 needs several samples)", file=sys.stderr)
         return 2
     try:
-        window = _window_config(args)
+        window = window_config(args)
     except ValueError as err:
         print(f"vitserve bench: --budgets/--extra-budgets: {err}", file=sys.stderr)
         return 2
@@ -124,27 +124,6 @@ def run_bench(args: argparse.Namespace) -> int:
     print(report.table(result))
     for path in report.write(result, args.out):
         print(f"wrote {path}")
-    return 0
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from vitserve.engine import EngineConfig
-    from vitserve.engine.serve import run
-    from vitserve.scheduler import SchedulerConfig
-
-    try:
-        window = _window_config(args)
-        scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
-                                    max_queued_tokens=args.max_queued_tokens)
-        config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
-                              window=window, scheduler=scheduler, output_windows=args.output_windows,
-                              max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
-                              lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
-                              window_timeout_s=args.window_timeout_s or None, drain_timeout_s=args.drain_timeout_s)
-    except ValueError as err:
-        print(f"vitserve serve: {err}", file=sys.stderr)
-        return 2
-    run(config, args.endpoint)
     return 0
 
 
@@ -170,7 +149,7 @@ def run_soak(args: argparse.Namespace) -> int:
     return asyncio.run(soak(config))
 
 
-def _window_config(args: argparse.Namespace):
+def window_config(args: argparse.Namespace):
     from vitserve.workers import WindowConfig
 
     budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
@@ -178,7 +157,7 @@ def _window_config(args: argparse.Namespace):
     return WindowConfig(budgets=budgets, min_budget=args.min_budget, max_budget=args.max_budget, extra_budgets=extra)
 
 
-def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
     parser.add_argument("--extra-budgets", help="comma-separated budgets added to the derived ones: exact fits for "
                         "common item sizes, e.g. 784 for 448x448 images")
@@ -202,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workloads", default="all", help="comma-separated names, or all")
     bench.add_argument("--requests", type=int, default=40, help="requests per workload")
     bench.add_argument("--attention", choices=ATTENTION_BACKENDS, help="vitserve's attention backend (default: best available)")
-    _add_budget_arguments(bench)
+    add_budget_arguments(bench)
     bench.add_argument("--methods", default="hf-eager,hf-compile,vitserve-eager,vitserve-graphs",
                        help="comma-separated: hf-eager, hf-compile (torch.compile of the HF model), vitserve-eager, "
                             "vitserve-graphs")
@@ -211,31 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(handler=run_bench)
-    serve = commands.add_parser("serve", help="run the engine behind a ZeroMQ endpoint until SIGINT/SIGTERM")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
-    serve.add_argument("--devices", default="cpu", help="comma-separated torch devices, one worker each, e.g. cuda:0,cuda:1")
-    serve.add_argument("--endpoint", default="ipc:///tmp/vitserve.sock", help="ipc://PATH (local, shared memory) or "
-                       "tcp://HOST:PORT (outputs inline)")
-    serve.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 elsewhere")
-    _add_budget_arguments(serve)
-    serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"))
-    serve.add_argument("--max-queued-items", type=int, default=4096)
-    serve.add_argument("--max-queued-tokens", type=int, default=4 * 1024 * 1024)
-    serve.add_argument("--max-request-bytes", type=int, default=1 << 30,
-                       help="input bytes of one request; larger ones get too_large")
-    serve.add_argument("--lease-timeout-s", type=float, default=300.0,
-                       help="results not released this long after delivery are reclaimed (0: never)")
-    serve.add_argument("--output-windows", type=int, default=16,
-                       help="shared-memory output per worker, in windows of the largest budget")
-    serve.add_argument("--max-item-tokens", type=int, help="largest item in patch tokens (default: twice the largest "
-                       "budget); larger ones get too_large")
-    serve.add_argument("--worker-restarts", type=int, default=3,
-                       help="start attempts for a worker that died before it is given up (0: never restart)")
-    serve.add_argument("--window-timeout-s", type=float, default=60.0,
-                       help="a window running longer means a stuck worker: it is killed and restarted (0: no watchdog)")
-    serve.add_argument("--drain-timeout-s", type=float, default=30.0,
-                       help="on SIGTERM, how long admitted requests may take to finish")
-    serve.set_defaults(handler=run_serve)
+    from vitserve.cli_serve import add_keys_parser, add_serve_parser
+
+    add_serve_parser(commands)
+    add_keys_parser(commands)
     _add_soak_parser(commands)
     return parser
 
@@ -249,7 +207,7 @@ def _add_soak_parser(commands) -> None:
     soak.add_argument("--model", default=DEFAULT_MODEL, help=f"own engine's model (default {DEFAULT_MODEL})")
     soak.add_argument("--devices", default="cpu", help="own engine's devices, e.g. cuda:0")
     soak.add_argument("--max-queued-items", type=int, default=256, help="own engine's queue bound (overload hits it)")
-    _add_budget_arguments(soak)
+    add_budget_arguments(soak)
     soak.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     soak.add_argument("--rate", type=float, default=20.0, help="requests per second (Poisson)")
     soak.add_argument("--workload", default="small-mix", choices=sorted(WORKLOADS))

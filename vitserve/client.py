@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import struct
 import threading
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import zmq
 
+from vitserve.checks import check_seconds
 from vitserve.engine.errors import EngineError
+from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
@@ -33,17 +38,46 @@ from vitserve.ipc.peers import own_identity
 from vitserve.ipc.slab_maps import SlabReader
 
 CONNECT_TIMEOUT_S = 30.0
+TIMEOUT_S = 300.0  # default wait for the reply to a request without a deadline
+REPLY_MARGIN_S = 5.0  # a request with a deadline is given up this long after it: the engine ends it by then
+HEARTBEAT_S = 2.0  # ZMTP heartbeats: a silent engine (stopped, host gone) is noticed within three of them
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class AsyncClient:
-    def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = ""):
+    def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
+                 timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
+                 curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
+        """timeout_s: how long a request without a deadline waits for its reply (None: for ever; a
+        request with a deadline waits deadline + REPLY_MARGIN_S). heartbeat_s: how often the link to
+        the engine is checked; a connection silent for three beats is taken for lost.
+        curve_secret_key, curve_server_key: this client's secret certificate and the server's public
+        one (files from `vitserve keys`), for an engine that requires CURVE authentication."""
+        check_seconds("timeout_s", timeout_s, "or None to wait for ever", none_ok=True)
+        check_seconds("heartbeat_s", heartbeat_s, "a silent engine is noticed within three beats")
+        if (curve_secret_key is None) != (curve_server_key is None):
+            raise ValueError("curve_secret_key and curve_server_key go together: give both, or neither")
         self.endpoint = endpoint
+        self.timeout_s = timeout_s
         self.inline = endpoint.startswith("tcp://") if inline is None else inline
         self.name = name
         self.welcome: Welcome | None = None
         self._context = zmq.Context()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        # A random routing id of our own: the ids ZeroMQ would generate are a counter that others
+        # could predict (the server binds requests to the connection, not to this id, either way).
+        socket.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1e3))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * heartbeat_s * 1e3))
+        socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing is queued for a connection not (yet) up: see _watch_link
+        if curve_secret_key is not None:
+            connect_with_curve(socket, Path(curve_secret_key), Path(curve_server_key))
+        self._link = BurstSocket(socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED))
+        self._ready = asyncio.Event()  # connected and welcomed: requests may go out
+        self._generation = 0  # connections so far: what an earlier one held, the engine has released
         self._socket = BurstSocket(socket)
         self._codec = client_codec()
         self._ids = itertools.count(1)
@@ -55,6 +89,7 @@ class AsyncClient:
         # stats and health queries in flight, by reply type; each type is answered in order
         self._queries: dict[type, list[asyncio.Future]] = {Stats: [], Health: []}
         self._receiver: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -68,10 +103,8 @@ class AsyncClient:
         """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
         self._loop = asyncio.get_running_loop()
         self._socket.socket.connect(self.endpoint)
-        pid, pid_start = own_identity()
-        await self._socket.send(self._codec.encode(Hello(PROTOCOL_VERSION, self.name, pid, pid_start)))
         try:
-            reply = await self._socket.receive_one(timeout_s)
+            reply = await self._handshake(timeout_s)
         except asyncio.TimeoutError:
             raise ConnectionError(f"no vitserve engine answered at {self.endpoint} within {timeout_s:.0f} s") from None
         message, _ = self._codec.decode(reply)
@@ -80,8 +113,59 @@ class AsyncClient:
                 self.welcome = message
             case Error(message=text):
                 raise ConnectionError(f"the engine at {self.endpoint} refused the connection: {text}")
+        self._ready.set()
         self._receiver = asyncio.ensure_future(self._receive())
+        self._watcher = asyncio.ensure_future(self._watch_link())
         return self.welcome
+
+    async def _handshake(self, timeout_s: float) -> list:
+        """The reply to the hello; ConnectionError as soon as the engine refuses the connection's
+        handshake (a CURVE key it does not accept, or none where it requires one)."""
+        async def exchange() -> list:
+            await self._socket.send(self._hello())  # waits for the connection (and its handshake) to be up
+            return await self._socket.receive_one()
+
+        reply = asyncio.ensure_future(asyncio.wait_for(exchange(), timeout_s))
+        try:
+            while True:
+                link = asyncio.ensure_future(self._link.receive())
+                await asyncio.wait({reply, link}, return_when=asyncio.FIRST_COMPLETED)
+                link.cancel()
+                if reply.done():
+                    return reply.result()
+                if any(_event(frames) & HANDSHAKE_FAILED for frames in link.result()):
+                    raise ConnectionError(f"the engine at {self.endpoint} refused the connection's handshake: "
+                                          f"its CURVE keys do not admit this client (curve_secret_key, "
+                                          f"curve_server_key), or it requires keys this client did not give")
+        finally:
+            reply.cancel()
+
+    def _hello(self) -> list:
+        pid, pid_start = own_identity()
+        return self._codec.encode(Hello(PROTOCOL_VERSION, self.name, pid, pid_start))
+
+    async def _watch_link(self) -> None:
+        """A lost connection ends every request and query waiting on it (the engine ends them too:
+        requests belong to their connection); the new one says hello before anything else goes."""
+        while True:
+            for frames in await self._link.receive():
+                event = _event(frames)
+                if event == zmq.EVENT_DISCONNECTED and self._ready.is_set():
+                    self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
+                               f"restarted or stopped answering): the request may or may not have run")
+                elif event == zmq.EVENT_CONNECTED and not self._ready.is_set():  # (the first one is connect()'s)
+                    self._send_control(self._hello())
+
+    def _lost(self, reason: str) -> None:
+        self._ready.clear()
+        self._generation += 1
+        self._cancelled.clear()
+        self._releases.clear()
+        error = EngineError("unavailable", reason)
+        for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
+            if not future.done():
+                future.set_exception(error)
+        self._queries = {Stats: [], Health: []}
 
     async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
         """Images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs."""
@@ -98,6 +182,9 @@ class AsyncClient:
                 kind = VideoItem if array.ndim == 4 else ImageItem
                 wire_items.append(kind(array_ref(array, len(frames))))
             frames.append(array)
+        limit = self.timeout_s if deadline_ms is None else deadline_ms / 1e3 + REPLY_MARGIN_S
+        began = self._loop.time()
+        await self._until_ready(limit)
         future = self._loop.create_future()
         self._waiting[request_id] = future
         message = Encode(request_id, wire_items, deadline_ms, priority, self.inline)
@@ -107,13 +194,17 @@ class AsyncClient:
             self._waiting.pop(request_id, None)
             raise
         try:
-            reply, reply_frames = await future
+            left = None if limit is None else max(limit - (self._loop.time() - began), 0.0)
+            if not (await asyncio.wait((future,), timeout=left))[0]:
+                self._give_up(request_id)
+                raise EngineError("deadline_exceeded", f"no reply within {limit:.1f} s (the deadline plus "
+                                                       f"{REPLY_MARGIN_S:g} s, or timeout_s): the request was cancelled")
+            reply, reply_frames = future.result()
         except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
-            if future.done() and not future.cancelled():  # the reply came in the same turn as the cancellation
+            if future.done() and not future.cancelled() and future.exception() is None:  # a reply came meanwhile
                 self._unwanted(request_id, future.result()[0])
-            elif request_id in self._waiting:  # no reply yet (`_dispatch` takes one that comes as we unwind)
-                self._cancelled.add(request_id)
-                self._send_control(Cancel(request_id))
+            elif request_id in self._waiting and not future.done():  # no reply yet (`_dispatch` takes a late one)
+                self._give_up(request_id)
             raise
         finally:
             self._waiting.pop(request_id, None)
@@ -121,8 +212,25 @@ class AsyncClient:
             case Error(code=code, message=text, retry_after_ms=retry):
                 raise EngineError(code, text, retry)
             case Result(outputs=refs):
-                release = None if self.inline else self._releaser(request_id)
-                return encoded_from_refs(refs, self._reader, release, frames=reply_frames)
+                if self.inline:  # the bytes are here: acknowledge them, the engine counts them until then
+                    self._send_release(request_id)
+                    return encoded_from_refs(refs, self._reader, None, frames=reply_frames)
+                return encoded_from_refs(refs, self._reader, self._releaser(request_id), frames=reply_frames)
+
+    async def _until_ready(self, limit: float | None) -> None:
+        """Wait for a welcomed connection (after a lost one, the new one's hello)."""
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), limit)
+        except asyncio.TimeoutError:
+            raise EngineError("unavailable", f"no connection to the engine at {self.endpoint} within "
+                                             f"{limit:.1f} s") from None
+
+    def _give_up(self, request_id: int) -> None:
+        """Stop waiting for a request: the engine cancels it, and a result that comes anyway is released."""
+        self._cancelled.add(request_id)
+        self._send_control(Cancel(request_id))
 
     async def stats(self) -> dict[str, float]:
         """The engine's counters: requests, results, errors, queued items, open requests, leased slots..."""
@@ -133,6 +241,7 @@ class AsyncClient:
         return await self._query(HealthQuery(), Health)
 
     async def _query(self, query: StatsQuery | HealthQuery, reply_type: type):
+        await self._until_ready(self.timeout_s)
         future = self._loop.create_future()
         self._queries[reply_type].append(future)
         try:
@@ -143,17 +252,19 @@ class AsyncClient:
         return await future
 
     def _releaser(self, request_id: int):
-        loop = self._loop
+        loop, generation = self._loop, self._generation
 
         def release() -> None:  # may run in any thread, from garbage collection
             try:
-                loop.call_soon_threadsafe(self._send_release, request_id)
+                loop.call_soon_threadsafe(self._send_release, request_id, generation)
             except RuntimeError:
                 pass  # the client's loop is closed; the engine frees the slots when the client goes
 
         return release
 
-    def _send_release(self, request_id: int) -> None:
+    def _send_release(self, request_id: int, generation: int | None = None) -> None:
+        if generation is not None and generation != self._generation:
+            return  # held on a connection since lost: the engine released it then
         if not self._releases:
             self._loop.call_soon(self._flush_releases)
         self._releases.append(request_id)
@@ -162,10 +273,12 @@ class AsyncClient:
         ids, self._releases = self._releases, []
         self._send_control(Release(ids))
 
-    def _send_control(self, message: Cancel | Release) -> None:
-        """Small messages that must not wait: queued by ZeroMQ (they are lost only with the socket)."""
-        if not self._socket.socket.closed and not self._socket.send_now(self._codec.encode(message)):
-            asyncio.ensure_future(self._socket.send(self._codec.encode(message)))
+    def _send_control(self, message: Cancel | Release | list) -> None:
+        """Small messages that must not wait (or frames already encoded): queued by ZeroMQ, or sent
+        as soon as it has room (they are lost only with the socket or its connection)."""
+        frames = message if isinstance(message, list) else self._codec.encode(message)
+        if not self._socket.socket.closed and not self._socket.send_now(frames):
+            asyncio.ensure_future(self._socket.send(frames))
 
     async def _receive(self) -> None:
         while True:
@@ -177,6 +290,10 @@ class AsyncClient:
             message, arrays = self._codec.decode(frames)
         except ProtocolError:
             return  # not ours to answer; the engine only sends valid messages
+        if isinstance(message, Welcome):  # the answer to the hello of a new connection
+            self.welcome = message
+            self._ready.set()
+            return
         queries = self._queries.get(type(message))
         if queries is not None:  # one reply per query, in order (its caller may have given up)
             future = queries.pop(0) if queries else None
@@ -202,29 +319,40 @@ class AsyncClient:
 
     def _unwanted(self, request_id: int, reply: Result | Error) -> None:
         """The reply to a request given up on: a result that finished before the cancel is released."""
-        if isinstance(reply, Result) and not self.inline:
+        if isinstance(reply, Result):  # an inline one is released too: its bytes were received
             self._send_release(request_id)
 
     async def close(self) -> None:
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
+        tasks = [task for task in (self._receiver, self._watcher) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
+        self._link.close()
+        self._socket.socket.disable_monitor()
         self._socket.close()
         self._context.term()
         self._reader.close()
 
 
+def _event(frames: list) -> int:
+    """The event of a socket monitor's message."""
+    return struct.unpack("=H", bytes(frames[0])[:2])[0]
+
+
 class Client:
     """The sync client: an AsyncClient on a private event loop in a background thread."""
 
-    def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = ""):
+    def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
+                 timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
+                 curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vitserve-client", daemon=True)
         self._thread.start()
-        self._client = AsyncClient(endpoint, inline=inline, name=name)
+        self._client = AsyncClient(endpoint, inline=inline, name=name, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
+                                   curve_secret_key=curve_secret_key, curve_server_key=curve_server_key)
         self.welcome = self._call(self._client.connect())
 
     def _call(self, coroutine):

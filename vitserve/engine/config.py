@@ -10,7 +10,10 @@ from vitserve.preprocess import PreprocessConfig
 from vitserve.scheduler import SchedulerConfig
 from vitserve.workers import WindowConfig
 
+from .limits import ClientLimits
+
 DEFAULT_MODEL = "random:tiny"
+MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread and the engine busy
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,10 @@ class EngineConfig:
     (their rows may then be overwritten); None keeps them until released. worker_restarts: start
     attempts for a worker that died before it is given up (0: never restart). window_timeout_s: a
     window running longer is taken for a stuck worker, which is killed and restarted (None: no
-    watchdog). drain_timeout_s: how long close() lets queued and running requests finish before it
-    fails the rest with `shutting_down`."""
+    watchdog). worker_heartbeat_s: how often each worker proves it is alive; one silent for three
+    beats is hung (e.g. stopped): it takes no more windows, its windows are retried or failed, and
+    it is killed and restarted. drain_timeout_s: how long close() lets queued and running requests
+    finish before it fails the rest with `shutting_down`."""
 
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("cpu",)
@@ -34,15 +39,18 @@ class EngineConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    clients: ClientLimits = field(default_factory=ClientLimits)  # what one client of `serve` may use (limits.py)
     output_windows: int = 16
     max_item_tokens: int | None = None  # default: twice the largest budget
     startup_timeout_s: float = 600.0
     cpu_threads_per_worker: int | None = None  # default: the host's cores less two, shared by the CPU workers
     output_device: str | None = None  # embedded engine: copy results to this torch device
     max_request_bytes: int = 1 << 30
+    max_queued_bytes: int = 4 << 30  # input bytes of every unfinished request together; past it: overloaded
     lease_timeout_s: float | None = 300.0
     worker_restarts: int = 3
     window_timeout_s: float | None = 60.0
+    worker_heartbeat_s: float = 1.0
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -58,9 +66,15 @@ class EngineConfig:
         if self.cpu_threads_per_worker is not None:
             check_int("cpu_threads_per_worker", self.cpu_threads_per_worker, 1, "or None to share the host's cores")
         check_int("max_request_bytes", self.max_request_bytes, 1, "the input arrays of one request together")
+        check_int("max_queued_bytes", self.max_queued_bytes, self.max_request_bytes,
+                  "at least max_request_bytes: the input bytes of every unfinished request together")
         check_seconds("lease_timeout_s", self.lease_timeout_s, "or None: leases never expire", none_ok=True)
         check_int("worker_restarts", self.worker_restarts, 0, "0: a worker that dies stays down")
         check_seconds("window_timeout_s", self.window_timeout_s, "or None: no watchdog", none_ok=True)
+        check_seconds("worker_heartbeat_s", self.worker_heartbeat_s, "a worker silent for three beats is restarted")
+        if self.worker_heartbeat_s < MIN_HEARTBEAT_S:
+            raise ValueError(f"worker_heartbeat_s must be at least {MIN_HEARTBEAT_S} s (faster beats only cost CPU), "
+                             f"got {self.worker_heartbeat_s!r}")
         check_seconds("drain_timeout_s", self.drain_timeout_s, "0: fail what is pending at once", zero_ok=True)
         check_seconds("startup_timeout_s", self.startup_timeout_s, "how long a worker may take to load and capture")
 

@@ -13,6 +13,7 @@ free again when all of them are released (or failed, or cancelled).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -28,13 +29,14 @@ from vitserve.ipc.messages import Health, OutputRef, WorkerReady
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slab_maps import SlabReader, remove_stale_slabs
 from vitserve.ipc.slabs import SlabPool, Slot
+from vitserve.log_limits import LogLimiter
 from vitserve.scheduler import Dispatch, Request, Scheduler, WorkerState, deadline_at
 from vitserve.workers import Capacities
 
 from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
 from .errors import EngineError
-from .outputs_layout import agreed_capacities, output_layout, predictor
+from .outputs_layout import agreed_capacities, output_layout, predictor, request_slots
 from .request_ends import RequestEnds
 from .restarts import WorkerRestarts
 from .windows import WindowTraffic
@@ -43,6 +45,8 @@ from .worker_handle import WorkerHandle
 log = logging.getLogger(__name__)
 
 MAX_DEADLINE_MS = 86_400_000.0  # a day: anything longer is a client bug, not a deadline
+_INSTANCES = itertools.count()
+_NO_INPUT = np.empty(0, np.uint8)  # what a request's items hold once their pixels are dropped  # engines made in this process (their slab names differ)
 
 
 @dataclass(eq=False)
@@ -52,11 +56,13 @@ class _Pending:
     outputs: list[OutputRef | None]
     slots: list[tuple[int, Slot]] = field(default_factory=list)  # (worker, slot) held for this request
     delivered_at: float | None = None  # loop time the result was handed over; its lease runs from here
+    input_bytes: int = 0  # of its inputs, counted against max_queued_bytes until they are dropped
 
 
 class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        self._instance = next(_INSTANCES)
         self.capacities: Capacities | None = None
         self.ready: WorkerReady | None = None
         self.scheduler: Scheduler | None = None
@@ -65,6 +71,7 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         self._retired: dict[tuple[int, int], SlabPool] = {}  # (worker, epoch) of a lost worker -> its pool
         self._epochs: dict[int, int] = {}  # worker -> its current epoch (slabs and socket)
         self._restarting: set[int] = set()
+        self._hung: set[int] = set()  # workers whose heartbeat stopped, until they are back
         self._pending: dict[int, _Pending] = {}
         self._windows: dict[int, tuple[Dispatch, Slot, float]] = {}  # window -> (dispatch, slot, loop time sent)
         self._keys = itertools.count(1)
@@ -74,6 +81,12 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         self._leases_expired = 0
         self._worker_restarts = 0
         self._windows_retried = 0
+        self._worker_hangs = 0
+        self._queued_bytes = 0  # inputs of unfinished requests (max_queued_bytes)
+        self._internal_errors = 0  # unexpected failures contained to the requests that met them
+        self._log_limits = LogLimiter(log)
+        self.failure: BaseException | None = None  # why a loop of the engine ended: it no longer serves
+        self.stopped = asyncio.Event()  # set when `failure` is (`vitserve serve` exits non-zero then)
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader()
@@ -118,8 +131,11 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         """A loop task that fails says why, and every request ends (none may hang)."""
         if task.cancelled() or self._closing or task.exception() is None:
             return  # cancelled at close, or a receive loop whose worker died (handled there)
-        log.error("engine task %s ended: %r; failing every request", task.get_name(), task.exception())
+        log.error("engine task %s ended: %r; failing every request", task.get_name(), task.exception(),
+                  exc_info=task.exception())
         self._closing = True
+        self.failure = task.exception()
+        self.stopped.set()
         for key in list(self._pending):
             self._fail(key, "worker_failed", f"the engine failed internally ({task.exception()!r})")
 
@@ -135,6 +151,8 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
                                       free_rows=self.layout.slots * self.layout.slot_rows,
                                       row_granularity=self.layout.slot_rows))
         self.scheduler = Scheduler(self.config.scheduler, self.capacities, states)
+        if self.config.window_timeout_s is not None:  # half: predictions can be off, the watchdog must not fire
+            self.scheduler.max_item_ms = self.config.window_timeout_s * 1e3 / 2
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Stop admitting (new requests get `shutting_down`) and let every admitted request finish,
@@ -214,9 +232,13 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
             self.release(key)  # cancels it if it is still running; frees its slots if it had finished
             raise
 
-    def submit(self, items: list[AdmittedItem], deadline_ms: float | None,
-               priority: int) -> tuple[int, asyncio.Future]:
-        """Queue admitted items; the future gets their output references or an EngineError."""
+    def submit(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int,
+               owner: int = 0) -> tuple[int, asyncio.Future]:
+        """Queue admitted items; the future gets their output references or an EngineError.
+        `owner` names the client: clients take fair turns (a frontend passes its connection's number)."""
+        if self.failure is not None:
+            raise EngineError("worker_failed", f"the engine stopped after an internal failure ({self.failure!r}): "
+                                               f"start a new one")
         if self._closing or self._draining or self.scheduler is None:
             raise EngineError("shutting_down", "the engine is shutting down or not running")
         if not self.workers_ready() and not self._restarting:
@@ -224,18 +246,44 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         if deadline_ms is not None and not 0 <= deadline_ms <= MAX_DEADLINE_MS:
             raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
                                                f"None for no deadline; got {deadline_ms!r}")
+        self._check_output_memory(items)
         loop = asyncio.get_running_loop()
-        key = next(self._keys)
         now = loop.time()
-        request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items])
-        pending = _Pending(items, loop.create_future(), [None] * len(items))
+        size = sum(item.array.nbytes for item in items)
+        if self._queued_bytes + size > self.config.max_queued_bytes:
+            raise EngineError("overloaded", f"the inputs of unfinished requests take {self._queued_bytes} bytes; "
+                                            f"{size} more would pass max_queued_bytes={self.config.max_queued_bytes}",
+                              self.scheduler.drain_ms(now))
+        key = next(self._keys)
+        request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items],
+                          owner)
+        pending = _Pending(items, loop.create_future(), [None] * len(items), input_bytes=size)
+        self._queued_bytes += size
         self._pending[key] = pending
-        failure = self.scheduler.submit(request, now)
+        try:
+            failure = self.scheduler.submit(request, now)
+        except Exception as err:  # contained to this request: nothing of it stays queued or pending
+            self._internal_errors += 1
+            self._log_limits.error("submit", "queueing request %d failed: %r", key, err, exc_info=True)
+            self._fail(key, "worker_failed", f"the engine failed to queue the request ({err!r})")
+            return key, pending.future
         if failure is not None:
             self._fail(key, failure.code, failure.message, failure.retry_after_ms)
         else:
             self._poke.set()
         return key, pending.future
+
+    def _check_output_memory(self, items: list[AdmittedItem]) -> None:
+        """A request whose outputs cannot fit a worker's shared memory even with nothing else held
+        would be computed and then fail, every time: refuse it now, naming the limit."""
+        layout = self.layout
+        slots = request_slots([(i.tokens, i.sequences) for i in items], self.capacities, layout)
+        if slots > layout.slots:
+            row_mib = layout.slot_rows * layout.row_bytes / 2**20
+            raise EngineError("too_large", f"the request's outputs need {slots * row_mib:.0f} MiB of shared memory "
+                                           f"({slots} slots of {layout.slot_rows} rows), more than a worker's "
+                                           f"{layout.slots * row_mib:.0f} MiB (output_windows="
+                                           f"{self.config.output_windows}): split it, or raise output_windows")
 
     def stats(self) -> dict[str, float]:
         """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
@@ -251,14 +299,33 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
             "workers_ready": float(self.workers_ready()),
             "worker_restarts": float(self._worker_restarts),
             "windows_retried": float(self._windows_retried),
+            "worker_hangs": float(self._worker_hangs),
+            "internal_errors": float(self._internal_errors),
+            "queued_bytes": float(self._queued_bytes),
         }
 
+    def held_rows(self, key: int) -> int:
+        """Output rows leased for a request's finished windows (its result's, once delivered)."""
+        pending = self._pending.get(key)
+        return sum(slot.count for _, slot in pending.slots) * self.layout.slot_rows if pending else 0
+
+    def _drop_inputs(self, pending: _Pending) -> None:
+        """The request's inputs are needed no more (its result is in, or it ended): they count no
+        more against max_queued_bytes, and their memory goes with the last reference."""
+        self._queued_bytes -= pending.input_bytes
+        pending.input_bytes = 0
+        pending.items = [dataclasses.replace(item, array=_NO_INPUT) for item in pending.items]
+
     def health(self) -> Health:
-        """Ready while admitting requests with a worker up; not while shutting down or restarting."""
+        """Ready while admitting requests with a worker up; not while shutting down or restarting.
+        The detail names workers that stopped responding (hung) until they are back."""
         up = self.workers_ready()
         shutting_down = self._draining or self._closing
-        detail = ("shutting down" if shutting_down else "" if up else
-                  "no worker is up; restarting" if self._restarting else "no worker is up")
+        problems = [f"worker {w} is not responding" for w in sorted(self._hung)] if not shutting_down else []
+        if shutting_down or not up:
+            problems.append("shutting down" if shutting_down else
+                            "no worker is up; restarting" if self._restarting else "no worker is up")
+        detail = "; ".join(problems)
         return Health(up > 0 and not shutting_down, up, len(self.config.devices), detail,
                       [h.process.pid for h in self._handles if h.alive()], os.getpid())
 

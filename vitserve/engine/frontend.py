@@ -1,11 +1,19 @@
 """The ZeroMQ frontend: a ROUTER socket on ipc:// or tcp:// in front of an Engine.
 
-Each client connection is a ROUTER identity. Messages are decoded with one typed decoder;
-anything that is not a valid message gets an `error` reply with a code, and the connection
-stays usable. An encode request is admitted and queued at once; the reply goes out from its
-future's callback, so a slow window never blocks other clients. Outputs stay leased until the
-client sends `release` (inline outputs are copied into the reply and released at once), or
-until the client's process is seen to have exited (local clients that named their process).
+Every message is read on a connection the frontend knows (connections.py): requests, their
+replies, cancels and releases belong to that connection, never to a routing id a peer may
+claim. Messages are decoded with one typed decoder whose element counts are bounded; anything
+that is not a valid message gets an `error` reply with a code (logged at a limited rate), and the
+connection stays usable; a message of more frames than any request has shuts its connection. A
+connection must say hello first. An encode request is checked against the client's limits
+(limits.py), admitted and queued at once; the reply goes out from its future's callback, so a
+slow window never blocks other clients. Outputs stay leased until the client sends `release`
+(inline outputs are copied into the reply and released at once, and their bytes count against
+the client until it acknowledges them with a release), or until its connection closes.
+
+The endpoint is bound when the Frontend is made, before the engine it will serve has started
+(minutes of model load and graph capture): a taken endpoint fails at once (see ipc/endpoints.py).
+Its socket file is removed when serving ends, or by `close()` when the engine never started.
 """
 
 from __future__ import annotations
@@ -13,194 +21,219 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from functools import partial
 
-import numpy as np
 import zmq
 
+from vitserve.ipc.auth import ServerKeys, check_exposure, serve_with_curve
 from vitserve.ipc.burst import BurstSocket
-from vitserve.ipc.peers import process_start, still_running
-from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array, server_codec
+from vitserve.ipc.codec import ProtocolError, server_codec
+from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, bind_endpoint
 from vitserve.ipc.messages import (
-    PROTOCOL_VERSION, Cancel, Encode, Error, HealthQuery, Hello, ImageItem, OutputRef, PatchItem, Release,
-    Result, Stats, StatsQuery, VideoItem, Welcome,
+    MAX_ITEMS_PER_REQUEST, PROTOCOL_VERSION, Cancel, Encode, Error, HealthQuery, Hello, Release, Stats, StatsQuery,
+    Welcome,
+)
+from vitserve.log_limits import LogLimiter
+
+from .client_requests import ClientRequests
+from .config import EngineConfig
+from .connections import (
+    RESERVED_DESCRIPTORS, SHED_FACTOR, Connection, Connections, raise_descriptor_limit, seed_routing_ids,
 )
 from .engine import Engine
-from .errors import EngineError
 
 log = logging.getLogger(__name__)
 
-CLIENT_CHECK_S = 1.0  # how often client processes and reclaimed leases are checked
+CLIENT_CHECK_S = 1.0  # how often hello timeouts and reclaimed leases are checked
 MAX_HEADER_BYTES = 1 << 20  # a message header (the frames' descriptions) is far smaller
+MAX_FRAMES = MAX_ITEMS_PER_REQUEST + 1  # a header and one frame per item
 CLOSE_LINGER_MS = 2000  # at shutdown, replies already queued get this long to reach their clients
 UNREAD_REPLIES_PER_CLIENT = 1000  # ZeroMQ's default high-water mark, made explicit: replies past it are dropped
+REFUSAL_LINGER_S = 1.0  # a refused connection is shut this long after its refusal, which may reach it first
+# tcp:// peers that vanish without closing (a host gone) are found by ZMTP heartbeats
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 10_000, 30_000
 
 
-class Frontend:
-    def __init__(self, engine: Engine, endpoint: str):
-        self.engine = engine
-        self.endpoint = endpoint
+class Frontend(ClientRequests):
+    def __init__(self, endpoint: str, config: EngineConfig, socket_mode: int = DEFAULT_SOCKET_MODE,
+                 keys: ServerKeys | None = None, allow_insecure_tcp: bool = False):
+        """Bind `endpoint` (EndpointError when it is taken or unusable; AuthError when it would serve
+        other hosts unauthenticated); with `keys`, only the clients they name get a connection.
+        `serve(engine)` answers on it."""
+        check_exposure(endpoint, keys is not None, allow_insecure_tcp)
+        self.engine: Engine | None = None
+        self.limits = config.clients
+        raise_descriptor_limit(SHED_FACTOR * self.limits.max_connections + RESERVED_DESCRIPTORS)
         self._codec = server_codec()
-        self._active: dict[tuple[bytes, int], int] = {}  # (client, request id) -> engine key
-        self._processes: dict[bytes, tuple[int, int]] = {}  # client -> (pid, start time), where verified
+        self._log_limits = LogLimiter(log)
         self._context = zmq.Context()
+        seed_routing_ids()  # before the socket: its first generated routing id comes from rand()
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         # A reply that cannot go out (its client is gone, or has this many unread replies) raises
         # instead of vanishing: it is counted, and a result's rows are freed at once.
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         socket.setsockopt(zmq.SNDHWM, UNREAD_REPLIES_PER_CLIENT)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         # A frame larger than any admissible request is not even read: its sender is disconnected.
-        socket.setsockopt(zmq.MAXMSGSIZE, engine.config.max_request_bytes + MAX_HEADER_BYTES)
-        socket.bind(endpoint)
+        socket.setsockopt(zmq.MAXMSGSIZE, config.max_request_bytes + MAX_HEADER_BYTES)
+        self.connections = Connections(socket, self._context, self.limits.max_connections)  # before the bind
+        self._authenticator = None if keys is None else serve_with_curve(self._context, socket, keys)
+        try:
+            self._bound = bind_endpoint(socket, endpoint, socket_mode)
+        except BaseException:
+            if self._authenticator is not None:
+                self._authenticator.stop()
+            self.connections.close()
+            socket.close(0)
+            self._context.term()
+            raise
+        self.endpoint = self._bound.address
         self.socket = BurstSocket(socket)
+        self._events = BurstSocket(self.connections.monitor)
         self.counters = {"requests": 0, "results": 0, "errors": 0, "replies_dropped": 0}
+        self._watcher: asyncio.Task | None = None
+        self._queued_items = 0  # items of every client's unfinished requests
 
-    async def serve(self) -> None:
-        """Answer messages until cancelled."""
-        watcher = asyncio.ensure_future(self._watch_clients())
+    def watch(self) -> None:
+        """Keep the connections in bounds from now on (floods, silent peers), also while the engine starts."""
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_connections())
+
+    async def serve(self, engine: Engine) -> None:
+        """Answer messages for `engine` (started) until cancelled; then close."""
+        self.engine = engine
+        self.watch()
         try:
             while True:
-                for identity, *frames in await self.socket.receive():
-                    try:
-                        self._handle(identity.bytes, frames)
-                    except Exception as err:  # one message must never stop the server
-                        log.exception("a message could not be handled")
-                        self._send(identity.bytes, Error(None, "protocol", f"the message could not be handled: {err}"))
+                burst = await self.socket.receive()
+                self._ended(self.connections.take_events())  # closes before these messages came in
+                for identity, *frames in burst:
+                    self._receive(identity.bytes, frames)
         finally:
-            watcher.cancel()
-            self.socket.close(CLOSE_LINGER_MS)
-            self._context.term()
+            self.close()
 
-    def _handle(self, client: bytes, frames: list) -> None:
+    def close(self) -> None:
+        """Stop listening and remove the socket file (if still ours); replies already queued get
+        CLOSE_LINGER_MS. Safe to call more than once."""
+        if self._context.closed:
+            return
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._events.close()
+        self.connections.close()
+        self.socket.close(CLOSE_LINGER_MS)
+        self._bound.release()  # before the linger: new clients find no engine rather than a closing one
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()
+
+    async def _watch_connections(self) -> None:
+        """Apply connection events as they come (a flood is shed while it happens), shut the
+        connections that never said hello, forget requests whose leases expired."""
+        while True:
+            events = await self._events.receive(CLIENT_CHECK_S)
+            try:
+                self._ended(self.connections.apply(events) + self.connections.take_events())
+                for connection in self.connections.overdue():
+                    self.connections.shut(connection)
+                if self.engine is not None:
+                    self._forget_reclaimed()
+            except Exception:  # the watch must go on: it is what frees a closed connection's rows
+                self._log_limits.error("watch", "checking connections failed", exc_info=True)
+
+    def _receive(self, routing_id: bytes, frames: list) -> None:
+        fd = frames[0].get(zmq.SRCFD) if frames else -1
+        connection, closed = self.connections.of_message(routing_id, fd)
+        self._ended(closed)
+        if connection is None:
+            return  # from a connection that has closed since: nobody to answer
+        if len(frames) > MAX_FRAMES or (frames and len(frames[0]) > MAX_HEADER_BYTES):
+            self._log_limits.warning("frames", "a message of %d frames (header %d bytes) exceeds the protocol's "
+                                     "bounds: shutting its connection", len(frames), len(frames[0]) if frames else 0)
+            self.connections.shut(connection)
+            return
+        try:
+            self._handle(connection, frames)
+        except Exception as err:  # one message must never stop the server
+            self._log_limits.error("handle", "a message could not be handled", exc_info=True)
+            self._send(connection, Error(None, "protocol", f"the message could not be handled: {err}"))
+
+    def _handle(self, connection: Connection, frames: list) -> None:
         try:
             message, arrays = self._codec.decode(frames)
         except ProtocolError as err:
-            self._send(client, Error(None, err.code, str(err)))
+            self._log_limits.warning("protocol", "undecodable message: %s", err)
+            self._error(connection, None, err.code, str(err))
+            return
+        if not connection.helloed and not isinstance(message, (Hello, HealthQuery)):
+            self._error(connection, getattr(message, "id", None), "protocol",
+                        "say hello first: send a hello with the protocol version before anything else")
             return
         match message:
-            case Hello(version=version, pid=pid, pid_start=pid_start):
-                if pid > 0 and pid_start > 0 and process_start(pid) == pid_start:
-                    self._processes[client] = (pid, pid_start)
-                if version != PROTOCOL_VERSION:
-                    self._send(client, Error(None, "protocol", f"protocol version {version} is not supported; "
-                                                               f"this engine speaks version {PROTOCOL_VERSION}"))
-                else:
-                    ready = self.engine.ready
-                    self._send(client, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
-                                               ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))
+            case Hello(version=version):
+                self._hello(connection, version)
             case Encode():
-                self._encode(client, message, arrays)
+                self._encode(connection, message, arrays)
             case Cancel(id=request_id):
-                key = self._active.get((client, request_id))
+                key = connection.requests.get(request_id)
                 if key is not None:
                     self.engine.cancel(key)
             case Release(ids=request_ids):
-                for request_id in request_ids:
-                    key = self._active.pop((client, request_id), None)
-                    if key is not None and self.engine.is_open(key):
-                        self.engine.release(key)
-                    else:
-                        self._error(client, request_id, "invalid_input",
-                                    f"request {request_id} holds nothing for this client to release: it was never "
-                                    f"sent on this connection, was already released, ended with an error, or its "
-                                    f"result outlived lease_timeout_s")
+                self._release(connection, request_ids)
             case StatsQuery():
-                self._send(client, Stats({name: float(value) for name, value in self.counters.items()}
-                                         | self.engine.stats()))
+                counters = self.counters | self.connections.counters
+                self._send(connection, Stats({name: float(value) for name, value in counters.items()}
+                                             | {"connections": float(len(self.connections))} | self.engine.stats()))
             case HealthQuery():
-                self._send(client, self.engine.health())
+                self._send(connection, self.engine.health())
 
-    def _encode(self, client: bytes, message: Encode, arrays: list[memoryview]) -> None:
-        request = (client, message.id)
-        self.counters["requests"] += 1
-        if request in self._active:
-            self._error(client, message.id, "invalid_input", f"request id {message.id} is already in use by this "
-                                                             f"client: use a new id, or release the old request")
+    def _hello(self, connection: Connection, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            self._send(connection, Error(None, "protocol", f"protocol version {version} is not supported; "
+                                                           f"this engine speaks version {PROTOCOL_VERSION}"))
             return
-        try:
-            admitted = self.engine.admit(_items(message, arrays))
-            key, future = self.engine.submit(admitted, message.deadline_ms, message.priority)
-        except ProtocolError as err:
-            self._error(client, message.id, err.code, str(err))
+        if not connection.helloed and self.connections.helloed() >= self.limits.max_connections:
+            self._send(connection, Error(None, "overloaded", f"the engine serves its limit of "
+                                                             f"{self.limits.max_connections} connections "
+                                                             f"(max_connections): try again later", 1000.0))
+            asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, self.connections.shut, connection)
             return
-        except EngineError as err:
-            self._error(client, message.id, err.code, err.message, err.retry_after_ms)
-            return
-        except Exception as err:  # never leave a request unanswered
-            log.exception("request %d failed unexpectedly", message.id)
-            self._error(client, message.id, "invalid_input", f"the request could not be processed: {err}")
-            return
-        self._active[request] = key
-        future.add_done_callback(partial(self._finish, client, message, key))
+        connection.helloed = True
+        ready = self.engine.ready
+        self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
+                                       ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))
 
-    def _finish(self, client: bytes, message: Encode, key: int, future: asyncio.Future) -> None:
-        """The request ended: its result or error goes to the client."""
-        request = (client, message.id)
-        if future.cancelled():  # only at shutdown
-            self._active.pop(request, None)
-            return
-        error = future.exception()
-        if error is not None:
-            self._active.pop(request, None)
-            if isinstance(error, EngineError):
-                self._error(client, message.id, error.code, error.message, error.retry_after_ms)
-            else:
-                self._error(client, message.id, "worker_failed", f"the request failed: {error!r}")
-            return
-        refs = future.result()
-        self.counters["results"] += 1
-        if not message.inline:
-            if not self._send(client, Result(message.id, refs)):  # never to be read: free its rows now
-                self._active.pop(request, None)
-                self.engine.release(key)
-            return
-        # Inline (remote clients): copy the rows into the reply, then the slots are free again.
-        frames = [np.array(self.engine.read(ref)) for ref in refs]
-        inline = [OutputRef(ref.shape, ref.dtype, frame=i) for i, ref in enumerate(refs)]
-        self._active.pop(request, None)
-        self.engine.release(key)
-        self._send(client, Result(message.id, inline), frames)
-
-    async def _watch_clients(self) -> None:
-        """Release what clients whose process exited still hold (and cancel what they still wait for)."""
-        while True:
-            await asyncio.sleep(CLIENT_CHECK_S)
-            try:
-                self._release_exited_clients()
-                self._forget_reclaimed()
-            except Exception:  # the watch must go on: it is what frees an exited client's slots
-                log.exception("checking client processes failed")
+    def _ended(self, closed: list[Connection]) -> None:
+        """Closed connections: what they still wait for is cancelled, what they hold is released."""
+        for connection in closed:
+            if self.engine is not None:
+                for key in connection.requests.values():
+                    self.engine.release(key)
+            connection.requests.clear()
 
     def _forget_reclaimed(self) -> None:
         """Requests the engine no longer holds (leases that expired) are no longer the clients'."""
-        closed = [request for request, key in self._active.items() if not self.engine.is_open(key)]
-        for request in closed:
-            del self._active[request]
+        for connection in self.connections.by_fd.values():
+            gone = [request_id for request_id, key in connection.requests.items() if not self.engine.is_open(key)]
+            for request_id in gone:
+                del connection.requests[request_id]
 
-    def _release_exited_clients(self) -> None:
-        exited = {process for process in set(self._processes.values()) if not still_running(*process)}
-        if not exited:
-            return
-        gone = {client for client, process in self._processes.items() if process in exited}
-        for request in [request for request in self._active if request[0] in gone]:
-            self.engine.release(self._active.pop(request))
-        for client in gone:
-            del self._processes[client]
-        log.info("released the requests of %d connection(s) of %d exited process(es)", len(gone), len(exited))
-
-    def _error(self, client: bytes, request_id: int | None, code: str, text: str, retry: float | None = None) -> None:
+    def _error(self, connection: Connection, request_id: int | None, code: str, text: str,
+               retry: float | None = None) -> None:
         self.counters["errors"] += 1
-        self._send(client, Error(request_id, code, text, retry))
+        self._send(connection, Error(request_id, code, text, retry))
 
-    def _send(self, client: bytes, message, frames: list | None = None) -> bool:
-        """Whether the reply went out; one that cannot (a vanished client, or one not reading) is counted."""
+    def _send(self, connection: Connection, message, frames: list | None = None) -> bool:
+        """Whether the reply went out; one that cannot (a closed connection, or one not reading) is counted."""
         if self.socket.socket.closed:
             return False  # the server stopped: requests still ending (failed by the engine's close) go unanswered
-        try:
-            sent = self.socket.send_now([client, *self._codec.encode(message, frames or [])])
-        except zmq.ZMQError:  # EHOSTUNREACH: the client's connection is gone
-            sent = False
+        sent = False
+        if not connection.closed:
+            try:
+                sent = self.socket.send_now([connection.routing_id, *self._codec.encode(message, frames or [])])
+            except zmq.ZMQError:  # EHOSTUNREACH: the connection is gone
+                sent = False
         if not sent:
             self.counters["replies_dropped"] += 1
             dropped = self.counters["replies_dropped"]
@@ -208,24 +241,3 @@ class Frontend:
                 log.warning("%d replies could not be delivered so far (clients gone, or not reading theirs)",
                             dropped)
         return sent
-
-
-def _items(message: Encode, arrays: list[memoryview]) -> list:
-    """The request's items as arrays over the received frames (no copy)."""
-    refs, items = [], []
-    for item in message.items:
-        match item:
-            case ImageItem(pixels=ref) | VideoItem(frames=ref):
-                refs.append(ref)
-                items.append(frame_array(ref, arrays, message.id))
-            case PatchItem(pixel_values=ref, grid_thw=grid):
-                refs.append(ref)
-                items.append((frame_array(ref, arrays, message.id), grid))
-    check_all_frames_used(refs, arrays, message.id)
-    for index, (item, sent) in enumerate(zip(items, message.items)):
-        rank = {ImageItem: 3, VideoItem: 4}.get(type(sent))
-        if rank is not None and (item.dtype != np.uint8 or item.ndim != rank):
-            shape = "H×W×3" if rank == 3 else "T×H×W×3"
-            raise ProtocolError(f"item {index}: {type(sent).__name__} must be uint8 {shape}, got {item.dtype} "
-                                f"with shape {list(item.shape)}", "invalid_input", message.id)
-    return items

@@ -17,6 +17,7 @@ from vitserve.ipc.slabs import numpy_dtype
 from vitserve.scheduler import Predictor
 from vitserve.workers import Capacities, CostModel
 from vitserve.workers.cost_model import window_ms
+from vitserve.workers.packing import ItemShape, pack
 
 SLOTS_PER_WINDOW = 64
 
@@ -57,3 +58,10 @@ def predictor(ready: WorkerReady, capacities: Capacities) -> Predictor:
     cost = CostModel(ready.cost.attention_ms_per_token2, {(b, s): ms for b, s, ms in ready.cost.padded_base_ms},
                      [tuple(point) for point in ready.cost.eager_base_points])
     return functools.partial(window_ms, cost, capacities)
+
+
+def request_slots(shapes: Sequence[tuple[int, int]], capacities: Capacities, layout: OutputLayout) -> int:
+    """Output slots a request's items lease when they are packed by themselves (first fit
+    decreasing, as the runner packs): what it needs of one worker's memory with nothing else held."""
+    windows = pack([ItemShape(tokens, sequences) for tokens, sequences in shapes], capacities)
+    return sum(layout.slots_for(window.tokens // capacities.merge_factor) for window in windows)

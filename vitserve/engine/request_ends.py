@@ -39,6 +39,7 @@ class RequestEnds:
             return
         pending = self._pending.pop(key, None)
         if pending is not None:
+            self._drop_inputs(pending)
             self._release_slots(pending)
 
     async def _lease_loop(self, timeout_s: float) -> None:
@@ -61,6 +62,7 @@ class RequestEnds:
         pending = self._pending.pop(key, None)
         if pending is None:
             return
+        self._drop_inputs(pending)
         self._release_slots(pending)
         if not pending.future.done():
             pending.future.set_exception(EngineError(code, message, retry_after_ms))

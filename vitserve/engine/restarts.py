@@ -1,13 +1,16 @@
-"""Worker failure: detect a dead or stuck worker, retry its windows once, restart it in a new epoch.
+"""Worker failure: detect a dead, hung or stuck worker, retry its windows once, restart it in a new epoch.
 
 A worker is lost when its process exits (killed, or a CUDA error, which the worker treats as
-fatal), when its socket has no peer, or when a window runs past `window_timeout_s` (the
-watchdog kills it). Items of its in-flight windows are queued again, once: an item lost a
-second time fails its request with `worker_failed`. The worker is started again with freshly
-captured graphs and a new slab pool of the next epoch. The old pool is retired, not closed:
-results delivered from it stay readable until released, and its slabs go with the last one.
-No reference of the old epoch can name a slab of the new one, so a stale reference reads the
-data it was given or fails, never another request's rows.
+fatal), when its socket has no peer, when its heartbeat stops for a few beats (hung, e.g.
+stopped: liveness.py), or when a window runs past `window_timeout_s` (the watchdog kills it).
+A hung worker is taken out of service at once and sent SIGKILL; the restart reaps it. Items of
+its in-flight windows are queued again, once: an item lost a second time fails its request with
+`worker_failed`; one whose deadline passes while it waits for the restart fails with
+`deadline_exceeded`, as any queued item does (the scheduler's fail_early). The worker is started
+again with freshly captured graphs and a new slab pool of the next epoch. The old pool is
+retired, not closed: results delivered from it stay readable until released, and its slabs go
+with the last one. No reference of the old epoch can name a slab of the new one, so a stale
+reference reads the data it was given or fails, never another request's rows.
 
 A mixin of `Engine` (engine.py), which owns the state used here.
 """
@@ -36,11 +39,13 @@ class WorkerRestarts:
         spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}-e{epoch}",
                           model=config.model, device=device, dtype=config.dtype, window=config.window,
                           preprocess=config.preprocess, threads=config.worker_threads(device),
-                          log_level=logging.getLogger().level)
+                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s)
         return WorkerHandle(spec, self._context)
 
     def _new_pool(self, worker: int, epoch: int) -> SlabPool:
-        return SlabPool(f"w{worker}", self.layout.slot_rows * self.layout.row_bytes, self.layout.slots, epoch=epoch)
+        # The engine's number in its process keeps the slabs of two embedded engines apart.
+        return SlabPool(f"w{worker}n{self._instance}", self.layout.slot_rows * self.layout.row_bytes,
+                        self.layout.slots, epoch=epoch)
 
     def _check_stuck(self, handle: WorkerHandle, now: float) -> bool:
         """Kill the worker if its oldest window has run past the watchdog; True when it was killed."""
@@ -56,14 +61,29 @@ class WorkerRestarts:
         handle.kill()
         return True
 
+    def _check_hung(self, handle: WorkerHandle) -> bool:
+        """Take a worker whose heartbeat stopped for a few beats out of service and SIGKILL it (a
+        stopped process dies too); True when it was hung. Its replies can no longer come: the restart
+        closes its socket, and late replies of an old epoch have nowhere to arrive."""
+        heartbeat = handle.heartbeat
+        if not heartbeat.hung():
+            return False
+        log.error("worker %d has sent no heartbeat for %.1f s (worker_heartbeat_s=%g): killing it",
+                  handle.worker, heartbeat.silent_s(), heartbeat.period_s)
+        self._hung.add(handle.worker)
+        self._worker_hangs += 1
+        handle.kill(wait=False)  # reaped by the restart, off the event loop
+        return True
+
     def _worker_died(self, handle: WorkerHandle) -> None:
         """Retry or fail what the lost worker held, and start it again."""
         worker = handle.worker
         if handle is not self._handles[worker] or not self.scheduler.workers[worker].ready:
             return  # already handled
         code = handle.process.exitcode if handle.process is not None else None
-        log.error("worker %d (%s) is lost (exit code %s)", worker, handle.spec.device, code)
-        problem = f"worker {worker} was lost (exit code {code}) while running the request's items twice"
+        cause = "not responding" if worker in self._hung else f"exit code {code}"
+        log.error("worker %d (%s) is lost (%s)", worker, handle.spec.device, cause)
+        problem = f"worker {worker} was lost ({cause}) while running the request's items twice"
         lost = self.scheduler.worker_lost(worker)
         pool = self._pools.pop(worker)
         self._retired[(worker, pool.epoch)] = pool
@@ -125,6 +145,7 @@ class WorkerRestarts:
             self.scheduler.worker_back(worker, predictor(ready, self.capacities),
                                        self.layout.slots * self.layout.slot_rows, loop.time())
             self._restarting.discard(worker)
+            self._hung.discard(worker)
             self._worker_restarts += 1
             receive = loop.create_task(self._receive_loop(handle), name=f"vitserve-receive-{worker}-e{epoch}")
             receive.add_done_callback(self._loop_ended)

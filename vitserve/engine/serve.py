@@ -1,45 +1,78 @@
 """`vitserve serve`: an Engine behind the ZeroMQ frontend until SIGINT or SIGTERM.
 
+The endpoint is bound first, so one that another engine holds (or a busy port) fails in
+milliseconds with EndpointError instead of after minutes of model load and graph capture.
 On the signal the engine drains: new requests get `shutting_down`, those admitted finish (up to
-drain_timeout_s) and their replies go out while the frontend still runs; then everything stops
-and the slabs are removed."""
+drain_timeout_s) and their replies go out while the frontend still runs; then everything stops,
+the slabs are removed, and so is the socket file (also when the engine failed to start)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
+
+from vitserve.ipc.auth import ServerKeys
+from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE
 
 from .config import EngineConfig
 from .engine import Engine
 from .frontend import Frontend
 
+log = logging.getLogger(__name__)
 
-async def serve(config: EngineConfig, endpoint: str) -> None:
+
+async def serve(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
+                keys: ServerKeys | None = None, allow_insecure_tcp: bool = False) -> int:
+    """The process's exit code: 0 after a signal and a drain, 1 when the engine or the frontend
+    stopped by itself (a supervisor should start it again)."""
+    frontend = Frontend(endpoint, config, socket_mode, keys, allow_insecure_tcp)
+    frontend.watch()  # floods and silent peers are shed while the engine starts, too
+    try:
+        return await _serve(config, frontend)
+    finally:
+        frontend.close()
+
+
+async def _serve(config: EngineConfig, frontend: Frontend) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for name in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(name, stop.set)
     began = time.perf_counter()
     async with Engine(config) as engine:
-        frontend = Frontend(engine, endpoint)
         ready = engine.ready
-        print(f"vitserve ready on {endpoint}: model {config.model} on {', '.join(config.devices)} ({ready.dtype}), "
-              f"budgets {list(engine.capacities.budgets)}, capture {ready.capture_s:.1f} s, "
+        print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "
+              f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, capture {ready.capture_s:.1f} s, "
               f"started in {time.perf_counter() - began:.1f} s", flush=True)
-        task = loop.create_task(frontend.serve())
-        await stop.wait()
+        task = loop.create_task(frontend.serve(engine))
+        signalled = loop.create_task(stop.wait())
+        failed = loop.create_task(engine.stopped.wait())
+        await asyncio.wait({task, signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if not signalled.done():  # not asked to stop: serving cannot go on
+            problem = engine.failure if failed.done() else (task.exception() if not task.cancelled() else None)
+            log.critical("vitserve: the engine stopped serving (%r): exiting with code 1", problem)
+            for waiter in (task, signalled, failed):
+                waiter.cancel()
+            await asyncio.gather(task, signalled, failed, return_exceptions=True)
+            return 1
+        failed.cancel()
         print("vitserve: draining", flush=True)
         await engine.drain()
         await asyncio.sleep(0)  # the replies of requests failed at the drain's end are sent from callbacks
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, failed, return_exceptions=True)
+    return 0
 
 
-def run(config: EngineConfig, endpoint: str) -> None:
+def run(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
+        keys: ServerKeys | None = None, allow_insecure_tcp: bool = False) -> int:
+    """Serve until a signal (exit code 0) or a failure (1); EndpointError or AuthError (before the
+    engine starts) when the endpoint cannot be had or may not be served so."""
+    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp)
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency, but a missing one should not stop the server
-        asyncio.run(serve(config, endpoint))
-    else:
-        uvloop.run(serve(config, endpoint))
+        return asyncio.run(serving)
+    return uvloop.run(serving)

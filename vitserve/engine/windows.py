@@ -8,41 +8,101 @@ the pending requests and the windows in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import numpy as np
 
 from vitserve.ipc.messages import ArrayRef, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem
-from vitserve.ipc.slabs import Slot
+from vitserve.ipc.slabs import SlabError, Slot
 from vitserve.scheduler import Dispatch
 
 from .worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-LIVENESS_POLL_S = 0.5  # how often an idle receive loop checks that its worker process is alive
+LIVENESS_POLL_S = 0.5  # how often an idle receive loop checks that its worker is alive (or one heartbeat, if shorter)
+MAX_FAILED_POLLS = 1000  # scheduling failures in a row, each failing a request, before the engine gives up
 
 
 class WindowTraffic:
     # -- the loops -----------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        failed_polls = 0  # in a row: a fault that failing requests does not cure stops the loop
         while True:
             self._poke.clear()
-            dispatches, failures = self.scheduler.poll(loop.time())
-            for failure in failures:
-                self._fail(failure.request.key, failure.code, failure.message, failure.retry_after_ms)
-            while stalled := self.scheduler.stalled_on_memory():
-                for request in stalled:
-                    self._fail(request.key, "overloaded", "every shared-memory output row is held by results not "
-                               "yet released: release results sooner, or raise output_windows", retry_after_ms=100.0)
+            try:
+                dispatches = self._poll(loop.time())
+                failed_polls = 0
+            except Exception as err:
+                failed_polls += 1
+                if failed_polls > MAX_FAILED_POLLS or not self._fail_queue_head(err):
+                    raise  # the engine cannot go on: _loop_ended fails everything and says so
+                dispatches = []
             for dispatch in dispatches:
-                self._send(dispatch)
+                try:
+                    self._send(dispatch)
+                except Exception as err:  # contained to the requests of this window
+                    self._window_broke(dispatch, err)
             wakeup = self.scheduler.wakeup
             alarm = None if wakeup is None else loop.call_at(wakeup, self._poke.set)  # cheaper than wait_for
             await self._poke.wait()
             if alarm is not None:
                 alarm.cancel()
+
+    def _poll(self, now: float) -> list[Dispatch]:
+        """The scheduler's windows to send now, after failing what it gave up on."""
+        dispatches, failures = self.scheduler.poll(now)
+        for failure in failures:
+            self._fail(failure.request.key, failure.code, failure.message, failure.retry_after_ms)
+        while stalled := self.scheduler.stalled_on_memory():
+            for request in stalled:
+                self._fail_stalled(request.key)
+        return dispatches
+
+    def _fail_stalled(self, key: int) -> None:
+        """No output rows are free and nothing running will free any. A request that holds rows
+        itself and cannot complete even with all of a worker's rows can never succeed: too_large;
+        the others may succeed once results are released: overloaded."""
+        pending = self._pending.get(key)
+        held = sum(slot.count for _, slot in pending.slots) * self.layout.slot_rows if pending else 0
+        needed = sum(item.tokens for item in pending.items) // self.capacities.merge_factor if pending else 0
+        capacity = self.layout.slots * self.layout.slot_rows
+        if held and held + needed > capacity:
+            self._fail(key, "too_large", f"the request's outputs ({needed} rows as packed with others: {held} rows "
+                       f"held so far) do not fit the {capacity} rows of a worker's shared-memory output: split it, "
+                       f"or raise output_windows")
+        else:
+            self._fail(key, "overloaded", "every shared-memory output row is held by results not yet released: "
+                       "release results sooner, or raise output_windows", retry_after_ms=100.0)
+
+    def _fail_queue_head(self, err: Exception) -> bool:
+        """The scheduler failed on its queue: fail the request at its head, the one the failed step
+        was forming a window from, so the next poll makes progress. False when nothing is queued."""
+        head = next(iter(self.scheduler.queue), None)
+        if head is None:
+            return False
+        self._internal_errors += 1
+        self._log_limits.error("poll", "scheduling failed on request %d; failing it: %r", head.request.key, err,
+                               exc_info=True)
+        self._fail(head.request.key, "worker_failed", f"the engine failed to schedule the request ({err!r})")
+        self._poke.set()  # poll again at once: the rest of the queue is waiting
+        return True
+
+    def _window_broke(self, dispatch: Dispatch, err: Exception) -> None:
+        """Sending a window failed unexpectedly: its requests fail, its rows and place are given back."""
+        self._internal_errors += 1
+        self._log_limits.error("send", "window %d could not be sent: %r", dispatch.window, err, exc_info=True)
+        sent = self._windows.pop(dispatch.window, None)
+        if self.scheduler.holds(dispatch.window):
+            self.scheduler.window_done(dispatch.window, asyncio.get_running_loop().time(), learn=False)
+        keys = {item.request.key for item in dispatch.items}
+        for key in keys:
+            if sent is not None:
+                with contextlib.suppress(SlabError):  # a reference the failed send never added
+                    self._release_slot(dispatch.worker, sent[1])  # the window's reference for this request
+            self._fail(key, "worker_failed", f"the engine failed to send the request's window ({err!r})")
 
     def _send(self, dispatch: Dispatch) -> None:
         loop = asyncio.get_running_loop()
@@ -57,10 +117,10 @@ class WindowTraffic:
             for key in keys:
                 self._fail(key, "overloaded", "no shared-memory output rows are free", retry_after_ms=100.0)
             return
+        self._windows[dispatch.window] = (dispatch, slot, loop.time())  # from here on, _window_broke frees it
         if len(keys) > 1:  # one reference per request with items in the window
             pool.hold(slot, len(keys) - 1)
         self._sync_free_rows(dispatch.worker)
-        self._windows[dispatch.window] = (dispatch, slot, loop.time())
         self._windows_sent += 1
         self._items_sent += len(dispatch.items)
         window_items, frames = [], []
@@ -76,11 +136,13 @@ class WindowTraffic:
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
+        poll_s = min(LIVENESS_POLL_S, handle.heartbeat.period_s)
         while True:
-            messages = await handle.receive(LIVENESS_POLL_S)
+            messages = await handle.receive(poll_s)
             if self._handles[handle.worker] is not handle or not self.scheduler.workers[handle.worker].ready:
                 return  # lost while this loop waited (e.g. a send found no peer): its windows were dealt with
-            if not messages and (not handle.alive() or self._check_stuck(handle, loop.time())):
+            if not messages and (not handle.alive() or self._check_hung(handle)
+                                 or self._check_stuck(handle, loop.time())):
                 self._worker_died(handle)
                 return
             for message in messages:
@@ -124,3 +186,4 @@ class WindowTraffic:
             if request.unfinished == 0 and not pending.future.done():
                 pending.future.set_result(list(pending.outputs))
                 pending.delivered_at = now
+                self._drop_inputs(pending)

@@ -1,9 +1,10 @@
 """The engine's side of one worker process: spawn it, await its readiness handshake with a
-timeout, send windows, receive completions, stop it."""
+timeout, send windows, receive completions, watch its heartbeat, stop it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 
@@ -14,6 +15,8 @@ from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import Codec, ProtocolError
 from vitserve.ipc.messages import FromWorker, Shutdown, WorkerReady, WorkerStartFailed
 from vitserve.workers.process import WorkerSpec, worker_main
+
+from .liveness import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,8 @@ class WorkerStartError(RuntimeError):
 
 class WorkerHandle:
     def __init__(self, spec: WorkerSpec, context: zmq.Context):
-        self.spec = spec
+        self.heartbeat = Heartbeat(spec.heartbeat_s)  # one per process: a restart starts afresh
+        self.spec = dataclasses.replace(spec, beat_at=self.heartbeat.beat_at)
         self.worker = spec.worker
         socket = context.socket(zmq.PAIR)
         socket.setsockopt(zmq.LINGER, 0)
@@ -107,7 +111,10 @@ class WorkerHandle:
             await asyncio.to_thread(self.kill)
         self.socket.close()
 
-    def kill(self) -> None:
+    def kill(self, wait: bool = True) -> None:
+        """SIGKILL (which ends a stopped process too); without `wait`, the process is reaped later
+        (by `close`, off the event loop), so a process slow to die cannot stall the engine."""
         if self.process is not None and self.process.is_alive():
             self.process.kill()
-            self.process.join(5)
+            if wait:
+                self.process.join(5)

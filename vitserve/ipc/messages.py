@@ -10,11 +10,18 @@ the rows as frames instead. No pickle anywhere: a decoder only ever builds these
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: release carries a list of ids
+# 2: release carries a list of ids. 3: inline results are released too (acknowledging their bytes);
+# element counts are bounded.
+PROTOCOL_VERSION = 3
+# Element counts are checked while decoding, before anything is built: a header of millions of
+# items or ids is refused at the cost of reading its length.
+MAX_ITEMS_PER_REQUEST = 4096
+MAX_RELEASE_IDS = 4096
+MAX_NAME_LENGTH = 256
 
 # What a request can end with, besides a result (DESIGN.md, failure model). `protocol` is for
 # messages that cannot be understood at all (undecodable, wrong version, bad frames).
@@ -27,7 +34,7 @@ ErrorCode = Literal[
 class ArrayRef(msgspec.Struct, frozen=True):
     frame: int  # index among the frames after the header
     dtype: str  # numpy dtype name: uint8, float32, float16, or bfloat16
-    shape: tuple[int, ...]
+    shape: Annotated[tuple[int, ...], msgspec.Meta(max_length=8)]
 
 
 class ImageItem(msgspec.Struct, frozen=True, tag="image"):
@@ -64,14 +71,14 @@ class OutputRef(msgspec.Struct, frozen=True):
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
     version: int
-    client: str = ""
+    client: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)] = ""
     pid: int = 0  # a local client's process and its start time (clock ticks since boot), so the
     pid_start: int = 0  # engine can take back its slots when it exits; 0: not given
 
 
 class Encode(msgspec.Struct, frozen=True, tag="encode"):
     id: int  # chosen by the client, unique among its requests in flight
-    items: list[Item]
+    items: Annotated[list[Item], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)]
     deadline_ms: float | None = None  # relative to arrival at the engine
     priority: int = 0  # lower values are served first (as in Triton and vLLM)
     inline: bool = False  # outputs as frames instead of shared-memory references
@@ -82,10 +89,11 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
 
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
-    """The client is done reading these requests' outputs; their slots may be reused. (Clients
-    gather the releases of one event-loop turn into one message.)"""
+    """The client is done reading these requests' outputs; their slots may be reused, and inline
+    outputs' bytes count no more against the client. (Clients gather the releases of one
+    event-loop turn into one message.)"""
 
-    ids: list[int]
+    ids: Annotated[list[int], msgspec.Meta(max_length=MAX_RELEASE_IDS)]
 
 
 class StatsQuery(msgspec.Struct, frozen=True, tag="stats"):

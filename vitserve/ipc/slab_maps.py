@@ -39,29 +39,55 @@ def writable_slab(name: str, directory: Path = SHM_DIR, pin: bool = False) -> mm
 
 
 class SlabReader:
-    """Client side: maps slabs by name once, read-only, and views results in place."""
+    """Client side: maps slabs by name, read-only, and views results in place.
+
+    A mapping is kept while its slab is the newest epoch of its engine and owner and its file
+    exists: every worker restart brings slabs of a new epoch, and a long-lived reader would
+    otherwise keep every old one mapped. Both are checked when a slab not kept yet is mapped
+    (rare: a new name), never on the path of a read. Views already handed out keep their mapping
+    until they go."""
 
     def __init__(self, directory: Path = SHM_DIR):
         self.directory = Path(directory)
-        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # slab name -> (mapping, epoch in its name)
+        # slab name -> (mapping, (engine pid, owner, epoch, index) parsed from the name)
+        self._maps: dict[str, tuple[mmap.mmap, tuple[int, str, int, int]]] = {}
 
     def array(self, slab: str, epoch: int, offset: int, shape: int | tuple[int, ...],
               dtype: str | np.dtype) -> np.ndarray:
         """A read-only view of `shape` `dtype` at `offset` in `slab`, mapping the slab on first use."""
         mapped = self._maps.get(slab) if isinstance(slab, str) else None
         if mapped is None:
-            parsed = parse_slab_name(slab) if isinstance(slab, str) else None
-            if parsed is None:
-                raise SlabError(f"{slab!r} is not a vitserve slab name ({PREFIX}-<pid>-<owner>-e<epoch>-<index>): "
-                                "pass the slab field of a result unchanged")
-            mapped = (self._map(self.directory / slab), parsed[2])
-            self._maps[slab] = mapped
-        mapping, slab_epoch = mapped
+            mapped = self._map_new(slab)
+        mapping, (_, _, slab_epoch, _) = mapped
         if slab_epoch != epoch:
             raise SlabError(f"stale reference: slab {slab} belongs to epoch {slab_epoch}, the reference to epoch "
                             f"{epoch}; the worker restarted, so request the result again")
         where = f"in slab {slab} of {len(mapping)} bytes: pass offset, shape and dtype of the result unchanged"
         return view_array(mapping, offset, shape, dtype, len(mapping), where)
+
+    def _map_new(self, slab: str) -> tuple[mmap.mmap, tuple[int, str, int, int]]:
+        """Map a slab not kept yet; keep it unless a newer epoch of its engine and owner is kept
+        (then the mapping lives only as long as the views taken from it)."""
+        parsed = parse_slab_name(slab) if isinstance(slab, str) else None
+        if parsed is None:
+            raise SlabError(f"{slab!r} is not a vitserve slab name ({PREFIX}-<pid>-<owner>-e<epoch>-<index>): "
+                            "pass the slab field of a result unchanged")
+        self._forget_removed()
+        mapped = (self._map(self.directory / slab), parsed)
+        source, epoch = parsed[:2], parsed[2]
+        same_source = {name: kept[2] for name, (_, kept) in self._maps.items() if kept[:2] == source}
+        if any(kept_epoch > epoch for kept_epoch in same_source.values()):
+            return mapped  # a result from before a restart: read, not kept
+        for name, kept_epoch in same_source.items():
+            if kept_epoch < epoch:
+                self.forget(name)  # its worker restarted: the old slabs are retired
+        self._maps[slab] = mapped
+        return mapped
+
+    def _forget_removed(self) -> None:
+        """Drop the mappings of slabs whose files are gone (their pool closed, their engine exited)."""
+        for name in [name for name in self._maps if not (self.directory / name).exists()]:
+            self.forget(name)
 
     @staticmethod
     def _map(path: Path) -> mmap.mmap:

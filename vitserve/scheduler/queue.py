@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+MAX_OWNERS = 4096  # owners remembered before those with nothing queued ahead are forgotten
+
 
 @dataclass(eq=False)
 class Request:
@@ -23,6 +25,7 @@ class Request:
     deadline: float
     arrival: float
     shapes: Sequence[tuple[int, int]]  # (patch tokens, attention sequences) per item
+    owner: int = 0  # the client it came from: clients take fair turns within a priority and deadline
     unfinished: int = field(init=False)  # items whose window has not completed
 
     def __post_init__(self) -> None:
@@ -35,7 +38,7 @@ class QueuedItem:
     index: int
     tokens: int
     sequences: int
-    order: tuple[int, float, int, int]  # (priority, deadline, arrival number, index)
+    order: tuple[int, float, float, int, int]  # (priority, deadline, fair start, arrival number, index)
     alone_ms: float = 0.0  # predicted time of this item's own window, for early deadline failure
     lost: int = 0  # windows holding it that a worker lost (it is retried once)
 
@@ -46,10 +49,17 @@ class QueuedItem:
 
 
 class RequestQueue:
+    """Ordered by priority, then deadline, then fair start: start-time fair queuing over tokens.
+    Each owner's requests start, in virtual tokens, where its previous one finished, or at the
+    start of the latest dispatched item if that is later; so an owner that queued a long backlog
+    takes turns with one that sends a single request now, instead of going ahead of it."""
+
     def __init__(self) -> None:
         self._items: list[QueuedItem] = []
         self._arrivals = itertools.count()
         self.tokens = 0
+        self.virtual_now = 0.0  # fair start of the latest dispatched item
+        self._virtual_finish: dict[int, float] = {}  # owner -> where its next request starts
 
     def __len__(self) -> int:
         return len(self._items)
@@ -60,9 +70,13 @@ class RequestQueue:
     def add(self, request: Request) -> list[QueuedItem]:
         number = next(self._arrivals)
         deadline = request.deadline if math.isfinite(request.deadline) else math.inf
+        start = max(self._virtual_finish.get(request.owner, 0.0), self.virtual_now)
+        if len(self._virtual_finish) >= MAX_OWNERS:  # owners with nothing ahead of now need no entry
+            self._virtual_finish = {o: f for o, f in self._virtual_finish.items() if f > self.virtual_now}
+        self._virtual_finish[request.owner] = start + sum(tokens for tokens, _ in request.shapes)
         added = []
         for index, (tokens, sequences) in enumerate(request.shapes):
-            item = QueuedItem(request, index, tokens, sequences, (request.priority, deadline, number, index))
+            item = QueuedItem(request, index, tokens, sequences, (request.priority, deadline, start, number, index))
             bisect.insort(self._items, item, key=lambda queued: queued.order)
             self.tokens += tokens
             added.append(item)
@@ -73,6 +87,11 @@ class RequestQueue:
         for item in items:
             bisect.insort(self._items, item, key=lambda queued: queued.order)
             self.tokens += item.tokens
+
+    def dispatched(self, items: Sequence[QueuedItem]) -> None:
+        """Items leave for a worker: virtual time moves to their fair start."""
+        self.virtual_now = max([self.virtual_now, *(item.order[2] for item in items)])
+        self.remove(items)
 
     def remove(self, items: Sequence[QueuedItem]) -> None:
         gone = {id(item) for item in items}

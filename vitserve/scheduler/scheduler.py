@@ -61,6 +61,9 @@ class Scheduler:
         self._dispatched: dict[int, Dispatch] = {}
         self._modelled_ms: dict[tuple[int, int, int], list[float]] = {}  # item shape -> model ms per worker
         self._sent_at: dict[int, tuple[float, bool]] = {}  # window id -> (dispatch time, queued behind another)
+        # An item predicted to take longer than this alone would be taken for a stuck worker (the
+        # engine sets it from its window watchdog): refused at once instead of killing workers.
+        self.max_item_ms = math.inf
 
     def use_policy(self, policy: str, max_delay_ms: float | None = None) -> None:
         """Switch the flush policy of a live scheduler (benchmarks compare policies on one engine)."""
@@ -84,9 +87,16 @@ class Scheduler:
                            f"the queue is full ({len(self.queue)} items, {self.queue.tokens} tokens queued; "
                            f"limits {config.max_queued_items} items, {config.max_queued_tokens} tokens)",
                            retry_after_ms=self.drain_ms(now))
+        alone_ms = [self._fastest(tokens, sequences, tokens * tokens // sequences) for tokens, sequences in request.shapes]
+        slowest = max(range(len(alone_ms)), key=alone_ms.__getitem__)
+        if alone_ms[slowest] > self.max_item_ms:
+            return Failure(request, "too_large",
+                           f"item {slowest} is predicted to take {alone_ms[slowest] / 1e3:.1f} s even alone, longer "
+                           f"than the engine lets a window run ({self.max_item_ms / 1e3:.1f} s, half of "
+                           f"window_timeout_s): send a smaller item or fewer frames, or raise window_timeout_s")
         items = self.queue.add(request)
-        for item in items:
-            item.alone_ms = self._fastest(item.tokens, item.sequences, item.square_tokens)
+        for item, ms in zip(items, alone_ms):
+            item.alone_ms = ms
         if config.fail_early and self._hopeless(items, now):
             self.queue.remove(items)
             return self._deadline_failure(request, now)
@@ -245,7 +255,7 @@ class Scheduler:
         dispatch = Dispatch(self._window_ids, worker.id, window.items, window.tokens, predicted,
                             predicted / worker.scale)
         self._sent_at[dispatch.window] = (now, bool(worker.in_flight))
-        self.queue.remove(window.items)
+        self.queue.dispatched(window.items)
         worker.in_flight[dispatch.window] = predicted
         worker.free_rows -= self._rows(window.tokens, worker)  # the engine keeps this count true
         worker.busy_until = max(now + worker.overhead_ms / 1e3, worker.busy_until) + predicted / 1e3

@@ -76,9 +76,10 @@ class Capacities:
             power *= 4
         return tuple(sorted(tiers))
 
-    def fitting_slots(self, sequences: int) -> int:
-        """The smallest slot tier holding `sequences` real segments and the padding one."""
-        return next(s for s in self.slot_tiers if s >= sequences + 1)
+    def fitting_slots(self, sequences: int) -> int | None:
+        """The smallest slot tier holding `sequences` real segments and the padding one, or None
+        when none does (such a window runs eagerly)."""
+        return next((s for s in self.slot_tiers if s >= sequences + 1), None)
 
     def fitting_budget(self, tokens: int) -> int | None:
         """The smallest budget that holds `tokens`, or None when none does."""

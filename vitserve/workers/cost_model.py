@@ -60,10 +60,11 @@ def window_ms(cost: CostModel, capacities, tokens: int, sequences: int, square_t
     """Predicted time of a window as the runner will run it: its padded graph, or eagerly when
     that is cheaper or no budget holds it. `capacities` is the runner's `Capacities`."""
     budget = capacities.fitting_budget(tokens)
+    slots = capacities.fitting_slots(sequences)
     eager = cost.eager_ms(tokens, square_tokens)
-    if budget is None:
+    if budget is None or slots is None:
         return eager
-    shape = (budget, capacities.fitting_slots(sequences))
+    shape = (budget, slots)
     if shape not in cost.padded_base_ms:
         return eager
     padded = cost.padded_ms(shape, square_tokens + (budget - tokens) ** 2)

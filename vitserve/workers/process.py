@@ -4,17 +4,20 @@ reports its capacities and measured cost model, then runs the windows the engine
 Each window arrives as one message with the items' pixels as zero-copy frames and the
 shared-memory slot its output rows go to; raw images and videos are preprocessed on the
 device; the runner's single output copy lands in the slot, which the engine's clients read
-in place. The process talks to the engine over one ZeroMQ PAIR socket.
+in place. The process talks to the engine over one ZeroMQ PAIR socket, and a thread of its own
+writes heartbeats into shared memory, which the engine watches for a hung worker (engine/liveness.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import torch
@@ -63,6 +66,10 @@ class WorkerSpec:
     slab_directory: Path = SHM_DIR  # where the engine creates the output slabs
     threads: int | None = None  # torch CPU threads (CPU workers share the host)
     log_level: int = logging.WARNING
+    heartbeat_s: float = 1.0  # how often the worker's beat thread beats
+    # Where the beats go: the engine's shared double (a multiprocessing RawValue, picklable only
+    # while the process is spawned); None: no heartbeat (a worker run by hand, as tools/ do).
+    beat_at: Any = field(default=None, compare=False, repr=False)
 
 
 class DeviceFault(Exception):
@@ -72,6 +79,7 @@ class DeviceFault(Exception):
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of the spawned process."""
     engine_pid = os.getppid()
+    start_heartbeat(spec.beat_at, spec.heartbeat_s)
     logging.basicConfig(level=spec.log_level, format=f"worker {spec.worker}: %(levelname)s %(message)s")
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -97,6 +105,22 @@ def worker_main(spec: WorkerSpec) -> None:
     worker.close()
     socket.close()
     context.term()
+
+
+def start_heartbeat(beat_at: Any, period_s: float) -> None:
+    """Write the time (time.monotonic(), one clock for the whole host) into `beat_at` every
+    `period_s` from a daemon thread, so the beats go on while the main thread runs a long window
+    (torch releases the GIL in its kernels; Python code yields it every few milliseconds) and stop
+    only when the process is stopped or gone. Only this thread writes, so it needs no lock."""
+    if beat_at is None:
+        return
+
+    def beat() -> None:
+        while True:
+            beat_at.value = time.monotonic()
+            time.sleep(period_s)
+
+    threading.Thread(target=beat, name="vitserve-heartbeat", daemon=True).start()
 
 
 def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.Encoder, engine_pid: int) -> None:

@@ -150,7 +150,8 @@ class ModelRunner:
         for window in pack(shapes, self.capacities):
             sequences = window.sequences
             rows = window.tokens // merge
-            shape = None if window.budget is None else (window.budget, self.capacities.fitting_slots(sequences))
+            slots = self.capacities.fitting_slots(sequences)
+            shape = None if window.budget is None or slots is None else (window.budget, slots)
             square = sum(shapes[i].tokens ** 2 // shapes[i].sequences for i in window.items)
             if shape is not None and (not self.use_graphs or self.cost.prefer_padded(
                     shape, window.tokens, square, window.padding)):

@@ -1,0 +1,149 @@
+"""`vitserve serve` and `vitserve keys`: their flags, and the engine's configuration from them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vitserve.engine.config import DEFAULT_MODEL
+
+
+def add_serve_parser(commands) -> None:
+    from vitserve.cli import add_budget_arguments
+
+    serve = commands.add_parser("serve", help="run the engine behind a ZeroMQ endpoint until SIGINT/SIGTERM")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
+    serve.add_argument("--devices", default="cpu", help="comma-separated torch devices, one worker each, e.g. cuda:0,cuda:1")
+    serve.add_argument("--endpoint", help="ipc://PATH (local, shared memory) or tcp://HOST:PORT (outputs inline); "
+                       "default: ipc://$XDG_RUNTIME_DIR/vitserve.sock when that is set, else "
+                       f"ipc:///tmp/vitserve-{os.getuid()}/vitserve.sock (its directory made with mode 0700). "
+                       "An endpoint that another engine serves is refused; the socket file is removed on exit")
+    serve.add_argument("--socket-mode", default="0600", help="octal permissions of the ipc:// socket file, whatever "
+                       "the umask (default 0600: only you; 0660 lets your group connect)")
+    serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on CUDA, float32 elsewhere")
+    add_budget_arguments(serve)
+    serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"))
+    serve.add_argument("--max-queued-items", type=int, default=4096)
+    serve.add_argument("--max-queued-tokens", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 30,
+                       help="input bytes of one request; larger ones get too_large")
+    serve.add_argument("--lease-timeout-s", type=float, default=300.0,
+                       help="results not released this long after delivery are reclaimed (0: never)")
+    serve.add_argument("--output-windows", type=int, default=16,
+                       help="shared-memory output per worker, in windows of the largest budget")
+    serve.add_argument("--max-item-tokens", type=int, help="largest item in patch tokens (default: twice the largest "
+                       "budget); larger ones get too_large")
+    serve.add_argument("--worker-restarts", type=int, default=3,
+                       help="start attempts for a worker that died before it is given up (0: never restart)")
+    serve.add_argument("--window-timeout-s", type=float, default=60.0,
+                       help="a window running longer means a stuck worker: it is killed and restarted (0: no watchdog)")
+    serve.add_argument("--worker-heartbeat-s", type=float, default=1.0,
+                       help="how often a worker proves it is alive; one silent for three beats is restarted")
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM, how long admitted requests may take to finish")
+    serve.add_argument("--max-queued-bytes", type=int, default=4 << 30,
+                       help="input bytes of all unfinished requests together; past it: overloaded")
+    _add_client_limit_arguments(serve)
+    _add_security_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from vitserve.cli import window_config
+    from vitserve.engine import EngineConfig
+    from vitserve.engine.serve import run
+    from vitserve.ipc.auth import AuthError
+    from vitserve.ipc.endpoints import EndpointError, default_endpoint, parse_socket_mode
+    from vitserve.scheduler import SchedulerConfig
+
+    try:
+        window = window_config(args)
+        scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
+                                    max_queued_tokens=args.max_queued_tokens)
+        config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
+                              window=window, scheduler=scheduler, output_windows=args.output_windows,
+                              max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
+                              lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
+                              window_timeout_s=args.window_timeout_s or None,
+                              worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
+                              max_queued_bytes=args.max_queued_bytes, clients=_client_limits(args))
+        socket_mode = parse_socket_mode(args.socket_mode)
+        endpoint = args.endpoint or default_endpoint()
+        keys = _server_keys(args)
+    except ValueError as err:
+        print(f"vitserve serve: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp)
+    except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable
+        print(f"vitserve serve: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_client_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    from vitserve.engine.limits import ClientLimits
+
+    defaults = ClientLimits()
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="client connections served at once; more are refused with overloaded")
+    parser.add_argument("--max-requests-per-client", type=int, default=defaults.max_requests,
+                        help="requests one connection may have unfinished or holding results")
+    parser.add_argument("--client-queue-share", type=float, default=defaults.queue_share,
+                        help="fraction of the queue's items, tokens and bytes one client may take")
+    parser.add_argument("--client-output-share", type=float, default=defaults.output_share,
+                        help="fraction of a worker's output rows one client's results may hold while others wait")
+    parser.add_argument("--max-inline-bytes", type=int, default=defaults.max_inline_bytes,
+                        help="inline result bytes (tcp://) sent to a client and not yet released by it")
+    parser.add_argument("--priorities", default=f"{defaults.priorities[0]},{defaults.priorities[1]}",
+                        help="LOW,HIGH: the priorities clients may ask for (lower is served first)")
+
+
+def _client_limits(args: argparse.Namespace):
+    from vitserve.engine.limits import ClientLimits
+
+    try:
+        low, high = (int(value) for value in args.priorities.split(","))
+    except ValueError:
+        raise ValueError(f"--priorities must be two integers LOW,HIGH such as -100,100, got {args.priorities!r}") from None
+    return ClientLimits(max_connections=args.max_connections, max_requests=args.max_requests_per_client,
+                        queue_share=args.client_queue_share, output_share=args.client_output_share,
+                        max_inline_bytes=args.max_inline_bytes, priorities=(low, high))
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--curve-secret-key", type=Path, help="the server's secret certificate (NAME.key_secret, "
+                        "from `vitserve keys`): clients must then authenticate with CURVE")
+    parser.add_argument("--curve-clients", type=Path, help="a folder of the public certificates (*.key) of the "
+                        "clients allowed in (with --curve-secret-key)")
+    parser.add_argument("--allow-insecure-tcp", action="store_true", help="serve a tcp:// endpoint that other "
+                        "hosts can reach without authentication (refused otherwise)")
+
+
+def _server_keys(args: argparse.Namespace):
+    from vitserve.ipc.auth import ServerKeys
+
+    if (args.curve_secret_key is None) != (args.curve_clients is None):
+        raise ValueError("--curve-secret-key and --curve-clients go together: give both, or neither")
+    return None if args.curve_secret_key is None else ServerKeys(args.curve_secret_key, args.curve_clients)
+
+
+def add_keys_parser(commands) -> None:
+    keys = commands.add_parser("keys", help="create a CURVE key pair (certificates) for a server or a client")
+    keys.add_argument("directory", type=Path, help="where NAME.key (public) and NAME.key_secret go")
+    keys.add_argument("name", help="e.g. server, or a client's name")
+    keys.set_defaults(handler=run_keys)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    args.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (args.directory / f"{args.name}.key_secret").exists():
+        print(f"vitserve keys: {args.directory / args.name}.key_secret exists: choose another name", file=sys.stderr)
+        return 2
+    public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public certificate {public} (give it to the other side), secret {secret} (keep it private)")
+    return 0

@@ -1,0 +1,166 @@
+"""A client's requests at the frontend: admission within the client's limits (limits.py), the
+reply when a request ends, and releases, which also acknowledge inline results.
+
+A mixin of `Frontend` (frontend.py), which owns the engine, the limits and the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+import numpy as np
+
+from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array
+from vitserve.ipc.messages import Encode, ImageItem, OutputRef, PatchItem, Result, VideoItem
+
+from .admission import AdmittedItem
+from .connections import Connection
+from .errors import EngineError
+
+
+class ClientRequests:
+    def _encode(self, connection: Connection, message: Encode, arrays: list[memoryview]) -> None:
+        self.counters["requests"] += 1
+        if message.id in connection.requests or message.id in connection.inline:
+            self._error(connection, message.id, "invalid_input", f"request id {message.id} is already in use by this "
+                                                                 f"client: use a new id, or release the old request")
+            return
+        try:
+            self._check_request(connection, message)
+            admitted = self.engine.admit(_items(message, arrays))
+            usage = self._check_share(connection, admitted)
+            key, future = self.engine.submit(admitted, message.deadline_ms, message.priority, connection.serial)
+        except ProtocolError as err:
+            self._error(connection, message.id, err.code, str(err))
+            return
+        except EngineError as err:
+            self._error(connection, message.id, err.code, err.message, err.retry_after_ms)
+            return
+        except Exception as err:  # never leave a request unanswered
+            self._log_limits.error("encode", "request %d failed unexpectedly", message.id, exc_info=True)
+            self._error(connection, message.id, "invalid_input", f"the request could not be processed: {err}")
+            return
+        connection.requests[message.id] = key
+        connection.queued[:] = [held + new for held, new in zip(connection.queued, usage)]
+        self._queued_items += usage[0]
+        future.add_done_callback(partial(self._finish, connection, message, key, usage))
+
+    def _check_request(self, connection: Connection, message: Encode) -> None:
+        low, high = self.limits.priorities
+        if not low <= message.priority <= high:
+            raise EngineError("invalid_input", f"priority {message.priority} is outside the engine's range "
+                                               f"{low}..{high} (priorities)")
+        open_requests = len(connection.requests) + len(connection.inline)
+        if open_requests >= self.limits.max_requests:
+            raise EngineError("overloaded", f"this connection has {open_requests} requests unfinished or holding "
+                                            f"results (max_requests={self.limits.max_requests}): release results "
+                                            f"or wait for replies", 100.0)
+
+    def _check_share(self, connection: Connection, admitted: list[AdmittedItem]) -> tuple[int, int, int]:
+        """The request's (items, tokens, bytes), once it fits the client's share of the queue and of
+        the output memory: `too_large` when it never can, `overloaded` while the client's other
+        requests leave it no room."""
+        engine, share = self.engine, self.limits.queue_share
+        usage = (len(admitted), sum(item.tokens for item in admitted), sum(item.array.nbytes for item in admitted))
+        queue = engine.config.scheduler
+        bounds = (queue.max_queued_items, queue.max_queued_tokens, engine.config.max_queued_bytes)
+        retry_ms = engine.scheduler.drain_ms(asyncio.get_running_loop().time())
+        for name, held, new, bound in zip(("items", "tokens", "input bytes"), connection.queued, usage, bounds):
+            allowed = int(share * bound)
+            if new > allowed:
+                raise EngineError("too_large", f"the request has {new} {name}, more than one client's share of the "
+                                               f"queue ({allowed}: queue_share={share:g} of {bound}): split it")
+            if held + new > allowed:
+                raise EngineError("overloaded", f"this client's unfinished requests hold {held} of its {allowed} "
+                                                f"{name} (queue_share={share:g}): wait for their replies", retry_ms)
+        if self._queued_items > connection.queued[0]:  # others wait: this client's results keep to their share
+            layout, share = engine.layout, self.limits.output_share
+            allowed = int(share * layout.slots * layout.slot_rows)
+            held = sum(engine.held_rows(key) for key in connection.requests.values())
+            if held >= allowed:
+                raise EngineError("overloaded", f"this client's results hold {held} output rows, its share while "
+                                                f"others wait is {allowed} (output_share={share:g}): release results "
+                                                f"sooner", 100.0)
+        return usage
+
+    def _finish(self, connection: Connection, message: Encode, key: int, usage: tuple[int, int, int],
+                future: asyncio.Future) -> None:
+        """The request ended: its result or error goes to the client."""
+        connection.queued[:] = [held - used for held, used in zip(connection.queued, usage)]
+        self._queued_items -= usage[0]
+        if future.cancelled():  # only at shutdown
+            connection.requests.pop(message.id, None)
+            return
+        error = future.exception()
+        if error is not None:
+            connection.requests.pop(message.id, None)
+            if isinstance(error, EngineError):
+                self._error(connection, message.id, error.code, error.message, error.retry_after_ms)
+            else:
+                self._error(connection, message.id, "worker_failed", f"the request failed: {error!r}")
+            return
+        refs = future.result()
+        self.counters["results"] += 1
+        if not message.inline:
+            if not self._send(connection, Result(message.id, refs)):  # never to be read: free its rows now
+                connection.requests.pop(message.id, None)
+                self.engine.release(key)
+            return
+        # Inline (remote clients): the rows are copied into the reply and the slots are free again;
+        # the bytes count against the client until it releases the result (it has read them).
+        connection.requests.pop(message.id, None)
+        size = sum(int(np.prod(ref.shape)) * np.dtype(np.uint16 if ref.dtype == "bfloat16" else ref.dtype).itemsize
+                   for ref in refs)
+        if connection.inline_bytes + size > self.limits.max_inline_bytes:
+            self.engine.release(key)
+            self._error(connection, message.id, "overloaded", f"this client has {connection.inline_bytes} bytes of "
+                        f"inline results it has not released (max_inline_bytes={self.limits.max_inline_bytes}): "
+                        f"read and release them", 100.0)
+            return
+        frames = [np.array(self.engine.read(ref)) for ref in refs]
+        inline = [OutputRef(ref.shape, ref.dtype, frame=i) for i, ref in enumerate(refs)]
+        self.engine.release(key)
+        if self._send(connection, Result(message.id, inline), frames):
+            connection.inline[message.id] = size
+            connection.inline_bytes += size
+
+    def _release(self, connection: Connection, request_ids: list[int]) -> None:
+        unknown = []
+        for request_id in request_ids:
+            size = connection.inline.pop(request_id, None)
+            if size is not None:
+                connection.inline_bytes -= size
+                continue
+            key = connection.requests.pop(request_id, None)
+            if key is not None and self.engine.is_open(key):
+                self.engine.release(key)
+            else:
+                unknown.append(request_id)
+        if unknown:  # one reply per message, however many ids: a long list cannot make long work
+            more = f" (and {len(unknown) - 1} more ids)" if len(unknown) > 1 else ""
+            self._error(connection, unknown[0], "invalid_input",
+                        f"request {unknown[0]}{more} holds nothing for this client to release: it was never sent on "
+                        f"this connection, was already released, ended with an error, or its result outlived "
+                        f"lease_timeout_s")
+
+
+def _items(message: Encode, arrays: list[memoryview]) -> list:
+    """The request's items as arrays over the received frames (no copy)."""
+    refs, items = [], []
+    for item in message.items:
+        match item:
+            case ImageItem(pixels=ref) | VideoItem(frames=ref):
+                refs.append(ref)
+                items.append(frame_array(ref, arrays, message.id))
+            case PatchItem(pixel_values=ref, grid_thw=grid):
+                refs.append(ref)
+                items.append((frame_array(ref, arrays, message.id), grid))
+    check_all_frames_used(refs, arrays, message.id)
+    for index, (item, sent) in enumerate(zip(items, message.items)):
+        rank = {ImageItem: 3, VideoItem: 4}.get(type(sent))
+        if rank is not None and (item.dtype != np.uint8 or item.ndim != rank):
+            shape = "H×W×3" if rank == 3 else "T×H×W×3"
+            raise ProtocolError(f"item {index}: {type(sent).__name__} must be uint8 {shape}, got {item.dtype} "
+                                f"with shape {list(item.shape)}", "invalid_input", message.id)
+    return items

@@ -1,0 +1,184 @@
+"""Client connections as the frontend knows them: one record per accepted connection, never
+per routing id.
+
+ZeroMQ's ROUTER names each peer by a routing id that the peer may choose itself, so a routing
+id proves nothing: once a client's connection drops, the next peer to claim its id would
+receive its replies. Here the frontend watches the socket's own connection events (a monitor:
+accepted and disconnected, each with the connection's descriptor), and every message carries
+the descriptor it arrived on (ZMQ_SRCFD). A connection is bound to the routing id of its first
+message, and everything a client asks for belongs to that record. When the connection closes
+(its process exited, it closed, or we shut it), its requests end and the record goes; a peer
+that later claims the same routing id is a new connection that reaches nothing of the old one.
+
+Bounds. Each connection holds a descriptor. Connections past `max_connections` are shut down
+as soon as their accept is seen (the socket is shut down under libzmq, which then closes it as
+if the peer had left), and so are connections that do not say hello within HELLO_TIMEOUT_S.
+libzmq aborts the process when an ipc:// accept finds no descriptor left, so the soft limit is
+raised to the hard one at start-up.
+
+Routing ids libzmq generates for peers that choose none are a counter whose start comes from
+the C library's rand(), never seeded: predictable, and a peer that takes an id the counter
+reaches later makes libzmq abort at that connection. The seed is set from the OS's random
+source before the socket is made, and our clients always choose a random 16-byte id.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import resource
+import socket as sockets
+import struct
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from vitserve.log_limits import LogLimiter
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0  # a connection that has not said hello by then is shut
+SHED_FACTOR = 2  # accepted connections past this many times max_connections are shut at once
+RESERVED_DESCRIPTORS = 512  # for slabs, worker sockets, files: beyond the connections
+_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+_MONITOR_ENDPOINTS = itertools.count()
+
+
+@dataclass(eq=False)
+class Connection:
+    serial: int  # unique for the frontend's life (descriptors are reused)
+    fd: int
+    opened_at: float  # monotonic seconds
+    routing_id: bytes | None = None  # of its first message
+    helloed: bool = False
+    closed: bool = False
+    requests: dict[int, int] = field(default_factory=dict)  # the client's request id -> engine key
+    inline: dict[int, int] = field(default_factory=dict)  # inline results not yet released: request id -> bytes
+    inline_bytes: int = 0  # their sum
+    queued: list[int] = field(default_factory=lambda: [0, 0, 0])  # unfinished requests' items, tokens, bytes
+
+
+def seed_routing_ids() -> None:
+    """Seed the C library's rand(), which libzmq uses for the first routing id it generates."""
+    ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
+
+
+def raise_descriptor_limit(needed: int) -> int:
+    """Raise the soft descriptor limit to the hard one; ValueError when even that is below `needed`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ValueError(f"max_connections needs about {needed} file descriptors, but this process may open "
+                         f"only {hard} (ulimit -Hn): lower max_connections or raise the hard limit")
+    return hard
+
+
+class Connections:
+    def __init__(self, socket: zmq.Socket, context: zmq.Context, max_connections: int):
+        self.max_connections = max_connections
+        self.by_fd: dict[int, Connection] = {}
+        self.by_routing_id: dict[bytes, Connection] = {}
+        self.counters = {"connections_opened": 0, "connections_refused": 0}
+        self._serials = itertools.count(1)
+        self._log_limits = LogLimiter(log)
+        # The monitor's pipe is unbounded (RCVHWM 0): a full pipe would stall libzmq's I/O thread.
+        address = f"inproc://vitserve-connections-{os.getpid()}-{next(_MONITOR_ENDPOINTS)}"
+        socket.monitor(address, _EVENTS)
+        self.monitor = context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.monitor.connect(address)
+        self._socket = socket
+
+    def __len__(self) -> int:
+        return len(self.by_fd)
+
+    def take_events(self) -> list[Connection]:
+        """Apply the connection events that have arrived; returns the connections that closed."""
+        events = []
+        while True:
+            try:
+                events.append(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return self.apply(events)
+
+    def apply(self, events: list[list]) -> list[Connection]:
+        """Apply monitor events (each a message of the monitor socket); returns the connections that closed."""
+        closed = []
+        for frames in events:
+            event, fd = struct.unpack("=Hi", frames[0])
+            if event == zmq.EVENT_ACCEPTED:
+                stale = self.by_fd.get(fd)
+                if stale is not None:  # its close was not seen (cannot happen in order): end it anyway
+                    closed.append(self._forget(stale))
+                self._accepted(fd)
+            elif event == zmq.EVENT_DISCONNECTED and fd in self.by_fd:
+                closed.append(self._forget(self.by_fd[fd]))
+        return closed
+
+    def _accepted(self, fd: int) -> None:
+        connection = Connection(next(self._serials), fd, _now())
+        self.by_fd[fd] = connection
+        self.counters["connections_opened"] += 1
+        if len(self.by_fd) > SHED_FACTOR * self.max_connections:
+            self._log_limits.warning("shed", "%d connections are open, over %d × max_connections=%d: shutting "
+                                             "the newest", len(self.by_fd), SHED_FACTOR, self.max_connections)
+            self.shut(connection)
+
+    def _forget(self, connection: Connection) -> Connection:
+        connection.closed = True
+        del self.by_fd[connection.fd]
+        if connection.routing_id is not None and self.by_routing_id.get(connection.routing_id) is connection:
+            del self.by_routing_id[connection.routing_id]
+        return connection
+
+    def of_message(self, routing_id: bytes, fd: int) -> tuple[Connection | None, list[Connection]]:
+        """The connection a message arrived on, and the connections that closed meanwhile (their
+        events are applied first: a descriptor may have been closed and reused since)."""
+        closed: list[Connection] = []
+        connection = self.by_fd.get(fd)
+        if connection is None or (connection.routing_id is not None and connection.routing_id != routing_id):
+            closed = self.take_events()
+            connection = self.by_fd.get(fd)
+        if connection is None:
+            return None, closed  # not a connection of ours any more (or no descriptor: not from a peer)
+        if connection.routing_id is None:
+            connection.routing_id = routing_id
+            self.by_routing_id[routing_id] = connection
+        elif connection.routing_id != routing_id:
+            return None, closed
+        return connection, closed
+
+    def helloed(self) -> int:
+        return sum(1 for connection in self.by_fd.values() if connection.helloed)
+
+    def overdue(self) -> list[Connection]:
+        """Connections that have not said hello within HELLO_TIMEOUT_S."""
+        oldest = _now() - HELLO_TIMEOUT_S
+        return [c for c in self.by_fd.values() if not c.helloed and c.opened_at < oldest]
+
+    def shut(self, connection: Connection) -> None:
+        """Shut the connection's socket down; libzmq closes it and reports the disconnect."""
+        self.counters["connections_refused"] += 1
+        try:
+            borrowed = sockets.socket(fileno=connection.fd)
+        except OSError:
+            return  # already closed
+        try:
+            borrowed.shutdown(sockets.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more
+        finally:
+            borrowed.detach()  # the descriptor stays libzmq's
+
+    def close(self) -> None:
+        self._socket.disable_monitor()
+        self.monitor.close(0)
+
+
+def _now() -> float:
+    return time.monotonic()
