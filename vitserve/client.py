@@ -1,13 +1,15 @@
 """Clients of a running engine: `AsyncClient` (asyncio) and `Client`, its thin sync wrapper.
 
-    with Client("ipc:///tmp/vitserve.sock") as client:
+    with Client(endpoint) as client:           # the engine's --endpoint
         with client.encode([image]) as result:
             result.items[0].embeddings          # (rows, out_hidden), viewing shared memory
 
 On ipc:// the outputs are read in place from the engine's shared memory; on tcp:// (another
 host) they come inline in the reply. Results are released with `release()`, at the end of
-their `with` block, or when garbage-collected; a failed request raises EngineError with
-its code (`overloaded` carries a retry hint).
+their `with` block, or when garbage-collected (or when the connection is lost: the engine
+releases what a closed connection held); a failed request raises EngineError with its code
+(`overloaded` carries a retry hint; `unavailable` when the connection to the engine was lost;
+`deadline_exceeded` when no reply came within the deadline plus a margin, or `timeout_s`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import struct
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,27 +26,23 @@ import torch
 import zmq
 
 from vitserve.checks import check_seconds
+from vitserve.client_link import HEARTBEAT_S, LINK_EVENTS, ClientLink
 from vitserve.engine.errors import EngineError
 from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    PROTOCOL_VERSION, Cancel, Encode, Error, Health, HealthQuery, Hello, ImageItem, PatchItem, Release, Result, Stats,
-    StatsQuery, VideoItem, Welcome,
+    Cancel, Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Release, Result, Stats, StatsQuery, VideoItem,
+    Welcome,
 )
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
-from vitserve.ipc.peers import own_identity
 from vitserve.ipc.slab_maps import SlabReader
 
-CONNECT_TIMEOUT_S = 30.0
 TIMEOUT_S = 300.0  # default wait for the reply to a request without a deadline
 REPLY_MARGIN_S = 5.0  # a request with a deadline is given up this long after it: the engine ends it by then
-HEARTBEAT_S = 2.0  # ZMTP heartbeats: a silent engine (stopped, host gone) is noticed within three of them
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-class AsyncClient:
+class AsyncClient(ClientLink):
     def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
                  timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
                  curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
@@ -74,8 +71,7 @@ class AsyncClient:
         socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing is queued for a connection not (yet) up: see _watch_link
         if curve_secret_key is not None:
             connect_with_curve(socket, Path(curve_secret_key), Path(curve_server_key))
-        self._link = BurstSocket(socket.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED))
+        self._link = BurstSocket(socket.get_monitor_socket(LINK_EVENTS))
         self._ready = asyncio.Event()  # connected and welcomed: requests may go out
         self._generation = 0  # connections so far: what an earlier one held, the engine has released
         self._socket = BurstSocket(socket)
@@ -98,74 +94,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Welcome:
-        """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
-        self._loop = asyncio.get_running_loop()
-        self._socket.socket.connect(self.endpoint)
-        try:
-            reply = await self._handshake(timeout_s)
-        except asyncio.TimeoutError:
-            raise ConnectionError(f"no vitserve engine answered at {self.endpoint} within {timeout_s:.0f} s") from None
-        message, _ = self._codec.decode(reply)
-        match message:
-            case Welcome():
-                self.welcome = message
-            case Error(message=text):
-                raise ConnectionError(f"the engine at {self.endpoint} refused the connection: {text}")
-        self._ready.set()
-        self._receiver = asyncio.ensure_future(self._receive())
-        self._watcher = asyncio.ensure_future(self._watch_link())
-        return self.welcome
-
-    async def _handshake(self, timeout_s: float) -> list:
-        """The reply to the hello; ConnectionError as soon as the engine refuses the connection's
-        handshake (a CURVE key it does not accept, or none where it requires one)."""
-        async def exchange() -> list:
-            await self._socket.send(self._hello())  # waits for the connection (and its handshake) to be up
-            return await self._socket.receive_one()
-
-        reply = asyncio.ensure_future(asyncio.wait_for(exchange(), timeout_s))
-        try:
-            while True:
-                link = asyncio.ensure_future(self._link.receive())
-                await asyncio.wait({reply, link}, return_when=asyncio.FIRST_COMPLETED)
-                link.cancel()
-                if reply.done():
-                    return reply.result()
-                if any(_event(frames) & HANDSHAKE_FAILED for frames in link.result()):
-                    raise ConnectionError(f"the engine at {self.endpoint} refused the connection's handshake: "
-                                          f"its CURVE keys do not admit this client (curve_secret_key, "
-                                          f"curve_server_key), or it requires keys this client did not give")
-        finally:
-            reply.cancel()
-
-    def _hello(self) -> list:
-        pid, pid_start = own_identity()
-        return self._codec.encode(Hello(PROTOCOL_VERSION, self.name, pid, pid_start))
-
-    async def _watch_link(self) -> None:
-        """A lost connection ends every request and query waiting on it (the engine ends them too:
-        requests belong to their connection); the new one says hello before anything else goes."""
-        while True:
-            for frames in await self._link.receive():
-                event = _event(frames)
-                if event == zmq.EVENT_DISCONNECTED and self._ready.is_set():
-                    self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
-                               f"restarted or stopped answering): the request may or may not have run")
-                elif event == zmq.EVENT_CONNECTED and not self._ready.is_set():  # (the first one is connect()'s)
-                    self._send_control(self._hello())
-
-    def _lost(self, reason: str) -> None:
-        self._ready.clear()
-        self._generation += 1
-        self._cancelled.clear()
-        self._releases.clear()
-        error = EngineError("unavailable", reason)
-        for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
-            if not future.done():
-                future.set_exception(error)
-        self._queries = {Stats: [], Health: []}
 
     async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
         """Images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs."""
@@ -216,16 +144,6 @@ class AsyncClient:
                     self._send_release(request_id)
                     return encoded_from_refs(refs, self._reader, None, frames=reply_frames)
                 return encoded_from_refs(refs, self._reader, self._releaser(request_id), frames=reply_frames)
-
-    async def _until_ready(self, limit: float | None) -> None:
-        """Wait for a welcomed connection (after a lost one, the new one's hello)."""
-        if self._ready.is_set():
-            return
-        try:
-            await asyncio.wait_for(self._ready.wait(), limit)
-        except asyncio.TimeoutError:
-            raise EngineError("unavailable", f"no connection to the engine at {self.endpoint} within "
-                                             f"{limit:.1f} s") from None
 
     def _give_up(self, request_id: int) -> None:
         """Stop waiting for a request: the engine cancels it, and a result that comes anyway is released."""
@@ -335,11 +253,6 @@ class AsyncClient:
         self._socket.close()
         self._context.term()
         self._reader.close()
-
-
-def _event(frames: list) -> int:
-    """The event of a socket monitor's message."""
-    return struct.unpack("=H", bytes(frames[0])[:2])[0]
 
 
 class Client:

@@ -1,0 +1,112 @@
+"""The client's link to its engine: the connection, its handshake, and noticing its loss.
+
+A request belongs to the connection it was sent on, so a lost connection (the engine was killed,
+restarted or stopped answering: ZMTP heartbeats find a silent one) ends every request and query
+waiting on it with `unavailable`, and ZeroMQ's reconnection brings a new connection, which says
+hello before anything else goes out (requests wait for its welcome). A handshake the engine
+refuses (CURVE keys it does not admit) is reported at once rather than after the connect timeout.
+
+A mixin of `AsyncClient` (client.py), which owns the sockets and the requests waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import zmq
+
+from vitserve.engine.errors import EngineError
+from vitserve.ipc.messages import PROTOCOL_VERSION, Error, Health, Hello, Stats, Welcome
+from vitserve.ipc.peers import own_identity
+
+CONNECT_TIMEOUT_S = 30.0
+HEARTBEAT_S = 2.0  # ZMTP heartbeats: a silent engine (stopped, host gone) is noticed within three of them
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+
+
+class ClientLink:
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Welcome:
+        """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
+        self._loop = asyncio.get_running_loop()
+        self._socket.socket.connect(self.endpoint)
+        try:
+            reply = await self._handshake(timeout_s)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no vitserve engine answered at {self.endpoint} within {timeout_s:.0f} s") from None
+        message, _ = self._codec.decode(reply)
+        match message:
+            case Welcome():
+                self.welcome = message
+            case Error(message=text):
+                raise ConnectionError(f"the engine at {self.endpoint} refused the connection: {text}")
+        self._ready.set()
+        self._receiver = asyncio.ensure_future(self._receive())
+        self._watcher = asyncio.ensure_future(self._watch_link())
+        return self.welcome
+
+    async def _handshake(self, timeout_s: float) -> list:
+        """The reply to the hello; ConnectionError as soon as the engine refuses the connection's
+        handshake (a CURVE key it does not accept, or none where it requires one)."""
+        async def exchange() -> list:
+            await self._socket.send(self._hello())  # waits for the connection (and its handshake) to be up
+            return await self._socket.receive_one()
+
+        reply = asyncio.ensure_future(asyncio.wait_for(exchange(), timeout_s))
+        try:
+            while True:
+                link = asyncio.ensure_future(self._link.receive())
+                await asyncio.wait({reply, link}, return_when=asyncio.FIRST_COMPLETED)
+                link.cancel()
+                if reply.done():
+                    return reply.result()
+                if any(_event(frames) & HANDSHAKE_FAILED for frames in link.result()):
+                    raise ConnectionError(f"the engine at {self.endpoint} refused the connection's handshake: "
+                                          f"its CURVE keys do not admit this client (curve_secret_key, "
+                                          f"curve_server_key), or it requires keys this client did not give")
+        finally:
+            reply.cancel()
+
+    def _hello(self) -> list:
+        pid, pid_start = own_identity()
+        return self._codec.encode(Hello(PROTOCOL_VERSION, self.name, pid, pid_start))
+
+    async def _watch_link(self) -> None:
+        """A lost connection ends every request and query waiting on it (the engine ends them too:
+        requests belong to their connection); the new one says hello before anything else goes."""
+        while True:
+            for frames in await self._link.receive():
+                event = _event(frames)
+                if event == zmq.EVENT_DISCONNECTED and self._ready.is_set():
+                    self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
+                               f"restarted or stopped answering): the request may or may not have run")
+                elif event == zmq.EVENT_CONNECTED and not self._ready.is_set():  # (the first one is connect()'s)
+                    self._send_control(self._hello())
+
+    def _lost(self, reason: str) -> None:
+        self._ready.clear()
+        self._generation += 1
+        self._cancelled.clear()
+        self._releases.clear()
+        error = EngineError("unavailable", reason)
+        for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
+            if not future.done():
+                future.set_exception(error)
+        self._queries = {Stats: [], Health: []}
+
+    async def _until_ready(self, limit: float | None) -> None:
+        """Wait for a welcomed connection (after a lost one, the new one's hello)."""
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), limit)
+        except asyncio.TimeoutError:
+            raise EngineError("unavailable", f"no connection to the engine at {self.endpoint} within "
+                                             f"{limit:.1f} s") from None
+
+
+def _event(frames: list) -> int:
+    """The event of a socket monitor's message."""
+    return struct.unpack("=H", bytes(frames[0])[:2])[0]
