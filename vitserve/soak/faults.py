@@ -6,7 +6,8 @@
 - cancel: requests given up on shortly after they were sent (see `run.py`);
 - bad-input: malformed messages on a raw connection, each of which must get one coded error;
 - overload: a burst of requests far past the queue bound (see `run.py`), answered with results
-  or `overloaded`.
+  or `overloaded`;
+- hostile: every class of hostile peer once (hostile.py), each refused as it must be.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import zmq
 
 from vitserve.client import AsyncClient
 from vitserve.ipc.codec import array_ref, client_codec
-from vitserve.ipc.messages import Encode, Error, ImageItem
+from vitserve.ipc.messages import PROTOCOL_VERSION, Encode, Error, Hello, ImageItem
 
 from .ledger import KNOWN_CODES, Ledger
 
-FAULTS = ("kill-worker", "kill-client", "cancel", "bad-input", "overload")
+FAULTS = ("kill-worker", "kill-client", "cancel", "bad-input", "overload", "hostile")
 LOCAL_ONLY = frozenset({"kill-worker", "kill-client"})  # they need the engine's processes on this host
 REPLY_TIMEOUT_S = 10.0
 
@@ -86,6 +87,11 @@ async def bad_input(endpoint: str, ledger: Ledger) -> bool:
     socket.connect(endpoint)
     codec = client_codec()
     try:
+        socket.send_multipart(codec.encode(Hello(PROTOCOL_VERSION)))  # so that requests are looked at
+        if not await asyncio.to_thread(socket.poll, int(REPLY_TIMEOUT_S * 1000)):
+            ledger.violate("the malformed-message peer got no welcome")
+            return False
+        socket.recv_multipart()
         messages = malformed_messages()
         for frames in messages:
             socket.send_multipart(frames)

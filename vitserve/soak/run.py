@@ -23,6 +23,7 @@ from vitserve.client import AsyncClient
 from vitserve.engine.errors import EngineError
 
 from . import faults
+from .hostile import hostile_clients
 from .ledger import Ledger
 from .report import summary
 from .resources import Footprint, Growth, footprint, gpu_indices
@@ -118,6 +119,8 @@ class Soak:
                 for _ in range(self.config.overload_burst):
                     self.send(self.rng.randrange(len(self.requests)))
                 done = True
+            case "hostile":
+                done = await hostile_clients(self.endpoint, self.ledger)
         self.ledger.faults[kind if done else f"{kind} (not possible then)"] += 1
 
     async def load(self, progress: tqdm, workers: int, gpus: list[int] | None) -> None:
