@@ -9,12 +9,11 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from served import served
 
 from vitserve import AsyncClient
 from vitserve.client import REPLY_MARGIN_S
@@ -28,27 +27,15 @@ def image(side: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
 
 
-def start(endpoint: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *FLAGS]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = process.stdout.readline()
-    if "ready" not in line:
-        process.kill()
-        pytest.fail(f"vitserve serve did not start: {line}")
-    return process
-
-
 @contextlib.contextmanager
 def engine(endpoint: str):
-    """A served engine that the test may kill or stop; it never outlives the test, stopped or not."""
-    process = start(endpoint)
-    try:
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)
-            process.kill()
-        process.wait(30)
+    """A served engine that the test may kill or stop (it is continued before the block's end)."""
+    with served(endpoint, *FLAGS) as process:
+        try:
+            yield process
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
 
 
 async def failure_of(request, within_s: float) -> tuple[EngineError, float]:
@@ -69,11 +56,11 @@ def test_a_killed_engine_fails_waiting_requests_at_once_and_a_restarted_one_serv
                 waiting = [asyncio.ensure_future(client.encode([image(BIG, i)])) for i in range(2)]
                 await asyncio.sleep(0.3)
                 process.kill()
+                process.wait(30)
                 for request in waiting:
                     error, after_s = await failure_of(request, 10)
                     assert error.code == "unavailable" and "lost" in error.message
                     assert after_s < 5
-                process.wait(30)
                 with engine(endpoint):  # the same client reconnects and says hello again by itself
                     with await asyncio.wait_for(client.encode([image(64, 1)]), 60) as result:
                         assert tuple(result.items[0].embeddings.shape) == (64, 128)
