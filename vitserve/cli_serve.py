@@ -54,6 +54,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from vitserve.cli import window_config
     from vitserve.engine import EngineConfig
     from vitserve.engine.serve import run
+    from vitserve.engine.connections import RESERVED_DESCRIPTORS, SHED_FACTOR, raise_descriptor_limit
     from vitserve.ipc.auth import AuthError
     from vitserve.ipc.endpoints import EndpointError, default_endpoint, parse_socket_mode
     from vitserve.scheduler import SchedulerConfig
@@ -72,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
         socket_mode = parse_socket_mode(args.socket_mode)
         endpoint = args.endpoint or default_endpoint()
         keys = _server_keys(args)
+        raise_descriptor_limit(SHED_FACTOR * config.clients.max_connections + RESERVED_DESCRIPTORS)
     except ValueError as err:
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2

@@ -7,12 +7,14 @@ A mixin of `Frontend` (frontend.py), which owns the engine, the limits and the c
 from __future__ import annotations
 
 import asyncio
+import math
 from functools import partial
 
 import numpy as np
 
 from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array
 from vitserve.ipc.messages import Encode, ImageItem, OutputRef, PatchItem, Result, VideoItem
+from vitserve.ipc.slabs import numpy_dtype
 
 from .admission import AdmittedItem
 from .connections import Connection
@@ -65,7 +67,6 @@ class ClientRequests:
         usage = (len(admitted), sum(item.tokens for item in admitted), sum(item.array.nbytes for item in admitted))
         queue = engine.config.scheduler
         bounds = (queue.max_queued_items, queue.max_queued_tokens, engine.config.max_queued_bytes)
-        retry_ms = engine.scheduler.drain_ms(asyncio.get_running_loop().time())
         for name, held, new, bound in zip(("items", "tokens", "input bytes"), connection.queued, usage, bounds):
             allowed = int(share * bound)
             if new > allowed:
@@ -73,7 +74,8 @@ class ClientRequests:
                                                f"queue ({allowed}: queue_share={share:g} of {bound}): split it")
             if held + new > allowed:
                 raise EngineError("overloaded", f"this client's unfinished requests hold {held} of its {allowed} "
-                                                f"{name} (queue_share={share:g}): wait for their replies", retry_ms)
+                                                f"{name} (queue_share={share:g}): wait for their replies",
+                                  engine.scheduler.drain_ms(asyncio.get_running_loop().time()))
         if self._queued_items > connection.queued[0]:  # others wait: this client's results keep to their share
             layout, share = engine.layout, self.limits.output_share
             allowed = int(share * layout.slots * layout.slot_rows)
@@ -110,8 +112,7 @@ class ClientRequests:
         # Inline (remote clients): the rows are copied into the reply and the slots are free again;
         # the bytes count against the client until it releases the result (it has read them).
         connection.requests.pop(message.id, None)
-        size = sum(int(np.prod(ref.shape)) * np.dtype(np.uint16 if ref.dtype == "bfloat16" else ref.dtype).itemsize
-                   for ref in refs)
+        size = sum(math.prod(ref.shape) * numpy_dtype(ref.dtype).itemsize for ref in refs)
         if connection.inline_bytes + size > self.limits.max_inline_bytes:
             self.engine.release(key)
             self._error(connection, message.id, "overloaded", f"this client has {connection.inline_bytes} bytes of "

@@ -81,7 +81,6 @@ class Connections:
     def __init__(self, socket: zmq.Socket, context: zmq.Context, max_connections: int):
         self.max_connections = max_connections
         self.by_fd: dict[int, Connection] = {}
-        self.by_routing_id: dict[bytes, Connection] = {}
         self.counters = {"connections_opened": 0, "connections_refused": 0}
         self._serials = itertools.count(1)
         self._log_limits = LogLimiter(log)
@@ -93,6 +92,7 @@ class Connections:
         self.monitor.setsockopt(zmq.LINGER, 0)
         self.monitor.connect(address)
         self._socket = socket
+        self._local: str | int | None = None  # see listening_on
 
     def __len__(self) -> int:
         return len(self.by_fd)
@@ -132,8 +132,6 @@ class Connections:
     def _forget(self, connection: Connection) -> Connection:
         connection.closed = True
         del self.by_fd[connection.fd]
-        if connection.routing_id is not None and self.by_routing_id.get(connection.routing_id) is connection:
-            del self.by_routing_id[connection.routing_id]
         return connection
 
     def of_message(self, routing_id: bytes, fd: int) -> tuple[Connection | None, list[Connection]]:
@@ -148,7 +146,6 @@ class Connections:
             return None, closed  # not a connection of ours any more (or no descriptor: not from a peer)
         if connection.routing_id is None:
             connection.routing_id = routing_id
-            self.by_routing_id[routing_id] = connection
         elif connection.routing_id != routing_id:
             return None, closed
         return connection, closed
@@ -161,15 +158,26 @@ class Connections:
         oldest = _now() - HELLO_TIMEOUT_S
         return [c for c in self.by_fd.values() if not c.helloed and c.opened_at < oldest]
 
+    def listening_on(self, address: str) -> None:
+        """The bound endpoint: a descriptor is shut only if it is a connection accepted there."""
+        where = address.split("://", 1)[1]
+        self._local = where if address.startswith("ipc://") else int(where.rsplit(":", 1)[1])
+
     def shut(self, connection: Connection) -> None:
-        """Shut the connection's socket down; libzmq closes it and reports the disconnect."""
-        self.counters["connections_refused"] += 1
+        """Shut the connection's socket down; libzmq closes it and reports the disconnect. Only a
+        descriptor that is still this connection's: one closed and reused since (by another
+        connection, or by libzmq itself) is left alone."""
+        if connection.closed or self.by_fd.get(connection.fd) is not connection:
+            return
         try:
             borrowed = sockets.socket(fileno=connection.fd)
         except OSError:
-            return  # already closed
+            return  # not a socket (any more)
         try:
-            borrowed.shutdown(sockets.SHUT_RDWR)
+            local = borrowed.getsockname()
+            if (local[1] if isinstance(local, tuple) else local) == self._local:
+                borrowed.shutdown(sockets.SHUT_RDWR)
+                self.counters["connections_refused"] += 1
         except OSError:
             pass  # not connected any more
         finally:

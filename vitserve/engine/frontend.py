@@ -89,6 +89,7 @@ class Frontend(ClientRequests):
             self._context.term()
             raise
         self.endpoint = self._bound.address
+        self.connections.listening_on(self.endpoint)
         self.socket = BurstSocket(socket)
         self._events = BurstSocket(self.connections.monitor)
         self.counters = {"requests": 0, "results": 0, "errors": 0, "replies_dropped": 0}
