@@ -57,6 +57,7 @@ class AsyncClient(ClientLink):
             raise ValueError("curve_secret_key and curve_server_key go together: give both, or neither")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
         self.inline = endpoint.startswith("tcp://") if inline is None else inline
         self.name = name
         self.welcome: Welcome | None = None

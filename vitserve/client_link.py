@@ -76,14 +76,24 @@ class ClientLink:
     async def _watch_link(self) -> None:
         """A lost connection ends every request and query waiting on it (the engine ends them too:
         requests belong to their connection); the new one says hello before anything else goes."""
+        connected = True
         while True:
-            for frames in await self._link.receive():
+            events = await self._link.receive(self.heartbeat_s)
+            for frames in events:
                 event = _event(frames)
-                if event == zmq.EVENT_DISCONNECTED and self._ready.is_set():
-                    self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
-                               f"restarted or stopped answering): the request may or may not have run")
-                elif event == zmq.EVENT_CONNECTED and not self._ready.is_set():  # (the first one is connect()'s)
-                    self._send_control(self._hello())
+                if event == zmq.EVENT_DISCONNECTED:
+                    connected = False
+                    if self._ready.is_set():
+                        self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
+                                   f"restarted or stopped answering): the request may or may not have run")
+                elif event == zmq.EVENT_CONNECTED:
+                    connected = True
+                    if not self._ready.is_set():  # (the first connection's hello is connect()'s)
+                        self._send_control(self._hello())
+            if not events and connected and not self._ready.is_set():
+                # No welcome within a beat: the hello may be lost (libzmq takes the first message of a
+                # peer whose routing id the engine still holds for the old connection as its name).
+                self._send_control(self._hello())
 
     def _lost(self, reason: str) -> None:
         self._ready.clear()
