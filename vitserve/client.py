@@ -69,7 +69,6 @@ class AsyncClient(ClientLink):
         socket.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))
         socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1e3))
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * heartbeat_s * 1e3))
-        socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing is queued for a connection not (yet) up: see _watch_link
         if curve_secret_key is not None:
             connect_with_curve(socket, Path(curve_secret_key), Path(curve_server_key))
         self._link = BurstSocket(socket.get_monitor_socket(LINK_EVENTS))
@@ -80,6 +79,7 @@ class AsyncClient(ClientLink):
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
+        self._lost_ids: set[int] = set()  # requests failed with their lost connection: a late reply is dropped
         self.stray_replies: list[str] = []  # replies for no request awaiting one (a second reply would be one)
         self._reader = SlabReader()
         self._releases: list[int] = []  # gathered during one loop turn, sent as one message
@@ -226,6 +226,8 @@ class AsyncClient(ClientLink):
         elif future is not None and future.cancelled():  # given up on in this very turn: still its one reply
             del self._waiting[request_id]
             self._unwanted(request_id, message)
+        elif request_id in self._lost_ids:  # e.g. "say hello first" for a request sent as the connection broke
+            self._lost_ids.discard(request_id)
         elif request_id in self._cancelled:  # the one reply to a request given up on
             self._cancelled.discard(request_id)
             self._unwanted(request_id, message)

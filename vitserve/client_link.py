@@ -83,6 +83,9 @@ class ClientLink:
                 event = _event(frames)
                 if event == zmq.EVENT_DISCONNECTED:
                     connected = False
+                    while messages := self._socket.take():  # replies that came before the loss are theirs
+                        for message in messages:
+                            self._dispatch(message)
                     if self._ready.is_set():
                         self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
                                    f"restarted or stopped answering): the request may or may not have run")
@@ -98,6 +101,7 @@ class ClientLink:
     def _lost(self, reason: str) -> None:
         self._ready.clear()
         self._generation += 1
+        self._lost_ids = set(self._waiting) | self._cancelled  # the engine ended them with the connection
         self._cancelled.clear()
         self._releases.clear()
         error = EngineError("unavailable", reason)

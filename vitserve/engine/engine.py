@@ -13,7 +13,6 @@ free again when all of them are released (or failed, or cancelled).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -36,7 +35,7 @@ from vitserve.workers import Capacities
 from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
 from .errors import EngineError
-from .outputs_layout import agreed_capacities, output_layout, predictor, request_slots
+from .outputs_layout import agreed_capacities, check_request_fits, output_layout, predictor
 from .request_ends import RequestEnds
 from .restarts import WorkerRestarts
 from .windows import WindowTraffic
@@ -45,8 +44,8 @@ from .worker_handle import WorkerHandle
 log = logging.getLogger(__name__)
 
 MAX_DEADLINE_MS = 86_400_000.0  # a day: anything longer is a client bug, not a deadline
-_INSTANCES = itertools.count()
-_NO_INPUT = np.empty(0, np.uint8)  # what a request's items hold once their pixels are dropped  # engines made in this process (their slab names differ)
+_INSTANCES = itertools.count()  # engines made in this process (their slab names differ)
+_NO_INPUT = np.empty(0, np.uint8)  # what a request's items hold once their pixels are dropped
 
 
 @dataclass(eq=False)
@@ -246,7 +245,8 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         if deadline_ms is not None and not 0 <= deadline_ms <= MAX_DEADLINE_MS:
             raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
                                                f"None for no deadline; got {deadline_ms!r}")
-        self._check_output_memory(items)
+        check_request_fits([(i.tokens, i.sequences) for i in items], self.capacities, self.layout,
+                           self.config.output_windows)
         loop = asyncio.get_running_loop()
         now = loop.time()
         size = sum(item.array.nbytes for item in items)
@@ -273,18 +273,6 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
             self._poke.set()
         return key, pending.future
 
-    def _check_output_memory(self, items: list[AdmittedItem]) -> None:
-        """A request whose outputs cannot fit a worker's shared memory even with nothing else held
-        would be computed and then fail, every time: refuse it now, naming the limit."""
-        layout = self.layout
-        slots = request_slots([(i.tokens, i.sequences) for i in items], self.capacities, layout)
-        if slots > layout.slots:
-            row_mib = layout.slot_rows * layout.row_bytes / 2**20
-            raise EngineError("too_large", f"the request's outputs need {slots * row_mib:.0f} MiB of shared memory "
-                                           f"({slots} slots of {layout.slot_rows} rows), more than a worker's "
-                                           f"{layout.slots * row_mib:.0f} MiB (output_windows="
-                                           f"{self.config.output_windows}): split it, or raise output_windows")
-
     def stats(self) -> dict[str, float]:
         """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
         return {
@@ -303,18 +291,6 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
             "internal_errors": float(self._internal_errors),
             "queued_bytes": float(self._queued_bytes),
         }
-
-    def held_rows(self, key: int) -> int:
-        """Output rows leased for a request's finished windows (its result's, once delivered)."""
-        pending = self._pending.get(key)
-        return sum(slot.count for _, slot in pending.slots) * self.layout.slot_rows if pending else 0
-
-    def _drop_inputs(self, pending: _Pending) -> None:
-        """The request's inputs are needed no more (its result is in, or it ended): they count no
-        more against max_queued_bytes, and their memory goes with the last reference."""
-        self._queued_bytes -= pending.input_bytes
-        pending.input_bytes = 0
-        pending.items = [dataclasses.replace(item, array=_NO_INPUT) for item in pending.items]
 
     def health(self) -> Health:
         """Ready while admitting requests with a worker up; not while shutting down or restarting.

@@ -19,6 +19,8 @@ from vitserve.workers import Capacities, CostModel
 from vitserve.workers.cost_model import window_ms
 from vitserve.workers.packing import ItemShape, pack
 
+from .errors import EngineError
+
 SLOTS_PER_WINDOW = 64
 
 
@@ -65,3 +67,16 @@ def request_slots(shapes: Sequence[tuple[int, int]], capacities: Capacities, lay
     decreasing, as the runner packs): what it needs of one worker's memory with nothing else held."""
     windows = pack([ItemShape(tokens, sequences) for tokens, sequences in shapes], capacities)
     return sum(layout.slots_for(window.tokens // capacities.merge_factor) for window in windows)
+
+
+def check_request_fits(shapes: Sequence[tuple[int, int]], capacities: Capacities, layout: OutputLayout,
+                       output_windows: int) -> None:
+    """A request whose outputs cannot fit a worker's shared memory even with nothing else held
+    would be computed and then fail, every time: EngineError `too_large` now, naming the limit."""
+    slots = request_slots(shapes, capacities, layout)
+    if slots > layout.slots:
+        row_mib = layout.slot_rows * layout.row_bytes / 2**20
+        raise EngineError("too_large", f"the request's outputs need {slots * row_mib:.0f} MiB of shared memory "
+                                       f"({slots} slots of {layout.slot_rows} rows), more than a worker's "
+                                       f"{layout.slots * row_mib:.0f} MiB (output_windows={output_windows}): "
+                                       f"split it, or raise output_windows")

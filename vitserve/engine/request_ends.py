@@ -8,7 +8,10 @@ every result in it is released).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+
+import numpy as np
 
 from vitserve.ipc.slabs import SlabPool, Slot
 
@@ -17,6 +20,7 @@ from .errors import EngineError
 log = logging.getLogger(__name__)
 
 LEASE_CHECK_S = 1.0  # how often unreleased results are checked against the lease timeout
+_NO_INPUT = np.empty(0, np.uint8)  # what a request's items hold once their pixels are dropped
 
 
 class RequestEnds:
@@ -98,3 +102,15 @@ class RequestEnds:
 
     def _all_pools(self) -> list[SlabPool]:
         return [*self._pools.values(), *self._retired.values()]
+
+    def held_rows(self, key: int) -> int:
+        """Output rows leased for a request's finished windows (its result's, once delivered)."""
+        pending = self._pending.get(key)
+        return sum(slot.count for _, slot in pending.slots) * self.layout.slot_rows if pending else 0
+
+    def _drop_inputs(self, pending) -> None:
+        """The request's inputs are needed no more (its result is in, or it ended): they count no
+        more against max_queued_bytes, and their memory goes with the last reference."""
+        self._queued_bytes -= pending.input_bytes
+        pending.input_bytes = 0
+        pending.items = [dataclasses.replace(item, array=_NO_INPUT) for item in pending.items]

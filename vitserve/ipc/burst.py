@@ -69,6 +69,10 @@ class BurstSocket:
 
         return await asyncio.wait_for(one(), timeout_s)
 
+    def take(self) -> list[list[zmq.Frame]]:
+        """The messages that have arrived, without waiting (none, maybe)."""
+        return self._take()
+
     def _take(self) -> list[list[zmq.Frame]]:
         burst = []
         try:
