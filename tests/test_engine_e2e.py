@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from served import served
-from slab_helpers import slab_files
+from slab_helpers import slab_files, socket_files_left
 
 from vitserve import Engine, EngineConfig
 from vitserve import AsyncClient, Client
@@ -76,7 +76,7 @@ def server(request, tmp_path_factory):
             endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
     with served(endpoint, "--min-budget", "64", "--max-budget", "2048", "--output-windows", "64") as process:
         yield endpoint, process
-    assert slab_files(process.pid) == []
+    assert socket_files_left(endpoint) == []
 
 
 def test_client_results_equal_encode_patches(server, expected):

@@ -53,7 +53,7 @@ def test_growth_beyond_the_allowance_and_slabs_left_are_violations():
     start = Footprint(rss_mib=1000, engine_rss_mib=400, gpu_mib=5000, shm_mib=64, shm_files=1)
     assert growth.violations(start, Footprint(1090, 400, 5090, 64, 1)) == []
     problems = growth.violations(start, Footprint(1200, 500, 5200, 128, 2))
-    assert len(problems) == 3 and "resident" in problems[0] and "GPU" in problems[1] and "shm" in problems[2]
+    assert len(problems) == 3 and "resident" in problems[0] and "GPU" in problems[1] and "output slabs" in problems[2]
 
 
 def test_the_summary_lists_outcomes_faults_and_violations():
@@ -65,7 +65,7 @@ def test_the_summary_lists_outcomes_faults_and_violations():
     ledger.faults["kill-worker"] += 1
     ledger.violate("something leaked")
     text = summary(SoakConfig(), ledger, 60.0, Footprint(1, 1, None, 2, 1), Footprint(1, 1, None, 2, 1))
-    assert "| /dev/shm slabs" in text and "1 file, 2 MiB at start; 1 file, 2 MiB at end" in text
+    assert "| output slabs" in text and "1 file, 2 MiB at start; 1 file, 2 MiB at end" in text
     assert "GPU memory used" in text and "n/a" in text and "growth allowed: 256)" in text
     assert re.search(r"\| outcome: worker_failed +\| 1 \|", text) and "| fault: kill-worker" in text
     assert "violation: something leaked" in text and text.endswith("soak: FAILED")

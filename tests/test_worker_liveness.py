@@ -20,7 +20,6 @@ from vitserve import Engine, EngineConfig
 from vitserve.cli import build_parser
 from vitserve.engine import EngineError
 from vitserve.engine.liveness import HUNG_AFTER_BEATS
-from vitserve.ipc.slabs import SHM_DIR
 from vitserve.models import load_model
 from vitserve.preprocess import preprocess_image
 from vitserve.scheduler import SchedulerConfig
@@ -77,10 +76,10 @@ def stopped(pid: int):
             os.kill(pid, signal.SIGCONT)
 
 
-def mappings_of(path: Path) -> int:
-    """How many mappings of `path` this process holds (an unlinked file shows as "PATH (deleted)")."""
+def mappings_of(name: str) -> int:
+    """How many mappings of the memory file `name` this process holds."""
     lines = Path("/proc/self/maps").read_text().splitlines()
-    return sum(line.endswith((f" {path}", f" {path} (deleted)")) for line in lines)
+    return sum(line.endswith(f" /memfd:{name} (deleted)") for line in lines)
 
 
 def test_a_stopped_worker_is_not_ready_its_windows_end_in_time_and_it_is_restarted(model):
@@ -123,7 +122,7 @@ def test_an_idle_stopped_worker_is_restarted_and_its_old_slabs_are_unmapped(mode
             key, (old_ref,) = await engine.run(engine.admit([image(64, 0)]), None, 0)
             engine.read(old_ref)  # the engine's reader maps the slab of epoch 0...
             engine.release(key)  # ...which goes with the restart: nothing holds a result from it
-            old_slab = SHM_DIR / old_ref.slab
+            old_slab = old_ref.slab
             gc.collect()
             stuck = engine.health().worker_pids[0]
             with stopped(stuck):
@@ -132,7 +131,7 @@ def test_an_idle_stopped_worker_is_restarted_and_its_old_slabs_are_unmapped(mode
             assert stuck not in engine.health().worker_pids
             with await engine.encode([image(72, 4)]) as later:  # from a slab of epoch 1
                 check(later, [image(72, 4)], model)
-            assert not old_slab.exists() and mappings_of(old_slab) == 0
+            assert engine.slab_descriptor(old_slab) is None and mappings_of(old_slab) == 0
 
     asyncio.run(run())
 

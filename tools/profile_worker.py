@@ -23,8 +23,8 @@ import torch
 from vitserve.bench.workloads import make_requests
 from vitserve.engine.admission import admit
 from vitserve.engine.outputs_layout import predictor
-from vitserve.ipc.messages import ArrayRef, RunWindow, WindowItem
-from vitserve.ipc.slabs import SlabPool
+from vitserve.ipc.messages import ArrayRef, MakeSlabs, RunWindow, WindowItem
+from vitserve.ipc.slabs import slab_plan
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import WindowConfig
 from vitserve.workers.process import Worker, WorkerSpec
@@ -62,15 +62,17 @@ def main() -> None:
              make_requests(args.workload, 4 * args.windows) for array in request]
     windows = form_windows(items, caps, args.windows)
     row_bytes = worker.row_shape[0] * worker.row_shape[1] * worker.runner.dtype.itemsize
-    pool = SlabPool("prof", caps.max_budget // caps.merge_factor * row_bytes, 4)
-    slots = [pool.acquire() for _ in range(3)]
+    runs = 3  # output runs used in turn, each of the largest window's rows
+    (slab, size), = plan = slab_plan("prof", caps.max_budget // caps.merge_factor * row_bytes, runs)
+    made = worker.make_slabs(MakeSlabs(plan))
+    if made.problem:
+        raise SystemExit(f"the worker could not make its output slab: {made.problem}")
 
     def message(index: int, window) -> tuple[RunWindow, list]:
         frames = [np.ascontiguousarray(item.array) for item in window]
         refs = [WindowItem(ArrayRef(i, "uint8", f.shape), item.kind, item.grid)
                 for i, (f, item) in enumerate(zip(frames, window))]
-        slot = slots[index % len(slots)]
-        return RunWindow(index, refs, slot.slab, slot.offset), [memoryview(f) for f in frames]
+        return RunWindow(index, refs, slab, index % runs * size // runs, size // runs), [memoryview(f) for f in frames]
 
     predicted = [predict(sum(i.tokens for i in w), sum(i.sequences for i in w),
                          sum(i.tokens ** 2 // i.sequences for i in w)) for w in windows]
@@ -110,7 +112,7 @@ def main() -> None:
     for label, ms in (("cost model", model_ms), ("runner, preprocessed", runner_ms),
                       ("worker, one at a time", single_ms), ("worker, pipelined", pipelined_ms)):
         print(f"  {label:<24} {ms / len(windows):8.2f} ms/window  {ms / model_ms:5.2f}x model")
-    pool.close()
+    worker.close()
 
 
 if __name__ == "__main__":

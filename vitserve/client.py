@@ -15,6 +15,7 @@ releases what a closed connection held); a failed request raises EngineError wit
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import threading
@@ -35,11 +36,18 @@ from vitserve.ipc.messages import (
     Cancel, Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Release, Result, Stats, StatsQuery, VideoItem,
     Welcome,
 )
+from vitserve.ipc.endpoints import split_endpoint
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
+from vitserve.ipc.slab_channel import ask_for_slab, channel_path
 from vitserve.ipc.slab_maps import SlabReader
+from vitserve.ipc.slabs import SlabError
 
 TIMEOUT_S = 300.0  # default wait for the reply to a request without a deadline
 REPLY_MARGIN_S = 5.0  # a request with a deadline is given up this long after it: the engine ends it by then
+
+
+def _no_slabs(slab: str) -> int:
+    raise SlabError(f"a reference to slab {slab} reached a tcp:// client, which can only take results inline")
 
 
 class AsyncClient(ClientLink):
@@ -58,7 +66,11 @@ class AsyncClient(ClientLink):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
-        self.inline = endpoint.startswith("tcp://") if inline is None else inline
+        scheme, where = split_endpoint(endpoint)
+        self.inline = scheme == "tcp" if inline is None else inline
+        if not self.inline and scheme != "ipc":
+            raise ValueError(f"inline=False needs an ipc:// endpoint, not {endpoint!r}: results in shared memory are "
+                             f"passed over the socket beside it (slab channel); leave inline unset for tcp://")
         self.name = name
         self.welcome: Welcome | None = None
         self._context = zmq.Context()
@@ -81,7 +93,9 @@ class AsyncClient(ClientLink):
         self._cancelled: set[int] = set()  # requests given up on whose result may still arrive
         self._lost_ids: set[int] = set()  # requests failed with their lost connection: a late reply is dropped
         self.stray_replies: list[str] = []  # replies for no request awaiting one (a second reply would be one)
-        self._reader = SlabReader()
+        # Slabs come as descriptors over the channel beside the endpoint; an inline client gets none.
+        self._reader = SlabReader(functools.partial(ask_for_slab, channel_path(where)) if scheme == "ipc"
+                                  else _no_slabs)
         self._releases: list[int] = []  # gathered during one loop turn, sent as one message
         # stats and health queries in flight, by reply type; each type is answered in order
         self._queries: dict[type, list[asyncio.Future]] = {Stats: [], Health: []}

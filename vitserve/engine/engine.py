@@ -26,7 +26,7 @@ import zmq
 
 from vitserve.ipc.messages import Health, OutputRef, WorkerReady
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
-from vitserve.ipc.slab_maps import SlabReader, remove_stale_slabs
+from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabPool, Slot
 from vitserve.log_limits import LogLimiter
 from vitserve.scheduler import Dispatch, Request, Scheduler, WorkerState, deadline_at
@@ -88,7 +88,7 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         self.stopped = asyncio.Event()  # set when `failure` is (`vitserve serve` exits non-zero then)
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
-        self._reader = SlabReader()
+        self._reader = SlabReader(self._open_slab)
         self._draining = False  # no new requests; those admitted finish
         self._closing = False
         self._context: zmq.Context | None = None
@@ -103,9 +103,6 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         await self.close()
 
     async def start(self) -> None:
-        removed = remove_stale_slabs()
-        if removed:
-            log.warning("removed %d shared-memory slabs left by a crashed engine", len(removed))
         config = self.config
         self._context = zmq.Context()
         self._socket_dir = tempfile.mkdtemp(prefix="vitserve-")
@@ -114,6 +111,11 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         try:
             readies = await asyncio.gather(*(h.start(config.startup_timeout_s) for h in self._handles))
             self._setup(readies)
+            pools = await asyncio.gather(*(self._new_pool(h, 0) for h in self._handles), return_exceptions=True)
+            self._pools.update((w, p) for w, p in enumerate(pools) if isinstance(p, SlabPool))  # closed by close()
+            for problem in pools:
+                if isinstance(problem, BaseException):
+                    raise problem
         except BaseException:
             await self.close()
             raise
@@ -145,7 +147,6 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
                                     self.config.item_token_limit)
         states = []
         for ready in readies:
-            self._pools[ready.worker] = self._new_pool(ready.worker, 0)
             states.append(WorkerState(ready.worker, predictor(ready, self.capacities),
                                       free_rows=self.layout.slots * self.layout.slot_rows,
                                       row_granularity=self.layout.slot_rows))

@@ -32,6 +32,7 @@ from vitserve.ipc.messages import (
     MAX_ITEMS_PER_REQUEST, PROTOCOL_VERSION, Cancel, Encode, Error, HealthQuery, Hello, Release, Stats, StatsQuery,
     Welcome,
 )
+from vitserve.ipc.slab_channel import SlabChannel
 from vitserve.log_limits import LogLimiter
 
 from .client_requests import ClientRequests
@@ -79,9 +80,14 @@ class Frontend(ClientRequests):
         socket.setsockopt(zmq.MAXMSGSIZE, config.max_request_bytes + MAX_HEADER_BYTES)
         self.connections = Connections(socket, self._context, self.limits.max_connections)  # before the bind
         self._authenticator = None if keys is None else serve_with_curve(self._context, socket, keys)
+        self._bound = None
         try:
             self._bound = bind_endpoint(socket, endpoint, socket_mode)
+            # Local clients get the slabs' descriptors beside the endpoint (ipc/slab_channel.py).
+            self.slab_channel = SlabChannel(self._bound.path, socket_mode) if self._bound.path else None
         except BaseException:
+            if self._bound is not None:
+                self._bound.release()
             if self._authenticator is not None:
                 self._authenticator.stop()
             self.connections.close()
@@ -89,6 +95,7 @@ class Frontend(ClientRequests):
             self._context.term()
             raise
         self.endpoint = self._bound.address
+        self._slab_task: asyncio.Task | None = None
         self.connections.listening_on(self.endpoint)
         self.socket = BurstSocket(socket)
         self._events = BurstSocket(self.connections.monitor)
@@ -105,6 +112,8 @@ class Frontend(ClientRequests):
         """Answer messages for `engine` (started) until cancelled; then close."""
         self.engine = engine
         self.watch()
+        if self.slab_channel is not None:
+            self._slab_task = asyncio.ensure_future(self.slab_channel.serve(engine.slab_descriptor))
         try:
             while True:
                 burst = await self.socket.receive()
@@ -121,6 +130,10 @@ class Frontend(ClientRequests):
             return
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._slab_task is not None:
+            self._slab_task.cancel()
+        if self.slab_channel is not None:
+            self.slab_channel.close()
         self._events.close()
         self.connections.close()
         self.socket.close(CLOSE_LINGER_MS)
@@ -183,7 +196,8 @@ class Frontend(ClientRequests):
             case Release(ids=request_ids):
                 self._release(connection, request_ids)
             case StatsQuery():
-                counters = self.counters | self.connections.counters
+                counters = self.counters | self.connections.counters | (self.slab_channel.counters
+                                                                          if self.slab_channel else {})
                 self._send(connection, Stats({name: float(value) for name, value in counters.items()}
                                              | {"connections": float(len(self.connections))} | self.engine.stats()))
             case HealthQuery():

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 
 import numpy as np
 
-from vitserve.ipc.slabs import SlabPool, Slot
+from vitserve.ipc.slabs import SlabError, SlabPool, Slot
 
 from .errors import EngineError
 
@@ -102,6 +103,23 @@ class RequestEnds:
 
     def _all_pools(self) -> list[SlabPool]:
         return [*self._pools.values(), *self._retired.values()]
+
+    def slab_descriptor(self, slab: str) -> int | None:
+        """The read-only descriptor of `slab` in a current or retired pool (results of a lost worker
+        stay readable until released), None when no pool has it. The slab channel passes it on."""
+        for pool in self._all_pools():
+            fd = pool.descriptor(slab)
+            if fd is not None:
+                return fd
+        return None
+
+    def _open_slab(self, slab: str) -> int:
+        """A descriptor of `slab` for the engine's own reader (embedded use), which closes it."""
+        fd = self.slab_descriptor(slab)
+        if fd is None:
+            raise SlabError(f"slab {slab} is not one of this engine's: its worker restarted or the reference "
+                            f"is not from this engine; request the result again")
+        return os.dup(fd)
 
     def held_rows(self, key: int) -> int:
         """Output rows leased for a request's finished windows (its result's, once delivered)."""

@@ -21,7 +21,7 @@ import asyncio
 import logging
 
 from vitserve.ipc.messages import WorkerReady
-from vitserve.ipc.slabs import SlabPool
+from vitserve.ipc.slabs import SlabPool, slab_plan
 from vitserve.workers.process import WorkerSpec
 
 from .outputs_layout import agreed_capacities, predictor
@@ -42,10 +42,13 @@ class WorkerRestarts:
                           log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s)
         return WorkerHandle(spec, self._context)
 
-    def _new_pool(self, worker: int, epoch: int) -> SlabPool:
+    async def _new_pool(self, handle: WorkerHandle, epoch: int) -> SlabPool:
+        """The pool of the worker's output slabs, which the worker makes (it alone writes them)."""
         # The engine's number in its process keeps the slabs of two embedded engines apart.
-        return SlabPool(f"w{worker}n{self._instance}", self.layout.slot_rows * self.layout.row_bytes,
-                        self.layout.slots, epoch=epoch)
+        owner, slot_bytes = f"w{handle.worker}n{self._instance}", self.layout.slot_rows * self.layout.row_bytes
+        plan = slab_plan(owner, slot_bytes, self.layout.slots, epoch)
+        descriptors = await handle.make_slabs(plan, self.config.startup_timeout_s)
+        return SlabPool(owner, slot_bytes, self.layout.slots, epoch=epoch, descriptors=descriptors)
 
     def _check_stuck(self, handle: WorkerHandle, now: float) -> bool:
         """Kill the worker if its oldest window has run past the watchdog; True when it was killed."""
@@ -134,13 +137,14 @@ class WorkerRestarts:
             try:
                 ready = await handle.start(self.config.startup_timeout_s)
                 self._check_restarted(ready)
+                pool = await self._new_pool(handle, epoch)
             except WorkerStartError as err:
                 log.error("restart %d of %d of worker %d failed: %s", attempt, self.config.worker_restarts, worker, err)
                 await handle.close()
                 await asyncio.sleep(RESTART_BACKOFF_S * attempt)
                 continue
             self._epochs[worker] = epoch
-            self._pools[worker] = self._new_pool(worker, epoch)
+            self._pools[worker] = pool
             loop = asyncio.get_running_loop()
             self.scheduler.worker_back(worker, predictor(ready, self.capacities),
                                        self.layout.slots * self.layout.slot_rows, loop.time())

@@ -131,7 +131,8 @@ class WindowTraffic:
             window_items.append(WindowItem(ArrayRef(len(frames), dtype, array.shape), admitted.kind, admitted.grid))
             frames.append(array)
         handle = self._handles[dispatch.worker]
-        if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset), frames):
+        if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset,
+                                                 slot.count * pool.slot_bytes), frames):
             self._worker_died(handle)  # no peer on the socket: the process is gone
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:

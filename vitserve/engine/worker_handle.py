@@ -7,13 +7,15 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing
+import os
 
 import msgspec
 import zmq
 
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import Codec, ProtocolError
-from vitserve.ipc.messages import FromWorker, Shutdown, WorkerReady, WorkerStartFailed
+from vitserve.ipc.messages import FromWorker, MakeSlabs, Shutdown, SlabsMade, WorkerReady, WorkerStartFailed
+from vitserve.ipc.sealed import SealError, reopen_read_only
 from vitserve.workers.process import WorkerSpec, worker_main
 
 from .liveness import Heartbeat
@@ -72,6 +74,30 @@ class WorkerHandle:
                 raise WorkerStartError(f"{where} failed to start: {problem}")
         self.kill()
         raise WorkerStartError(f"{where} sent {type(message).__name__} instead of its readiness report")
+
+    async def make_slabs(self, plan: list[tuple[str, int]], timeout_s: float) -> list[int]:
+        """Have the worker make and seal its output slabs (name, bytes); the engine's own read-only
+        descriptors of them, opened through /proc (the worker is ours: same user, same pid namespace).
+        WorkerStartError saying what failed."""
+        where = f"worker {self.worker} ({self.spec.device})"
+        await self.send(MakeSlabs(plan), [])
+        try:
+            message = self.decode(await self.socket.receive_one(timeout_s))
+        except asyncio.TimeoutError:
+            raise WorkerStartError(f"{where} did not make its output slabs within {timeout_s:.0f} s") from None
+        if not isinstance(message, SlabsMade):
+            raise WorkerStartError(f"{where} sent {type(message).__name__} instead of its output slabs")
+        if message.problem or len(message.descriptors) != len(plan):
+            raise WorkerStartError(f"{where} could not make its output slabs: {message.problem or message}")
+        descriptors: list[int] = []
+        try:
+            for (name, size), fd in zip(plan, message.descriptors):
+                descriptors.append(reopen_read_only(self.process.pid, fd, name, size))
+        except SealError as err:
+            for fd in descriptors:
+                os.close(fd)
+            raise WorkerStartError(f"{where}: {err}") from None
+        return descriptors
 
     async def send(self, message: msgspec.Struct, frames: list) -> None:
         await self.socket.send([self._encoder.encode(message), *frames])

@@ -27,6 +27,8 @@ import zmq
 SOCKET_NAME = "vitserve.sock"
 SHARED_TMP = Path("/tmp")  # where the per-user directory goes without a usable $XDG_RUNTIME_DIR
 MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
+SLAB_CHANNEL_SUFFIX = ".slabs"  # beside an ipc:// endpoint, the socket that passes slab descriptors
+MAX_ENDPOINT_PATH_BYTES = MAX_SOCKET_PATH_BYTES - len(SLAB_CHANNEL_SUFFIX)
 PROBE_TIMEOUT_S = 1.0  # a live server accepts at once; silence this long is taken as busy, never as stale
 LOCK_TIMEOUT_S = 5.0  # another engine holds its directory's lock for milliseconds; longer is someone else's doing
 DEFAULT_SOCKET_MODE = 0o600
@@ -64,11 +66,8 @@ def bind_endpoint(socket: zmq.Socket, endpoint: str, mode: int = DEFAULT_SOCKET_
     scheme, where = split_endpoint(endpoint)
     if scheme == "tcp":
         return _bind_tcp(socket, endpoint)
-    check_socket_mode(mode)
-    with _directory_lock(where):  # two engines starting at once: one replaces a stale socket, the other sees it live
-        _clear_stale_socket(where)
-        listener, identity = _bind_unix(where, mode, socket.getsockopt(zmq.BACKLOG))
-    bound = BoundEndpoint(endpoint, where, identity)
+    listener, bound = bind_unix_socket(where, mode, sockets.SOCK_STREAM, socket.getsockopt(zmq.BACKLOG))
+    bound.address = endpoint
     try:
         socket.setsockopt(zmq.USE_FD, listener.fileno())
         try:
@@ -81,6 +80,15 @@ def bind_endpoint(socket: zmq.Socket, endpoint: str, mode: int = DEFAULT_SOCKET_
         raise EndpointError(f"{endpoint} could not be bound: {err}") from err
     listener.detach()  # ZeroMQ owns the descriptor now, and closes it with the socket
     return bound
+
+
+def bind_unix_socket(path: str, mode: int, kind: int, backlog: int) -> tuple[sockets.socket, BoundEndpoint]:
+    """A Unix socket of `kind` listening at `path` with `mode`, refused when a live one is there."""
+    check_socket_mode(mode)
+    with _directory_lock(path):  # two engines starting at once: one replaces a stale socket, the other sees it live
+        _clear_stale_socket(path, kind)
+        listener, identity = _bind_unix(path, mode, backlog, kind)
+    return listener, BoundEndpoint(path, path, identity)
 
 
 def split_endpoint(endpoint: str) -> tuple[str, str]:
@@ -100,9 +108,11 @@ def split_endpoint(endpoint: str) -> tuple[str, str]:
                             f"ipc:///run/user/{os.getuid()}/{SOCKET_NAME} (abstract or wildcard sockets have no "
                             f"file permissions, so any local user could connect)")
     length = len(os.fsencode(where))
-    if length > MAX_SOCKET_PATH_BYTES:
+    if length > MAX_ENDPOINT_PATH_BYTES:
         raise EndpointError(f"endpoint {endpoint!r}: the path is {length} bytes, more than the "
-                            f"{MAX_SOCKET_PATH_BYTES} a Unix socket path may have: choose a shorter one")
+                            f"{MAX_ENDPOINT_PATH_BYTES} an endpoint may have (a Unix socket path holds "
+                            f"{MAX_SOCKET_PATH_BYTES}, and the slab channel adds {SLAB_CHANNEL_SUFFIX!r}): "
+                            f"choose a shorter one")
     return scheme, where
 
 
@@ -179,7 +189,7 @@ def _bind_tcp(socket: zmq.Socket, endpoint: str) -> BoundEndpoint:
     return BoundEndpoint(socket.getsockopt_string(zmq.LAST_ENDPOINT))
 
 
-def _clear_stale_socket(path: str) -> None:
+def _clear_stale_socket(path: str, kind: int) -> None:
     """Nothing at `path` afterwards, or EndpointError: only a socket no one accepts on is removed."""
     try:
         info = os.lstat(path)
@@ -188,7 +198,7 @@ def _clear_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(info.st_mode):
         raise EndpointError(f"{path} exists and is not a socket: it is left as it is; remove it yourself, or choose "
                             f"another endpoint path")
-    probe = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    probe = sockets.socket(sockets.AF_UNIX, kind)
     probe.settimeout(PROBE_TIMEOUT_S)
     try:
         probe.connect(path)
@@ -209,9 +219,9 @@ def _clear_stale_socket(path: str) -> None:
                         f"endpoint path")
 
 
-def _bind_unix(path: str, mode: int, backlog: int) -> tuple[sockets.socket, tuple[int, int]]:
-    """A listening Unix socket at `path` with `mode`, and the (st_dev, st_ino) of its file."""
-    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+def _bind_unix(path: str, mode: int, backlog: int, kind: int) -> tuple[sockets.socket, tuple[int, int]]:
+    """A listening Unix socket of `kind` at `path` with `mode`, and the (st_dev, st_ino) of its file."""
+    listener = sockets.socket(sockets.AF_UNIX, kind)
     umask = os.umask(0o177)  # the file is never more open than 0600, not even between bind and chmod
     try:
         listener.bind(path)  # unlike ZeroMQ's bind, fails on any file already there

@@ -15,8 +15,9 @@ from typing import Annotated, Literal, Union
 import msgspec
 
 # 2: release carries a list of ids. 3: inline results are released too (acknowledging their bytes);
-# element counts are bounded.
-PROTOCOL_VERSION = 3
+# element counts are bounded. 4: slabs are sealed memory files, their descriptors passed over the
+# slab channel (not files opened by name).
+PROTOCOL_VERSION = 4
 # Element counts are checked while decoding, before anything is built: a header of millions of
 # items or ids is refused at the cost of reading its length.
 MAX_ITEMS_PER_REQUEST = 4096
@@ -145,6 +146,21 @@ ClientMessage = Union[Hello, Encode, Cancel, Release, StatsQuery, HealthQuery]
 ServerMessage = Union[Welcome, Result, Error, Stats, Health]
 
 
+# -- the slab channel (a Unix socket beside an ipc:// endpoint; descriptors ride as SCM_RIGHTS) -------
+
+
+class SlabAsk(msgspec.Struct, frozen=True, tag="slab_ask"):
+    slab: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]  # the slab field of an OutputRef
+
+
+class SlabGrant(msgspec.Struct, frozen=True, tag="slab_grant"):
+    slab: str
+    error: str = ""  # empty: a read-only descriptor of the slab comes with this message
+
+
+SlabMessage = Union[SlabAsk, SlabGrant]
+
+
 # -- engine and worker processes ----------------------------------------------------------------
 
 
@@ -159,8 +175,9 @@ class WindowItem(msgspec.Struct, frozen=True):
 class RunWindow(msgspec.Struct, frozen=True, tag="run_window"):
     window: int
     items: list[WindowItem]
-    slab: str  # where the window's output rows go: slab file and byte offset of the leased slot
+    slab: str  # where the window's output rows go: slab and byte offset of the leased run of slots
     offset: int
+    run_bytes: int  # the run's length: what the rows leave of it is cleared (no earlier rows show)
 
 
 class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
@@ -201,9 +218,20 @@ class WorkerStartFailed(msgspec.Struct, frozen=True, tag="worker_start_failed"):
     message: str
 
 
+class MakeSlabs(msgspec.Struct, frozen=True, tag="make_slabs"):
+    """Make the output slabs (name, bytes): the worker alone writes them, so it makes and seals them."""
+
+    slabs: list[tuple[str, int]]
+
+
+class SlabsMade(msgspec.Struct, frozen=True, tag="slabs_made"):
+    descriptors: list[int]  # the worker's read-only descriptors, in order (the engine opens its own)
+    problem: str = ""  # why they could not be made (then no descriptors)
+
+
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
-ToWorker = Union[RunWindow, Shutdown]
-FromWorker = Union[WorkerReady, WorkerStartFailed, WindowDone, WindowFailed]
+ToWorker = Union[RunWindow, MakeSlabs, Shutdown]
+FromWorker = Union[WorkerReady, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed]

@@ -1,16 +1,16 @@
-"""Output slabs in shared memory: a worker writes each window's rows once, local clients read them in place.
+"""Output slabs: a worker writes each window's rows once, local clients read them in place.
 
-This module names slabs and leases their slots (the engine's side); `slab_maps` maps them by name
-in the worker (writable) and in clients (read-only).
+This module names slabs and leases their slots (the engine's side); `sealed` makes them (in the
+worker, which alone may write them), `slab_maps` maps them read-only in clients, and
+`slab_channel` hands clients their descriptors.
 
-A worker owns files in /dev/shm ("slabs") cut into page-aligned slots. The engine leases a run of
+A worker's slabs are sealed memory files cut into page-aligned slots. The engine leases a run of
 consecutive slots per encoder window, as many as its rows need (a small window does not pin memory
 sized for the largest); requests sharing a window each hold a reference, and the run is free again
 when the last one is released. A local client maps a slab once, read-only, and views results without a copy.
-Slab names carry the creating pid and the worker's epoch, so a stale reference never reads new data.
-Not multiprocessing.shared_memory: its resource tracker unlinks (or warns about) segments that another
-process merely attached to. numpy has no bfloat16, so "bfloat16" is stored as uint16 (same size);
-callers view it with `torch.from_numpy(array).view(torch.bfloat16)`.
+Slab names carry the engine's pid and the worker's epoch, so a stale reference never reads new data.
+numpy has no bfloat16, so "bfloat16" is stored as uint16 (same size); callers view it with
+`torch.from_numpy(array).view(torch.bfloat16)`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from vitserve.checks import check_int
 
-SHM_DIR = Path("/dev/shm")
+from .sealed import create_sealed
+
 PREFIX = "vitserve"
 SLOT_ALIGNMENT = max(4096, mmap.PAGESIZE)  # page sizes are powers of two, so always a multiple of 4096
 MAX_OWNER_LENGTH = 64  # keeps a slab name far below the 255-byte file name limit
@@ -106,67 +107,65 @@ def close_unless_exported(mapping: mmap.mmap) -> None:
         pass  # views handed out still export it; they keep it alive and it is unmapped after the last one goes
 
 
-def _discard_slabs(paths: list[Path], maps: list[mmap.mmap], creator_pid: int) -> None:
-    if os.getpid() != creator_pid:
-        return  # a forked child inherited the pool object; the files belong to the parent
-    for path in paths:
-        path.unlink(missing_ok=True)
+def slab_plan(owner: str, slot_bytes: int, slots: int, epoch: int = 0,
+              slots_per_slab: int | None = None) -> list[tuple[str, int]]:
+    """(name, bytes) of each slab of a pool: what the pool's worker is asked to make."""
+    if not isinstance(owner, str) or not _OWNER.fullmatch(owner) or len(owner) > MAX_OWNER_LENGTH:
+        raise ValueError(f"owner must be 1-{MAX_OWNER_LENGTH} letters, digits or _ like 'w0', got {owner!r}")
+    check_int("slot_bytes", slot_bytes, 1, "pass the largest window output in bytes")
+    check_int("slots", slots, 1, "pass how many windows may hold outputs at once")
+    if slots_per_slab is not None:
+        check_int("slots_per_slab", slots_per_slab, 1, "or pass None to put all slots in one slab")
+    check_int("epoch", epoch, 0, "increase it on every worker restart")
+    aligned = -(-slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+    per_slab = min(slots_per_slab or slots, slots)
+    return [(f"{PREFIX}-{os.getpid()}-{owner}-e{epoch}-{i}", min(per_slab, slots - first) * aligned)
+            for i, first in enumerate(range(0, slots, per_slab))]
+
+
+def _close_slabs(descriptors: list[int], maps: list[mmap.mmap]) -> None:
+    for fd in descriptors:
+        os.close(fd)
+    descriptors.clear()
     for mapping in maps:
         close_unless_exported(mapping)
     maps.clear()
 
 
 class SlabPool:
-    """Owner side (lives in the engine/worker that writes outputs): creates the slabs and leases slots."""
+    """The engine's side: the slabs' read-only descriptors, and the leases of their slots.
+
+    `descriptors`: read-only descriptors of slabs made elsewhere as `slab_plan` says (by the worker,
+    which alone writes them); the pool owns them. None: the pool makes its slabs here and keeps
+    their writable mappings (for a process that writes its own outputs, and for tests)."""
 
     def __init__(self, owner: str, slot_bytes: int, slots: int, epoch: int = 0,
-                 slots_per_slab: int | None = None, directory: Path = SHM_DIR):
-        if not isinstance(owner, str) or not _OWNER.fullmatch(owner) or len(owner) > MAX_OWNER_LENGTH:
-            raise ValueError(f"owner must be 1-{MAX_OWNER_LENGTH} letters, digits or _ like 'w0', got {owner!r}")
-        check_int("slot_bytes", slot_bytes, 1, "pass the largest window output in bytes")
-        check_int("slots", slots, 1, "pass how many windows may hold outputs at once")
-        if slots_per_slab is not None:
-            check_int("slots_per_slab", slots_per_slab, 1, "or pass None to put all slots in one slab")
-        check_int("epoch", epoch, 0, "increase it on every worker restart")
-        self.owner, self.epoch, self.total_slots, self.directory = owner, epoch, slots, Path(directory)
+                 slots_per_slab: int | None = None, descriptors: Sequence[int] | None = None):
+        plan = slab_plan(owner, slot_bytes, slots, epoch, slots_per_slab)
+        self.owner, self.epoch, self.total_slots = owner, epoch, slots
         self.slot_bytes = -(-slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
         self.slots_per_slab = min(slots_per_slab or slots, slots)
-        slab_count = -(-slots // self.slots_per_slab)
-        self.names = [f"{PREFIX}-{os.getpid()}-{owner}-e{epoch}-{i}" for i in range(slab_count)]
+        self.names = [name for name, _ in plan]
         self._refcounts = [0] * slots  # per leased run, at its first slot
         self._runs: dict[int, int] = {}  # first slot of each leased run -> its length
         self._lock = threading.Lock()  # releases may arrive on another thread than acquires
-        self._paths: list[Path] = []
-        self._maps: list[mmap.mmap] = []
-        # Unlinks on close(), on garbage collection and at interpreter exit, whichever comes first.
-        self._finalizer = weakref.finalize(self, _discard_slabs, self._paths, self._maps, os.getpid())
+        self._descriptors: list[int] = []  # read-only, one per slab
+        self._maps: list[mmap.mmap] = []  # writable, only when the slabs were made here
+        # Closes on close(), on garbage collection and at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, _close_slabs, self._descriptors, self._maps)
+        if descriptors is not None:
+            if len(descriptors) != len(plan):
+                raise SlabError(f"{len(descriptors)} slab descriptors for a pool of {len(plan)} slabs")
+            self._descriptors.extend(descriptors)
+            return
         try:
-            for i, name in enumerate(self.names):
-                slots_here = min(self.slots_per_slab, slots - i * self.slots_per_slab)
-                self._maps.append(self._create(self.directory / name, slots_here * self.slot_bytes))
+            for name, size in plan:
+                fd, mapping = create_sealed(name, size)
+                self._descriptors.append(fd)
+                self._maps.append(mapping)
         except BaseException:
-            self._finalizer()  # leave none of the slabs created so far behind
+            self._finalizer()  # none of the slabs made so far stays
             raise
-
-    def _create(self, path: Path, size: int) -> mmap.mmap:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            raise SlabError(f"slab {path} already exists: close the other pool of owner {self.owner!r} "
-                            f"epoch {self.epoch}, or choose another owner label or epoch") from None
-        self._paths.append(path)
-        try:
-            os.ftruncate(fd, size)
-            # Reserve the memory now: a sparse tmpfs file that runs out of space would kill the
-            # writer with SIGBUS in the middle of serving instead of failing here at start.
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)
-            return mmap.mmap(fd, size)  # shared, read-write
-        except OSError as error:
-            raise SlabError(f"cannot create slab {path} of {size} bytes ({error.strerror}): free space in "
-                            f"{self.directory} (e.g. a larger --shm-size) or ask for fewer or smaller slots") from error
-        finally:
-            os.close(fd)  # the mapping holds its own descriptor
 
     def __enter__(self) -> SlabPool:
         return self
@@ -175,8 +174,16 @@ class SlabPool:
         self.close()
 
     def close(self) -> None:
-        """Unlink and unmap every slab (idempotent); views still alive keep their memory until collected."""
+        """Close the slabs (idempotent); their memory goes when the last mapping of them does."""
         self._finalizer()
+
+    def descriptor(self, slab: str) -> int | None:
+        """The read-only descriptor of the pool's slab `slab` (not a copy), None for any other name."""
+        try:
+            index = self.names.index(slab)
+        except ValueError:
+            return None
+        return self._descriptors[index] if self._finalizer.alive else None
 
     def _check(self, slot: Slot | None) -> None:
         if not self._finalizer.alive:
@@ -263,6 +270,8 @@ class SlabPool:
 
     def _held_mapping(self, slot: Slot) -> mmap.mmap:
         self._check_held(slot, "acquire it before writing")
+        if not self._maps:
+            raise SlabError(f"the slabs of {self.names[0]} were made by their worker, which alone writes them")
         return self._maps[slot.index // self.slots_per_slab]
 
     def buffer(self, slot: Slot) -> memoryview:

@@ -26,7 +26,7 @@ def summary(config, ledger: Ledger, seconds: float, start: Footprint | None, end
             ("GPU memory used", "n/a" if start.gpu_mib is None or end.gpu_mib is None else
              f"{start.gpu_mib:.0f} MiB at start, {end.gpu_mib:.0f} MiB at end (growth allowed: "
              f"{config.growth.gpu_mib:.0f})"),
-            ("/dev/shm slabs", f"{_files(start.shm_files)}, {start.shm_mib:.0f} MiB at start; "
+            ("output slabs", f"{_files(start.shm_files)}, {start.shm_mib:.0f} MiB at start; "
                                f"{_files(end.shm_files)}, {end.shm_mib:.0f} MiB at end (growth allowed: none)"),
         ]
     rows.append(("violations", str(len(ledger.violations))))

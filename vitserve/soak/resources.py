@@ -1,5 +1,6 @@
 """The engine's footprint on its host, sampled at the start and end of a soak run: resident memory
-of the engine and its workers, GPU memory in use, and its shared-memory slabs in /dev/shm."""
+of the engine and its workers, GPU memory in use, and its shared-memory slabs (the sealed memory
+files it holds, as /proc/<pid>/fd lists them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
+from vitserve.ipc.slabs import parse_slab_name
 
 MIB = 1 << 20
 
@@ -31,16 +32,27 @@ def footprint(engine_pid: int, worker_pids: list[int], gpus: list[int] | None) -
             rss[pid] = psutil.Process(pid).memory_info().rss
         except psutil.Error:  # a worker that is being restarted
             pass
-    sizes = []
-    for name in os.listdir(SHM_DIR):
-        parsed = parse_slab_name(name)
-        if parsed is not None and parsed[0] == engine_pid:
-            try:
-                sizes.append(os.stat(SHM_DIR / name).st_size)
-            except FileNotFoundError:
-                pass  # removed while listing
+    sizes = list(slab_sizes(engine_pid).values())
     return Footprint(sum(rss.values()) / MIB, rss.get(engine_pid, 0) / MIB, gpu_used_mib(gpus), sum(sizes) / MIB,
                      len(sizes))
+
+
+def slab_sizes(pid: int) -> dict[str, int]:
+    """Bytes of each slab that process `pid` holds a descriptor of, by name."""
+    sizes = {}
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone, or not ours to look at
+        return sizes
+    for fd in descriptors:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            name = target.removeprefix("/memfd:").removesuffix(" (deleted)")
+            if target.startswith("/memfd:") and parse_slab_name(name) is not None:
+                sizes[name] = os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        except OSError:
+            pass  # closed while listing
+    return sizes
 
 
 def gpu_used_mib(gpus: list[int] | None) -> float | None:
@@ -78,6 +90,6 @@ class Growth:
             found.append(f"GPU memory grew from {start.gpu_mib:.0f} to {end.gpu_mib:.0f} MiB "
                          f"(allowed: {self.gpu_mib:.0f} MiB)")
         if end.shm_mib > start.shm_mib or end.shm_files > start.shm_files:
-            found.append(f"/dev/shm slabs grew from {start.shm_files} files, {start.shm_mib:.0f} MiB to "
+            found.append(f"output slabs grew from {start.shm_files} files, {start.shm_mib:.0f} MiB to "
                          f"{end.shm_files} files, {end.shm_mib:.0f} MiB after every result was released")
         return found

@@ -1,5 +1,6 @@
 """The soak's own engine: `vitserve serve` in a child process on a private ipc:// endpoint, stopped
-with SIGTERM at the end, which must exit 0 and leave no slab behind."""
+with SIGTERM at the end, which must exit 0 and leave no socket file behind (its slabs, memory
+files, cannot outlive it)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from vitserve.ipc.slabs import SHM_DIR, parse_slab_name
+from vitserve.ipc.slab_channel import channel_path
 
 START_TIMEOUT_S = 900.0  # loading and capturing a large model on a fresh machine
 STOP_TIMEOUT_S = 120.0
@@ -45,7 +46,7 @@ class ServedEngine:
         return cls(process, endpoint, devices, directory)
 
     async def stop(self) -> list[str]:
-        """SIGTERM and wait; the problems found (exit status, slabs left)."""
+        """SIGTERM and wait; the problems found (exit status, socket files left)."""
         problems = []
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -56,8 +57,9 @@ class ServedEngine:
             problems.append(f"the engine did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM")
         if code != 0:
             problems.append(f"the engine exited with status {code} on SIGTERM")
-        left = [name for name in os.listdir(SHM_DIR) if (p := parse_slab_name(name)) and p[0] == self.process.pid]
+        path = self.endpoint.removeprefix("ipc://")
+        left = [name for name in (path, channel_path(path)) if os.path.exists(name)]
         if left:
-            problems.append(f"the engine left {len(left)} slabs in {SHM_DIR}: {left[:3]}")
+            problems.append(f"the engine left its socket files {left}")
         shutil.rmtree(self.directory, ignore_errors=True)
         return problems

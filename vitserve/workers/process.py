@@ -10,13 +10,14 @@ writes heartbeats into shared memory, which the engine watches for a hung worker
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -25,12 +26,11 @@ import zmq
 
 from vitserve.ipc.codec import Codec, frame_array
 from vitserve.ipc.messages import (
-    FromWorker, RunWindow, Shutdown, ToWorker, WindowDone, WindowFailed, WorkerCost, WorkerReady,
-    WorkerStartFailed,
+    FromWorker, MakeSlabs, RunWindow, Shutdown, SlabsMade, ToWorker, WindowDone, WindowFailed, WorkerCost,
+    WorkerReady, WorkerStartFailed,
 )
 from vitserve.ipc.outputs import read_only_tensor
-from vitserve.ipc.slab_maps import writable_slab
-from vitserve.ipc.slabs import SHM_DIR
+from vitserve.ipc.sealed import SealError, create_sealed
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
@@ -63,7 +63,6 @@ class WorkerSpec:
     dtype: str | None
     window: WindowConfig
     preprocess: PreprocessConfig
-    slab_directory: Path = SHM_DIR  # where the engine creates the output slabs
     threads: int | None = None  # torch CPU threads (CPU workers share the host)
     log_level: int = logging.WARNING
     heartbeat_s: float = 1.0  # how often the worker's beat thread beats
@@ -147,6 +146,8 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
                 break
             case RunWindow():
                 running.append(worker.start(message, frames))
+            case MakeSlabs():
+                socket.send(encoder.encode(worker.make_slabs(message)))
     for window in running:
         socket.send(encoder.encode(window.reply()))
 
@@ -188,7 +189,8 @@ class Worker:
         self.runner = ModelRunner(model, spec.window)
         self.runner.capture(progress=False)
         capture_s = time.perf_counter() - began
-        self.slabs: dict[str, object] = {}  # mapped on first use: the engine creates them after the handshake
+        self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
+        self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
         geometry = model.geometry
         self.row_shape = (1 + geometry.num_deepstack, geometry.out_hidden_size)
         caps, cost = self.runner.capacities, self.runner.cost
@@ -232,19 +234,58 @@ class Worker:
                 pieces[i] = read_only_tensor(frame_array(item.data, frames)).to(self.device)
         pixel_values = torch.cat(pieces)  # (tokens, patch_dim) in the window's order
         rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
-        out = self._slot(message.slab, message.offset, rows)
+        out = self._slot(message, rows)
         return self.runner.encode(pixel_values, grids, out=out, wait=False)
 
-    def _slot(self, slab: str, offset: int, rows: int) -> torch.Tensor:
-        """The leased slot as the runner's output tensor (rows, 1 + deepstack, out_hidden)."""
-        if slab not in self.slabs:
-            self.slabs[slab] = writable_slab(slab, self.spec.slab_directory, pin=self.device.type == "cuda")
+    def _slot(self, message: RunWindow, rows: int) -> torch.Tensor:
+        """The leased run as the runner's output tensor (rows, 1 + deepstack, out_hidden), with the
+        rest of the run cleared: no reader of this window can see an earlier window's rows there."""
+        mapping = self.slabs.get(message.slab)
+        if mapping is None:
+            raise RuntimeError(f"slab {message.slab} is not one of this worker's ({sorted(self.slabs)})")
         count = rows * self.row_shape[0] * self.row_shape[1]
-        flat = torch.frombuffer(self.slabs[slab], dtype=self.runner.dtype, count=count, offset=offset)
+        used = count * self.runner.dtype.itemsize
+        if not (0 <= message.offset and used <= message.run_bytes and message.offset + message.run_bytes <= len(mapping)):
+            raise RuntimeError(f"{rows} rows ({used} bytes) at {message.offset} do not fit the run of "
+                               f"{message.run_bytes} bytes in slab {message.slab} of {len(mapping)}")
+        if message.run_bytes > used:  # the host clears it while the device computes the rows (a disjoint range)
+            torch.frombuffer(mapping, dtype=torch.uint8, count=message.run_bytes - used,
+                             offset=message.offset + used).zero_()
+        flat = torch.frombuffer(mapping, dtype=self.runner.dtype, count=count, offset=message.offset)
         return flat.view(rows, *self.row_shape)
+
+    def make_slabs(self, message: MakeSlabs) -> SlabsMade:
+        """Make and seal the output slabs: mapped writable here (and page-locked for the device's
+        copies) before the seals, so this process alone can write them."""
+        pin = pin_for_cuda if self.device.type == "cuda" else None
+        made: list[tuple[str, int, mmap.mmap]] = []
+        try:
+            for name, size in message.slabs:
+                fd, mapping = create_sealed(name, size, prepare=pin)
+                made.append((name, fd, mapping))
+        except (SealError, RuntimeError) as err:
+            for _, fd, _ in made:
+                os.close(fd)
+            log.error("making the output slabs failed: %s", err)
+            return SlabsMade([], str(err))
+        for name, fd, mapping in made:
+            self.slabs[name] = mapping
+            self._slab_descriptors.append(fd)
+        return SlabsMade([fd for _, fd, _ in made])
 
     def close(self) -> None:
         self.slabs.clear()
+        for fd in self._slab_descriptors:
+            os.close(fd)
+        self._slab_descriptors.clear()
+
+
+def pin_for_cuda(mapping: mmap.mmap) -> None:
+    """Register the pages with CUDA (page-locked), so device-to-host copies into them run asynchronously."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    status = torch.cuda.cudart().cudaHostRegister(address, len(mapping), 0)
+    if int(status) != 0:
+        raise RuntimeError(f"cudaHostRegister of {len(mapping)} bytes of output slab failed with status {status}")
 
 
 def is_cuda_error(err: BaseException) -> bool:
