@@ -158,7 +158,12 @@ class AsyncClient(ClientLink):
                 if self.inline:  # the bytes are here: acknowledge them, the engine counts them until then
                     self._send_release(request_id)
                     return encoded_from_refs(refs, self._reader, None, frames=reply_frames)
-                return encoded_from_refs(refs, self._reader, self._releaser(request_id), frames=reply_frames)
+                release = self._releaser(request_id)
+                try:
+                    return encoded_from_refs(refs, self._reader, release, frames=reply_frames)
+                except (SlabError, OSError, ValueError):  # e.g. the slab channel out of reach: rows go back at once
+                    release()
+                    raise
 
     def _give_up(self, request_id: int) -> None:
         """Stop waiting for a request: the engine cancels it, and a result that comes anyway is released."""
