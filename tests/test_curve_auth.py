@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import zmq.auth
 from served import served
 
 from vitserve import Client
+from vitserve.engine import EngineError
 from vitserve.ipc.auth import AuthError, ServerKeys, check_exposure
 
 
@@ -27,6 +29,9 @@ def keys(tmp_path_factory):
     zmq.auth.create_certificates(root, "server")
     zmq.auth.create_certificates(allowed, "admitted")
     zmq.auth.create_certificates(root, "stranger")
+    done = subprocess.run([sys.executable, "-m", "vitserve.cli", "keys", str(allowed), "ranked", "--priorities", "0,10"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     return root
 
 
@@ -62,6 +67,38 @@ def test_a_wrong_key_or_none_gets_no_connection_and_is_told_at_once(endpoint, ke
         Client(endpoint, **credentials)
     assert "refused the connection's handshake" in str(info.value)
     assert time.monotonic() - began < 10, "told at once, not after the connect timeout"
+
+
+def test_a_key_with_a_priority_range_is_held_to_it_and_others_to_the_servers(endpoint, keys):
+    """Priorities are bounded per credential: the range in a client's certificate replaces the
+    server's --priorities (-100..100 here) for connections authenticated with that key."""
+    image = np.full((64, 64, 3), 5, np.uint8)
+    with Client(endpoint, curve_secret_key=keys / "allowed" / "ranked.key_secret",
+                curve_server_key=keys / "server.key") as ranked, \
+            Client(endpoint, curve_secret_key=keys / "allowed" / "admitted.key_secret",
+                   curve_server_key=keys / "server.key") as plain:
+        for priority in (0, 10):
+            ranked.encode([image], priority=priority).release()
+        for priority in (11, 50, -1):
+            with pytest.raises(EngineError, match=rf"priority {priority} is outside this client key's range 0..10"):
+                ranked.encode([image], priority=priority)
+        plain.encode([image], priority=50).release()
+        with pytest.raises(EngineError, match="outside the engine's range -100..100"):
+            plain.encode([image], priority=101)
+
+
+def test_a_certificate_with_an_unreadable_priority_range_is_refused_at_start(keys, tmp_path):
+    for text in ("10,0", "high,low", "5"):
+        public, _ = zmq.auth.create_certificates(tmp_path, f"bad{len(text)}")
+        certificate = Path(public).read_text().replace("\nmetadata\n", f"\nmetadata\n    priorities = {text}\n")
+        Path(public).write_text(certificate)
+        with pytest.raises(AuthError, match=rf"the priorities of .*bad{len(text)}.key is '{text}': write LOW,HIGH"):
+            ServerKeys(keys / "server.key_secret", tmp_path)
+        (tmp_path / f"bad{len(text)}.key").unlink()
+        (tmp_path / f"bad{len(text)}.key_secret").unlink()
+    done = subprocess.run([sys.executable, "-m", "vitserve.cli", "keys", str(tmp_path), "c", "--priorities", "9,1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "write LOW,HIGH" in done.stderr
 
 
 def test_keys_must_be_usable(keys, tmp_path):

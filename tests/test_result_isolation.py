@@ -10,7 +10,6 @@ mapping made before the seals."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import fcntl
 import mmap
 import os
@@ -26,48 +25,15 @@ from vitserve import Client, Engine, EngineConfig
 from vitserve.ipc.sealed import SEALS, create_sealed
 from vitserve.ipc.slab_channel import ASK_TIMEOUT_S, MAX_ANSWERING, ask_for_slab, channel_path
 from vitserve.ipc.slabs import SlabError
+from vitserve.soak.hostile import slab_attacks
 from vitserve.soak.resources import slab_sizes
 from vitserve.workers import WindowConfig
 
 FLAGS = ("--min-budget", "64", "--max-budget", "1024", "--output-windows", "8")
-_libc = ctypes.CDLL(None, use_errno=True)
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
 def image(size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def attacks(fd: int, size: int) -> dict[str, str]:
-    """Every way to change a slab through a descriptor of it; what each one did ("refused" or "ALLOWED")."""
-    def punch() -> None:
-        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_long(0), ctypes.c_long(size)):
-            raise OSError(ctypes.get_errno(), "fallocate")
-
-    def upgrade_read_only_mapping() -> None:
-        view = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        address = np.frombuffer(view, np.uint8).ctypes.data
-        if _libc.mprotect(ctypes.c_void_p(address), ctypes.c_size_t(size), mmap.PROT_READ | mmap.PROT_WRITE):
-            raise OSError(ctypes.get_errno(), "mprotect")
-
-    tries = {
-        "writable shared mapping": lambda: mmap.mmap(fd, size),
-        "write": lambda: os.pwrite(fd, b"\xff" * 64, 0),
-        "truncate": lambda: os.ftruncate(fd, 0),
-        "shrink": lambda: os.ftruncate(fd, size // 2),
-        "grow": lambda: os.ftruncate(fd, size * 2),
-        "punch a hole": punch,
-        "seal against the writer": lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE),
-        "make a read-only mapping writable": upgrade_read_only_mapping,
-    }
-    outcome = {}
-    for name, attempt in tries.items():
-        try:
-            attempt()
-            outcome[name] = "ALLOWED"
-        except (OSError, ValueError, PermissionError):
-            outcome[name] = "refused"
-    return outcome
 
 
 def test_a_sealed_slab_refuses_every_change_but_through_its_makers_mapping():
@@ -76,8 +42,8 @@ def test_a_sealed_slab_refuses_every_change_but_through_its_makers_mapping():
     read_write = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # what any process of the user could open
     try:
         assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
-        outcome = attacks(read_write, 8192)
-        assert len(outcome) == 8 and set(outcome.values()) == {"refused"}, outcome
+        refused = slab_attacks(read_write, 8192)
+        assert len(refused) == 8 and all(refused.values()), refused
         private = mmap.mmap(read_write, 8192, flags=mmap.MAP_PRIVATE)  # a copy-on-write mapping: its own pages
         private[:4] = b"evil"
         writable[4:8] = b"more"  # the maker still writes
@@ -101,8 +67,8 @@ def test_a_hostile_local_client_cannot_alter_or_destroy_another_clients_result(t
             slab = next(iter(slab_sizes(health.pid)))
             granted = ask_for_slab(channel_path(endpoint.removeprefix("ipc://")), slab)
             size = os.fstat(granted).st_size
-            outcome = attacks(granted, size)
-            assert set(outcome.values()) == {"refused"}, outcome
+            refused = slab_attacks(granted, size)
+            assert all(refused.values()), refused
             os.close(granted)
             # ...and reaches every slab the engine and its workers hold through /proc, read-write.
             tried = 0
@@ -116,8 +82,8 @@ def test_a_hostile_local_client_cannot_alter_or_destroy_another_clients_result(t
                         continue
                     tried += 1
                     try:
-                        outcome = attacks(stolen, os.fstat(stolen).st_size)
-                        assert set(outcome.values()) == {"refused"}, outcome
+                        refused = slab_attacks(stolen, os.fstat(stolen).st_size)
+                        assert all(refused.values()), refused
                     finally:
                         os.close(stolen)
             assert tried >= 2  # the engine's descriptor and the worker's
@@ -194,3 +160,16 @@ def test_the_reader_refuses_a_slab_name_the_engine_never_made():
                 engine._open_slab(f"vitserve-{os.getpid()}-w0n99-e0-0")
 
     asyncio.run(run())
+
+
+def test_the_attacks_find_a_slab_that_is_not_sealed():
+    """The soak's hostile client and these tests count on `slab_attacks`: on an unsealed memory file
+    (what a slab in /dev/shm was) it must report the changes it could make."""
+    fd = os.memfd_create("vitserve-unsealed")
+    os.ftruncate(fd, 8192)
+    try:
+        refused = slab_attacks(fd, 8192)
+        allowed = {name for name, was_refused in refused.items() if not was_refused}
+        assert {"writable shared mapping", "write", "truncate", "grow", "punch a hole"} <= allowed, refused
+    finally:
+        os.close(fd)

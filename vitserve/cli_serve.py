@@ -135,6 +135,8 @@ def add_keys_parser(commands) -> None:
     keys = commands.add_parser("keys", help="create a CURVE key pair (certificates) for a server or a client")
     keys.add_argument("directory", type=Path, help="where NAME.key (public) and NAME.key_secret go")
     keys.add_argument("name", help="e.g. server, or a client's name")
+    keys.add_argument("--priorities", help="LOW,HIGH: the priorities this client may ask for (written into its "
+                                           "certificate; the server's --priorities when absent)")
     keys.set_defaults(handler=run_keys)
 
 
@@ -145,7 +147,16 @@ def run_keys(args: argparse.Namespace) -> int:
     if (args.directory / f"{args.name}.key_secret").exists():
         print(f"vitserve keys: {args.directory / args.name}.key_secret exists: choose another name", file=sys.stderr)
         return 2
+    from vitserve.ipc.auth import AuthError, parse_priorities, write_priorities
+
+    try:
+        priorities = None if args.priorities is None else parse_priorities(args.priorities, "--priorities")
+    except AuthError as err:
+        print(f"vitserve keys: {err}", file=sys.stderr)
+        return 2
     public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    if priorities is not None:
+        write_priorities(Path(public), *priorities)
     os.chmod(secret, 0o600)
     print(f"public certificate {public} (give it to the other side), secret {secret} (keep it private)")
     return 0

@@ -49,10 +49,12 @@ class ClientRequests:
         future.add_done_callback(partial(self._finish, connection, message, key, usage))
 
     def _check_request(self, connection: Connection, message: Encode) -> None:
-        low, high = self.limits.priorities
+        low, high = connection.priorities or self.limits.priorities
         if not low <= message.priority <= high:
-            raise EngineError("invalid_input", f"priority {message.priority} is outside the engine's range "
-                                               f"{low}..{high} (priorities)")
+            whose = "this client key's range" if connection.priorities else "the engine's range"
+            setting = "its certificate's priorities" if connection.priorities else "priorities"
+            raise EngineError("invalid_input", f"priority {message.priority} is outside {whose} {low}..{high} "
+                                               f"({setting})")
         open_requests = len(connection.requests) + len(connection.inline)
         if open_requests >= self.limits.max_requests:
             raise EngineError("overloaded", f"this connection has {open_requests} requests unfinished or holding "

@@ -54,6 +54,7 @@ class Connection:
     opened_at: float  # monotonic seconds
     routing_id: bytes | None = None  # of its first message
     helloed: bool = False
+    priorities: tuple[int, int] | None = None  # of its CURVE key's certificate; None: the server's range
     closed: bool = False
     requests: dict[int, int] = field(default_factory=dict)  # the client's request id -> engine key
     inline: dict[int, int] = field(default_factory=dict)  # inline results not yet released: request id -> bytes

@@ -63,6 +63,7 @@ class Frontend(ClientRequests):
         check_exposure(endpoint, keys is not None, allow_insecure_tcp)
         self.engine: Engine | None = None
         self.limits = config.clients
+        self._key_priorities = keys.priorities if keys is not None else {}  # User-Id -> (lowest, highest)
         raise_descriptor_limit(SHED_FACTOR * self.limits.max_connections + RESERVED_DESCRIPTORS)
         self._codec = server_codec()
         self._log_limits = LogLimiter(log)
@@ -186,7 +187,7 @@ class Frontend(ClientRequests):
             return
         match message:
             case Hello(version=version):
-                self._hello(connection, version)
+                self._hello(connection, version, frames[0])
             case Encode():
                 self._encode(connection, message, arrays)
             case Cancel(id=request_id):
@@ -203,7 +204,7 @@ class Frontend(ClientRequests):
             case HealthQuery():
                 self._send(connection, self.engine.health())
 
-    def _hello(self, connection: Connection, version: int) -> None:
+    def _hello(self, connection: Connection, version: int, header: zmq.Frame) -> None:
         if version != PROTOCOL_VERSION:
             self._send(connection, Error(None, "protocol", f"protocol version {version} is not supported; "
                                                            f"this engine speaks version {PROTOCOL_VERSION}"))
@@ -215,6 +216,11 @@ class Frontend(ClientRequests):
             asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, self.connections.shut, connection)
             return
         connection.helloed = True
+        if self._key_priorities:
+            try:  # the client's public key, as the CURVE handshake authenticated it
+                connection.priorities = self._key_priorities.get(header.get("User-Id"))
+            except zmq.ZMQError:
+                pass
         ready = self.engine.ready
         self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
                                        ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))

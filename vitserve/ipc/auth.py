@@ -8,6 +8,10 @@ before the frontend sees a byte of it, health and stats included: a ZAP handler 
 ThreadAuthenticator, on a thread of its own) accepts only keys found in the directory, so a wrong
 key or none never gets a connection.
 
+A client certificate may carry its own priority range in its metadata (`priorities = "LOW,HIGH"`,
+as `vitserve keys --priorities` writes it); that range replaces the server's `--priorities` for
+connections authenticated with that key (libzmq gives each message its key as the User-Id).
+
 Without CURVE a tcp:// endpoint serves anyone who reaches it, so one that is not on a loopback
 address is refused unless the operator says so explicitly (`--allow-insecure-tcp`).
 """
@@ -15,7 +19,8 @@ address is refused unless the operator says so explicitly (`--allow-insecure-tcp
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -23,6 +28,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 LOOPBACK_NAMES = ("localhost",)
+PRIORITIES_KEY = "priorities"  # in a client certificate's metadata: "LOW,HIGH"
+_METADATA_ENTRY = re.compile(r'\s+([A-Za-z0-9_.-]+)\s*=\s*"?([^"\n]*)"?\s*')
 
 
 class AuthError(ValueError):
@@ -34,6 +41,8 @@ class AuthError(ValueError):
 class ServerKeys:
     secret_file: Path  # the server's certificate with its secret key (NAME.key_secret)
     clients_dir: Path  # the public certificates (NAME.key) of the clients allowed in
+    # A client's User-Id (its public key, z85) -> the priority range of its certificate, if it has one.
+    priorities: dict[str, tuple[int, int]] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         load_secret(self.secret_file, "--curve-secret-key")
@@ -44,6 +53,50 @@ class ServerKeys:
         if not any(directory.glob("*.key")):
             raise AuthError(f"--curve-clients {directory} holds no client certificate (*.key): no client could "
                             f"connect; create keys with `vitserve keys`")
+        ranges = {}
+        for certificate in sorted(directory.glob("*.key")):
+            priorities = certificate_priorities(certificate)
+            if priorities is not None:
+                ranges[load_public(certificate, "--curve-clients").decode()] = priorities
+        object.__setattr__(self, "priorities", ranges)
+
+
+def certificate_priorities(path: Path) -> tuple[int, int] | None:
+    """The priority range in a certificate's metadata, None when it has none; AuthError when unreadable."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AuthError(f"--curve-clients {path}: cannot read the certificate ({err})") from None
+    section = None
+    for line in lines:
+        if line and not line[0].isspace() and not line.startswith("#"):
+            section = line.strip()
+            continue
+        entry = _METADATA_ENTRY.fullmatch(line)
+        if section == "metadata" and entry and entry.group(1) == PRIORITIES_KEY:
+            return parse_priorities(entry.group(2), f"the {PRIORITIES_KEY} of {path}")
+    return None
+
+
+def write_priorities(public_file: Path, low: int, high: int) -> None:
+    """Put a priority range into the metadata of a public certificate (the file the server's
+    --curve-clients holds: the operator's copy, not the client's)."""
+    text = Path(public_file).read_text()
+    if "\nmetadata\n" not in text:
+        raise AuthError(f"{public_file} has no metadata section: create it with `vitserve keys`")
+    Path(public_file).write_text(text.replace("\nmetadata\n", f'\nmetadata\n    {PRIORITIES_KEY} = "{low},{high}"\n', 1))
+
+
+def parse_priorities(text: str, setting: str) -> tuple[int, int]:
+    """(lowest, highest) from "LOW,HIGH"; AuthError naming `setting` otherwise."""
+    low, _, high = text.partition(",")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = None
+    if bounds is None or bounds[0] > bounds[1]:
+        raise AuthError(f"{setting} is {text!r}: write LOW,HIGH, two integers with LOW <= HIGH, e.g. 0,50")
+    return bounds
 
 
 def load_secret(path: Path, setting: str) -> tuple[bytes, bytes]:

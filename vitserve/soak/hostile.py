@@ -10,13 +10,18 @@ ordinary clients go on (their requests must still each end once, and nothing may
   closed must never receive that request's result;
 - colliding routing ids: peers that take the ids an unseeded libzmq would generate next, then
   anonymous peers: every anonymous peer is still welcomed (libzmq used to abort the engine);
-- a connection flood: many raw connections opened and dropped at once; a new client is welcomed.
+- a connection flood: many raw connections opened and dropped at once; a new client is welcomed;
+- another client's result (ipc:// only): the peer is given the slab of its own result, as every
+  local client is, and tries every way to change it (write, truncate, grow, punch a hole, a
+  writable mapping, a seal); the kernel must refuse each, and no slab may be a file in /dev/shm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
+import mmap
 import os
 import socket as sockets
 import struct
@@ -30,6 +35,7 @@ from vitserve.ipc.messages import (
     MAX_ITEMS_PER_REQUEST, MAX_RELEASE_IDS, PROTOCOL_VERSION, Encode, Error, Hello, ImageItem, Release, Result,
     Welcome,
 )
+from vitserve.ipc.slab_channel import ask_for_slab, channel_path
 
 from .ledger import Ledger
 
@@ -38,6 +44,7 @@ CLAIM_WAIT_S = 2.0  # how long the claimant listens for the first connection's r
 CLAIM_AFTER_S = 0.2  # the claimant connects this long after the first connection closed
 PREDICTED_STARTS = 8  # first values an unseeded libzmq would draw for its routing id counter
 FLOOD = 200  # raw connections opened at once
+_FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 class Peer:
@@ -181,10 +188,87 @@ def _flood(context: zmq.Context, endpoint: str, ledger: Ledger) -> None:
         peer.close()
 
 
+def slab_attacks(fd: int, size: int) -> dict[str, bool]:
+    """Every way to change a slab through a descriptor of it (opened read-write if the caller could):
+    whether each one was refused, by name."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise OSError(ctypes.get_errno(), what)
+
+    def upgrade_read_only_mapping() -> None:
+        view = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        address = np.frombuffer(view, np.uint8).ctypes.data
+        check(libc.mprotect(ctypes.c_void_p(address), ctypes.c_size_t(size), mmap.PROT_READ | mmap.PROT_WRITE),
+              "mprotect")
+
+    tries = {
+        "writable shared mapping": lambda: mmap.mmap(fd, size),
+        "write": lambda: os.pwrite(fd, b"\xff" * 64, 0),
+        "truncate": lambda: os.ftruncate(fd, 0),
+        "shrink": lambda: os.ftruncate(fd, size // 2),
+        "grow": lambda: os.ftruncate(fd, size * 2),
+        "punch a hole": lambda: check(libc.fallocate(fd, _FALLOC_PUNCH_HOLE, ctypes.c_long(0), ctypes.c_long(size)),
+                                      "fallocate"),
+        "seal against the writer": lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE),
+        "make a read-only mapping writable": upgrade_read_only_mapping,
+    }
+    refused = {}
+    for name, attempt in tries.items():
+        try:
+            attempt()
+            refused[name] = False
+        except (OSError, ValueError):
+            refused[name] = True
+    return refused
+
+
+def _slabs(context: zmq.Context, endpoint: str, ledger: Ledger) -> None:
+    if not endpoint.startswith("ipc://"):
+        return  # tcp:// clients get their rows inline: there is no slab to reach
+    named = [name for name in os.listdir("/dev/shm") if name.startswith("vitserve-")]
+    if named:
+        ledger.violate(f"slabs are files anyone of the user can open: {named[:3]}")
+    peer = Peer(context, endpoint)
+    try:
+        peer.reply()
+        items, frames = _image()
+        peer.send(peer.codec.encode(Encode(11, items), frames))
+        reply = peer.reply()
+        if not isinstance(reply, Result):
+            return  # overloaded, say: the soak's load decides; nothing to attack
+        slab = reply.outputs[0].slab
+        try:
+            fd = ask_for_slab(channel_path(endpoint.removeprefix("ipc://")), slab)
+        except (OSError, ValueError) as err:
+            ledger.violate(f"the slab channel did not give the slab of a result: {err}")
+            return
+        try:
+            writable = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)  # what any process of the user could open
+        except OSError:
+            writable = None
+        try:
+            for target in (fd, writable):
+                if target is None:
+                    continue
+                allowed = [name for name, refused in slab_attacks(target, os.fstat(target).st_size).items()
+                           if not refused]
+                if allowed:
+                    ledger.violate(f"a local client could change a slab that holds others' results: {allowed}")
+        finally:
+            for target in (fd, writable):
+                if target is not None:
+                    os.close(target)
+        peer.send(peer.codec.encode(Release([11])))
+    finally:
+        peer.close()
+
+
 def _all(endpoint: str, ledger: Ledger) -> None:
     context = zmq.Context()
     try:
-        for scenario in (_refusals, _claimed_routing_id, _colliding_routing_ids, _flood):
+        for scenario in (_refusals, _claimed_routing_id, _colliding_routing_ids, _flood, _slabs):
             scenario(context, endpoint, ledger)
     finally:
         context.term()
