@@ -18,7 +18,6 @@ import zmq
 
 from vitserve.engine.errors import EngineError
 from vitserve.ipc.messages import PROTOCOL_VERSION, Error, Health, Hello, Stats, Welcome
-from vitserve.ipc.peers import own_identity
 
 CONNECT_TIMEOUT_S = 30.0
 HEARTBEAT_S = 2.0  # ZMTP heartbeats: a silent engine (stopped, host gone) is noticed within three of them
@@ -70,8 +69,7 @@ class ClientLink:
             reply.cancel()
 
     def _hello(self) -> list:
-        pid, pid_start = own_identity()
-        return self._codec.encode(Hello(PROTOCOL_VERSION, self.name, pid, pid_start))
+        return self._codec.encode(Hello(PROTOCOL_VERSION, self.name))
 
     async def _watch_link(self) -> None:
         """A lost connection ends every request and query waiting on it (the engine ends them too:

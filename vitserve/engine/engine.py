@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from vitserve.ipc.messages import Health, OutputRef, WorkerReady
+from vitserve.ipc.messages import OutputRef, WorkerReady
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabPool, Slot
@@ -36,6 +35,7 @@ from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
 from .errors import EngineError
 from .outputs_layout import agreed_capacities, check_request_fits, output_layout, predictor
+from .reports import EngineReports
 from .request_ends import RequestEnds
 from .restarts import WorkerRestarts
 from .windows import WindowTraffic
@@ -58,7 +58,7 @@ class _Pending:
     input_bytes: int = 0  # of its inputs, counted against max_queued_bytes until they are dropped
 
 
-class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
+class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self._instance = next(_INSTANCES)
@@ -273,38 +273,6 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds):
         else:
             self._poke.set()
         return key, pending.future
-
-    def stats(self) -> dict[str, float]:
-        """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
-        return {
-            "queued_items": float(len(self.scheduler.queue)) if self.scheduler else 0.0,
-            "requests_open": float(len(self._pending)),
-            "windows_in_flight": float(len(self._windows)),
-            "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._all_pools())),
-            "windows_sent": float(self._windows_sent),
-            "items_sent": float(self._items_sent),
-            "worker_ms": self._worker_ms,
-            "leases_expired": float(self._leases_expired),
-            "workers_ready": float(self.workers_ready()),
-            "worker_restarts": float(self._worker_restarts),
-            "windows_retried": float(self._windows_retried),
-            "worker_hangs": float(self._worker_hangs),
-            "internal_errors": float(self._internal_errors),
-            "queued_bytes": float(self._queued_bytes),
-        }
-
-    def health(self) -> Health:
-        """Ready while admitting requests with a worker up; not while shutting down or restarting.
-        The detail names workers that stopped responding (hung) until they are back."""
-        up = self.workers_ready()
-        shutting_down = self._draining or self._closing
-        problems = [f"worker {w} is not responding" for w in sorted(self._hung)] if not shutting_down else []
-        if shutting_down or not up:
-            problems.append("shutting down" if shutting_down else
-                            "no worker is up; restarting" if self._restarting else "no worker is up")
-        detail = "; ".join(problems)
-        return Health(up > 0 and not shutting_down, up, len(self.config.devices), detail,
-                      [h.process.pid for h in self._handles if h.alive()], os.getpid())
 
     def read(self, ref: OutputRef) -> np.ndarray:
         """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""

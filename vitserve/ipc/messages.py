@@ -16,7 +16,7 @@ import msgspec
 
 # 2: release carries a list of ids. 3: inline results are released too (acknowledging their bytes);
 # element counts are bounded. 4: slabs are sealed memory files, their descriptors passed over the
-# slab channel (not files opened by name).
+# slab channel (not files opened by name); hello names no process (results belong to the connection).
 PROTOCOL_VERSION = 4
 # Element counts are checked while decoding, before anything is built: a header of millions of
 # items or ids is refused at the cost of reading its length.
@@ -73,8 +73,6 @@ class OutputRef(msgspec.Struct, frozen=True):
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
     version: int
     client: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)] = ""
-    pid: int = 0  # a local client's process and its start time (clock ticks since boot), so the
-    pid_start: int = 0  # engine can take back its slots when it exits; 0: not given
 
 
 class Encode(msgspec.Struct, frozen=True, tag="encode"):

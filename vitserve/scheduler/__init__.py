@@ -2,8 +2,8 @@
 against the runner's capacities, deadline-aware flushing and dispatch to workers."""
 
 from .config import POLICIES, SchedulerConfig
-from .queue import QueuedItem, Request, RequestQueue
-from .scheduler import Scheduler, deadline_at
+from .queue import QueuedItem, Request, RequestQueue, deadline_at
+from .scheduler import Scheduler
 from .state import Dispatch, Failure, Predictor, WorkerState
 
 __all__ = [

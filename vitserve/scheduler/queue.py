@@ -16,6 +16,11 @@ from typing import Iterator, Sequence
 MAX_OWNERS = 4096  # owners remembered before those with nothing queued ahead are forgotten
 
 
+def deadline_at(arrival: float, deadline_ms: float | None) -> float:
+    """Absolute deadline on the scheduler's clock for a relative one (None: no deadline)."""
+    return math.inf if deadline_ms is None else arrival + deadline_ms / 1e3
+
+
 @dataclass(eq=False)
 class Request:
     """The scheduler's view of a request. `deadline` is absolute on the scheduler's clock (inf: none)."""

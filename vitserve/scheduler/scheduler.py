@@ -304,7 +304,3 @@ class Scheduler:
                        f"the deadline cannot be met: {max(left_ms, 0.0):.1f} ms left, and encoding the request's "
                        f"items takes longer than that even alone on the fastest worker")
 
-
-def deadline_at(arrival: float, deadline_ms: float | None) -> float:
-    """Absolute deadline on the scheduler's clock for a relative one (None: no deadline)."""
-    return math.inf if deadline_ms is None else arrival + deadline_ms / 1e3

@@ -1,0 +1,44 @@
+"""What the engine says of itself: its counters (`stats`) and whether it serves (`health`).
+
+A mixin of `Engine` (engine.py), which owns the state read here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vitserve.ipc.messages import Health
+
+
+class EngineReports:
+    def stats(self) -> dict[str, float]:
+        """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
+        return {
+            "queued_items": float(len(self.scheduler.queue)) if self.scheduler else 0.0,
+            "requests_open": float(len(self._pending)),
+            "windows_in_flight": float(len(self._windows)),
+            "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._all_pools())),
+            "windows_sent": float(self._windows_sent),
+            "items_sent": float(self._items_sent),
+            "worker_ms": self._worker_ms,
+            "leases_expired": float(self._leases_expired),
+            "workers_ready": float(self.workers_ready()),
+            "worker_restarts": float(self._worker_restarts),
+            "windows_retried": float(self._windows_retried),
+            "worker_hangs": float(self._worker_hangs),
+            "internal_errors": float(self._internal_errors),
+            "queued_bytes": float(self._queued_bytes),
+        }
+
+    def health(self) -> Health:
+        """Ready while admitting requests with a worker up; not while shutting down or restarting.
+        The detail names workers that stopped responding (hung) until they are back."""
+        up = self.workers_ready()
+        shutting_down = self._draining or self._closing
+        problems = [f"worker {w} is not responding" for w in sorted(self._hung)] if not shutting_down else []
+        if shutting_down or not up:
+            problems.append("shutting down" if shutting_down else
+                            "no worker is up; restarting" if self._restarting else "no worker is up")
+        detail = "; ".join(problems)
+        return Health(up > 0 and not shutting_down, up, len(self.config.devices), detail,
+                      [h.process.pid for h in self._handles if h.alive()], os.getpid())
