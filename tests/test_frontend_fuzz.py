@@ -101,7 +101,7 @@ def plausible_encodes(draw) -> list:
 
 
 _controls = st.one_of(
-    st.builds(Hello, st.just(PROTOCOL_VERSION) | st.integers(-3, 2**40), st.text(max_size=8), st.integers(-1, 2**40), st.integers(-1, 2**40)),
+    st.builds(Hello, st.just(PROTOCOL_VERSION) | st.integers(-3, 2**40), st.text(max_size=8)),
     st.builds(Cancel, _ids),
     st.builds(Release, st.lists(_ids, max_size=4)),
     st.just(StatsQuery()),
