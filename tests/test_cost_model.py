@@ -94,3 +94,20 @@ def test_calibration_with_an_off_grid_budget_predicts_every_window():
 def test_duplicate_eager_points_do_not_divide_by_zero():
     cost = CostModel(eager_base_points=[(256, 1.0), (256, 1.5), (512, 2.0)])
     assert cost.eager_ms(200, 0) >= 0.0
+
+
+def test_without_graphs_each_budget_is_timed_once_for_all_its_tiers(model, monkeypatch):
+    """On the CPU (no graphs) a slot tier changes no kernel, and a forward takes the same time every
+    run: calibration times one forward per budget (plus the attention pair and the eager points)
+    instead of every (budget, tier) after a warm-up, which made a CPU start take minutes."""
+    runner = ModelRunner(model, WindowConfig(min_budget=64, max_budget=256))
+    forwards = []
+    real_forward = runner.window.forward
+    monkeypatch.setattr(runner.window, "forward", lambda *args: forwards.append(args[:2]) or real_forward(*args))
+    cost = runner.calibrate()
+    budgets, tiers = runner.capacities.budgets, runner.capacities.slot_tiers
+    assert len(tiers) > 1
+    assert len(forwards) == 1 + 2 + len(budgets)  # the set-up forward, the attention pair, one per budget
+    assert set(cost.padded_base_ms) == set(runner.padded_shapes())
+    for budget in budgets:
+        assert len({cost.padded_base_ms[budget, tier] for tier in tiers}) == 1

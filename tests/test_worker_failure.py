@@ -194,3 +194,20 @@ def test_slab_files_of_an_engine_are_gone_after_close():
 
     pid = asyncio.run(run())
     assert slab_files(pid) == []
+
+
+def test_a_restarted_worker_reuses_its_measured_cost_model(model):
+    """Measuring the cost model took most of a CPU worker's start; a restart on the same device with
+    the same config keeps the model it measured (bit-equal) and serves the same embeddings."""
+    async def run() -> None:
+        async with Engine(config()) as engine:
+            measured = engine._handles[0].ready.cost
+            with await engine.encode([image(64, 0)]) as before:
+                expected = before.items[0].embeddings.clone()
+            os.kill(engine.health().worker_pids[0], signal.SIGKILL)
+            await until(lambda: engine.stats()["worker_restarts"] == 1, what="the restart")
+            assert engine._handles[0].ready.cost == measured
+            with await engine.encode([image(64, 0)]) as after:
+                torch.testing.assert_close(after.items[0].embeddings, expected, rtol=0, atol=0)
+
+    asyncio.run(run())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vitserve.ipc.messages import WorkerReady
+from vitserve.ipc.messages import WorkerCost, WorkerReady
 from vitserve.ipc.slabs import SlabPool, slab_plan
 from vitserve.workers.process import WorkerSpec
 
@@ -33,13 +33,14 @@ RESTART_BACKOFF_S = 1.0  # wait before another start attempt, times the attempts
 
 
 class WorkerRestarts:
-    def _spawn(self, worker: int, epoch: int) -> WorkerHandle:
-        """A handle for worker `worker` in `epoch` (not started yet)."""
+    def _spawn(self, worker: int, epoch: int, cost: WorkerCost | None = None) -> WorkerHandle:
+        """A handle for worker `worker` in `epoch` (not started yet); `cost`: its cost model, when
+        measured before (a restart reuses it)."""
         config, device = self.config, self.config.devices[worker]
         spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}-e{epoch}",
                           model=config.model, device=device, dtype=config.dtype, window=config.window,
                           preprocess=config.preprocess, threads=config.worker_threads(device),
-                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s)
+                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s, cost=cost)
         return WorkerHandle(spec, self._context)
 
     async def _new_pool(self, handle: WorkerHandle, epoch: int) -> SlabPool:
@@ -130,10 +131,11 @@ class WorkerRestarts:
         """Start attempts, with a growing pause between them; True once the worker is back."""
         worker = old.worker
         epoch = self._epochs[worker]
+        cost = old.ready.cost if old.ready is not None else None  # same device, same config: still right
         await old.close()
         for attempt in range(1, self.config.worker_restarts + 1):
             epoch += 1  # every attempt gets its own socket and, if it starts, slabs of its own
-            handle = self._handles[worker] = self._spawn(worker, epoch)
+            handle = self._handles[worker] = self._spawn(worker, epoch, cost)
             try:
                 ready = await handle.start(self.config.startup_timeout_s)
                 self._check_restarted(ready)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 
 from vitserve.ipc.auth import ServerKeys
@@ -41,6 +42,9 @@ async def _serve(config: EngineConfig, frontend: Frontend) -> int:
     for name in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(name, stop.set)
     began = time.perf_counter()
+    # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
+    print(f"vitserve: starting on {frontend.endpoint}: loading {config.model} on {', '.join(config.devices)}, "
+          f"then capturing graphs and measuring the cost model", file=sys.stderr, flush=True)
     async with Engine(config) as engine:
         ready = engine.ready
         print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "

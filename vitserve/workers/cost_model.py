@@ -19,6 +19,9 @@ from typing import Callable
 import torch
 
 TIMED_RUNS = 5
+# On the CPU a forward takes the same time every run (no autotuning, no clocks ramping up, no
+# launch jitter that a median must hide): one run, without a warm-up, measures it.
+CPU_TIMED_RUNS = 1
 Shape = tuple[int, int]  # (budget, segment slots)
 
 
@@ -27,6 +30,15 @@ class CostModel:
     attention_ms_per_token2: float = 0.0  # attention time per (segment length)², summed over segments
     padded_base_ms: dict[Shape, float] = field(default_factory=dict)  # padded window time without attention
     eager_base_points: list[tuple[int, float]] = field(default_factory=list)  # (tokens, ms without attention)
+
+    @classmethod
+    def from_lists(cls, attention_ms_per_token2: float, padded: list, eager: list) -> CostModel:
+        """From plain lists as messages carry them: padded [(budget, slots, ms)], eager [(tokens, ms)]."""
+        return cls(attention_ms_per_token2, {(b, s): ms for b, s, ms in padded}, [tuple(point) for point in eager])
+
+    def to_lists(self) -> tuple[float, list[tuple[int, int, float]], list[tuple[int, float]]]:
+        return (self.attention_ms_per_token2, [(b, s, ms) for (b, s), ms in self.padded_base_ms.items()],
+                list(self.eager_base_points))
 
     def padded_ms(self, shape: Shape, square_tokens: int) -> float:
         """Time of a padded window; `square_tokens` sums squared segment lengths, padding's included."""
@@ -71,11 +83,13 @@ def window_ms(cost: CostModel, capacities, tokens: int, sequences: int, square_t
     return padded if math.isnan(eager) else min(padded, eager)
 
 
-def time_ms(run: Callable[[], None], device: torch.device, runs: int = TIMED_RUNS) -> float:
-    """Median wall time of `run` after one warm-up, synchronised on CUDA."""
-    run()
+def time_ms(run: Callable[[], None], device: torch.device, runs: int | None = None) -> float:
+    """Median wall time of `run`, synchronised on CUDA: after one warm-up over TIMED_RUNS runs on
+    CUDA, CPU_TIMED_RUNS without a warm-up elsewhere (unless `runs` is given)."""
+    if device.type == "cuda" or runs is not None:
+        run()
     samples = []
-    for _ in range(runs):
+    for _ in range(runs or (TIMED_RUNS if device.type == "cuda" else CPU_TIMED_RUNS)):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -34,6 +34,7 @@ from vitserve.ipc.sealed import SealError, create_sealed
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
+from .cost_model import CostModel
 from .runner import EncodeResult, ModelRunner
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class WorkerSpec:
     threads: int | None = None  # torch CPU threads (CPU workers share the host)
     log_level: int = logging.WARNING
     heartbeat_s: float = 1.0  # how often the worker's beat thread beats
+    # The cost model this worker measured before a restart (same device, same config): reused, so a
+    # restarted worker is back without measuring it again. None: measure it.
+    cost: WorkerCost | None = None
     # Where the beats go: the engine's shared double (a multiprocessing RawValue, picklable only
     # while the process is spawned); None: no heartbeat (a worker run by hand, as tools/ do).
     beat_at: Any = field(default=None, compare=False, repr=False)
@@ -187,7 +191,9 @@ class Worker:
         began = time.perf_counter()
         model = load_model(spec.model, device=self.device, dtype=TORCH_DTYPES.get(spec.dtype) if spec.dtype else None)
         self.runner = ModelRunner(model, spec.window)
-        self.runner.capture(progress=False)
+        known = None if spec.cost is None else CostModel.from_lists(
+            spec.cost.attention_ms_per_token2, spec.cost.padded_base_ms, spec.cost.eager_base_points)
+        self.runner.capture(progress=False, cost=known)
         capture_s = time.perf_counter() - began
         self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
         self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
@@ -199,9 +205,7 @@ class Worker:
             max_sequences=caps.max_sequences, merge_factor=caps.merge_factor,
             out_hidden=geometry.out_hidden_size, num_deepstack=geometry.num_deepstack,
             dtype=str(self.runner.dtype).removeprefix("torch."),
-            cost=WorkerCost(cost.attention_ms_per_token2,
-                            [(b, s, ms) for (b, s), ms in cost.padded_base_ms.items()],
-                            list(cost.eager_base_points)),
+            cost=WorkerCost(*cost.to_lists()),
             capture_s=capture_s,
         )
 

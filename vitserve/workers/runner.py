@@ -75,14 +75,18 @@ class ModelRunner:
         self.capture_report: CaptureReport | None = None
 
     # -- start-up ---------------------------------------------------------------------------
-    def capture(self, progress: bool = True) -> CaptureReport | None:
-        """Capture the budget graphs (CUDA with graphs on) and measure the cost model."""
+    def capture(self, progress: bool = True, cost: CostModel | None = None) -> CaptureReport | None:
+        """Capture the budget graphs (CUDA with graphs on) and measure the cost model, unless `cost`
+        (measured before on this device with this config, e.g. by the worker before a restart) is given."""
         if self.graphs is not None:
             self.capture_report = self.graphs.capture(self.padded_shapes(), progress=progress)
             log.info("captured %d graphs in %.1f s: %.0f MiB for graphs, %.0f MiB for buffers",
                      len(self.capture_report.keys), self.capture_report.seconds,
                      self.capture_report.graph_bytes / 2**20, self.capture_report.buffer_bytes / 2**20)
-        self.calibrate()
+        if cost is not None:
+            self.cost = cost
+        else:
+            self.calibrate()
         return self.capture_report
 
     def padded_shapes(self) -> list[tuple[int, int]]:
@@ -97,16 +101,25 @@ class ModelRunner:
         largest = self.capacities.max_budget
         many = max(1, min(largest // short, self.capacities.max_sequences))
         top_slots = self.capacities.slot_tiers[-1]
+        if self.device.type != "cuda":  # timed without warm-ups there: the first forward's set-up is no window's
+            self._time_padded(largest, top_slots, many)
         one_long, _ = self._time_padded(largest, top_slots, 1)
         many_short, length = self._time_padded(largest, top_slots, many)
         squares = largest**2 - many * length**2
         self.cost.attention_ms_per_token2 = max(one_long - many_short, 0.0) / squares if squares > 0 else 0.0
-        for budget, slots in self.padded_shapes():
+        shapes = self.padded_shapes()
+        if self.graphs is None:
+            # Without graphs every slot tier of a budget runs the same kernels (the tier only sizes
+            # the sequence metadata): time each budget once, at its widest tier, for all its tiers.
+            shapes = [(budget, top_slots) for budget in self.capacities.budgets]
+        for budget, slots in shapes:
             segments = max(1, min(slots - 1, budget // short))
             elapsed, length = self._time_padded(budget, slots, segments)
             padding = budget - segments * length
             square = segments * length**2 + padding**2
-            self.cost.padded_base_ms[budget, slots] = max(elapsed - self.cost.attention_ms_per_token2 * square, 0.0)
+            base_ms = max(elapsed - self.cost.attention_ms_per_token2 * square, 0.0)
+            tiers = self.capacities.slot_tiers if self.graphs is None else (slots,)
+            self.cost.padded_base_ms.update({(budget, tier): base_ms for tier in tiers})
         points = []
         largest_eager = 2 * self.capacities.max_budget
         wanted = {min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget}
