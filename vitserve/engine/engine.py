@@ -89,6 +89,7 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader(self._open_slab)
+        self.started = False  # start() has finished: workers ready, pools made, loops running
         self._draining = False  # no new requests; those admitted finish
         self._closing = False
         self._context: zmq.Context | None = None
@@ -127,6 +128,7 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
             self._tasks.append(loop.create_task(self._lease_loop(config.lease_timeout_s), name="vitserve-leases"))
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
+        self.started = True
 
     def _loop_ended(self, task: asyncio.Task) -> None:
         """A loop task that fails says why, and every request ends (none may hang)."""

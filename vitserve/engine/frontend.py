@@ -103,6 +103,7 @@ class Frontend(ClientRequests):
         self.counters = {"requests": 0, "results": 0, "errors": 0, "replies_dropped": 0}
         self._watcher: asyncio.Task | None = None
         self._queued_items = 0  # items of every client's unfinished requests
+        self._hellos_waiting: set[Connection] = set()  # said hello while the engine started: welcomed once ready
 
     def watch(self) -> None:
         """Keep the connections in bounds from now on (floods, silent peers), also while the engine starts."""
@@ -204,7 +205,14 @@ class Frontend(ClientRequests):
             case HealthQuery():
                 self._send(connection, self.engine.health())
 
-    def _hello(self, connection: Connection, version: int, header: zmq.Frame) -> None:
+    def engine_started(self) -> None:
+        """Welcome the connections that said hello while the engine was starting (and are still open)."""
+        waiting, self._hellos_waiting = self._hellos_waiting, set()
+        for connection in waiting:
+            if not connection.closed and not connection.helloed:
+                self._hello(connection, PROTOCOL_VERSION, None)
+
+    def _hello(self, connection: Connection, version: int, header: zmq.Frame | None) -> None:
         if version != PROTOCOL_VERSION:
             self._send(connection, Error(None, "protocol", f"protocol version {version} is not supported; "
                                                            f"this engine speaks version {PROTOCOL_VERSION}"))
@@ -215,12 +223,12 @@ class Frontend(ClientRequests):
                                                              f"(max_connections): try again later", 1000.0))
             asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, self.connections.shut, connection)
             return
+        if header is not None and self._key_priorities:  # the client's key, as the CURVE handshake authenticated it
+            connection.priorities = self._key_priorities.get(_user_id(header))
+        if not self.engine.started:  # the welcome names the model's outputs: it waits for the start
+            self._hellos_waiting.add(connection)
+            return
         connection.helloed = True
-        if self._key_priorities:
-            try:  # the client's public key, as the CURVE handshake authenticated it
-                connection.priorities = self._key_priorities.get(header.get("User-Id"))
-            except zmq.ZMQError:
-                pass
         ready = self.engine.ready
         self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
                                        ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))
@@ -262,3 +270,11 @@ class Frontend(ClientRequests):
                 log.warning("%d replies could not be delivered so far (clients gone, or not reading theirs)",
                             dropped)
         return sent
+
+
+def _user_id(header: zmq.Frame) -> str | None:
+    """The User-Id that authentication gave the message's connection (a CURVE client's public key)."""
+    try:
+        return header.get("User-Id")
+    except zmq.ZMQError:  # not authenticated
+        return None

@@ -35,6 +35,9 @@ class EngineReports:
         The detail names workers that stopped responding (hung) until they are back."""
         up = self.workers_ready()
         shutting_down = self._draining or self._closing
+        if not self.started and not shutting_down:
+            return Health(False, 0, len(self.config.devices), "starting: loading the model, capturing graphs and "
+                          "measuring the cost model", [h.process.pid for h in self._handles if h.alive()], os.getpid())
         problems = [f"worker {w} is not responding" for w in sorted(self._hung)] if not shutting_down else []
         if shutting_down or not up:
             problems.append("shutting down" if shutting_down else

@@ -1,7 +1,9 @@
 """`vitserve serve`: an Engine behind the ZeroMQ frontend until SIGINT or SIGTERM.
 
 The endpoint is bound first, so one that another engine holds (or a busy port) fails in
-milliseconds with EndpointError instead of after minutes of model load and graph capture.
+milliseconds with EndpointError instead of after minutes of model load and graph capture; while
+the engine starts, health answers "starting" and hellos wait for their welcome until it is ready
+(a signal then stops the start).
 On the signal the engine drains: new requests get `shutting_down`, those admitted finish (up to
 drain_timeout_s) and their replies go out while the frontend still runs; then everything stops,
 the slabs are removed, and so is the socket file (also when the engine failed to start)."""
@@ -42,31 +44,54 @@ async def _serve(config: EngineConfig, frontend: Frontend) -> int:
     for name in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(name, stop.set)
     began = time.perf_counter()
+    engine = Engine(config)
+    # The endpoint answers while the engine starts: health says "starting", and hellos are answered
+    # once it is ready (a client started alongside the server just waits for its welcome).
+    task = loop.create_task(frontend.serve(engine))
+    signalled = loop.create_task(stop.wait())
     # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
     print(f"vitserve: starting on {frontend.endpoint}: loading {config.model} on {', '.join(config.devices)}, "
           f"then capturing graphs and measuring the cost model", file=sys.stderr, flush=True)
-    async with Engine(config) as engine:
-        ready = engine.ready
-        print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "
-              f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, capture {ready.capture_s:.1f} s, "
-              f"started in {time.perf_counter() - began:.1f} s", flush=True)
-        task = loop.create_task(frontend.serve(engine))
-        signalled = loop.create_task(stop.wait())
-        failed = loop.create_task(engine.stopped.wait())
-        await asyncio.wait({task, signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
-        if not signalled.done():  # not asked to stop: serving cannot go on
-            problem = engine.failure if failed.done() else (task.exception() if not task.cancelled() else None)
-            log.critical("vitserve: the engine stopped serving (%r): exiting with code 1", problem)
-            for waiter in (task, signalled, failed):
-                waiter.cancel()
-            await asyncio.gather(task, signalled, failed, return_exceptions=True)
-            return 1
-        failed.cancel()
-        print("vitserve: draining", flush=True)
-        await engine.drain()
-        await asyncio.sleep(0)  # the replies of requests failed at the drain's end are sent from callbacks
-        task.cancel()
-        await asyncio.gather(task, failed, return_exceptions=True)
+    starting = loop.create_task(engine.start())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal during the start: stop starting (start() cleans up after itself)
+        starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    if starting.cancelled() or starting.exception() is not None:
+        for waiter in (task, signalled):
+            waiter.cancel()
+        await asyncio.gather(task, signalled, return_exceptions=True)
+        if starting.cancelled():
+            return 0
+        raise starting.exception()  # a failed start raises, as it always has
+    try:
+        return await _serve_started(engine, frontend, task, signalled, began)
+    finally:
+        await engine.close()
+
+
+async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task, signalled: asyncio.Task,
+                         began: float) -> int:
+    config, ready = engine.config, engine.ready
+    frontend.engine_started()
+    print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "
+          f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, capture {ready.capture_s:.1f} s, "
+          f"started in {time.perf_counter() - began:.1f} s", flush=True)
+    failed = asyncio.get_running_loop().create_task(engine.stopped.wait())
+    await asyncio.wait({task, signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if not signalled.done():  # not asked to stop: serving cannot go on
+        problem = engine.failure if failed.done() else (task.exception() if not task.cancelled() else None)
+        log.critical("vitserve: the engine stopped serving (%r): exiting with code 1", problem)
+        for waiter in (task, signalled, failed):
+            waiter.cancel()
+        await asyncio.gather(task, signalled, failed, return_exceptions=True)
+        return 1
+    failed.cancel()
+    print("vitserve: draining", flush=True)
+    await engine.drain()
+    await asyncio.sleep(0)  # the replies of requests failed at the drain's end are sent from callbacks
+    task.cancel()
+    await asyncio.gather(task, failed, return_exceptions=True)
     return 0
 
 

@@ -1,0 +1,77 @@
+"""`vitserve serve` while its engine starts: it says so at once, its endpoint answers health with
+"starting", a client that connects meanwhile is welcomed once the engine is ready, and a signal
+stops the start cleanly. (Before, nothing answered and nothing was printed until the model was
+loaded, its graphs captured and its cost model measured: minutes on a CPU, and "starting" looked
+like "dead".)"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from served import RawPeer
+from slab_helpers import socket_files_left
+
+from vitserve import Client
+from vitserve.ipc.messages import Health, HealthQuery
+
+FLAGS = ("--min-budget", "64", "--max-budget", "512")
+
+
+def start(endpoint: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *FLAGS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()  # said at once, before the model is even loaded
+    assert line.startswith("vitserve: starting on") and endpoint in line, line
+    return process
+
+
+def test_health_says_starting_and_a_client_connecting_meanwhile_is_welcomed_once_ready(tmp_path):
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+    process = start(endpoint)
+    try:
+        peer = RawPeer(endpoint, hello=False)  # health needs no hello
+        try:
+            peer.socket.send_multipart(peer.codec.encode(HealthQuery()))
+            health = peer.receive()[0]
+        finally:
+            peer.close()
+        assert isinstance(health, Health) and not health.ready and health.detail.startswith("starting"), health
+        assert health.workers == 1 and health.workers_ready == 0
+
+        outcome = {}
+
+        def connect_early() -> None:  # a client started alongside the server
+            with Client(endpoint) as client:
+                outcome["welcomed_at"] = time.monotonic()
+                with client.encode([np.full((64, 64, 3), 9, np.uint8)]) as result:
+                    outcome["rows"] = result.items[0].embeddings.shape[0]
+
+        early = threading.Thread(target=connect_early)
+        early.start()
+        ready_line = process.stdout.readline()
+        ready_at = time.monotonic()
+        assert "vitserve ready on" in ready_line, ready_line
+        early.join(60)
+        assert outcome.get("rows") == 64, outcome  # a 64² image is resized to the minimum: 256 patches
+        assert outcome["welcomed_at"] >= ready_at - 0.5  # welcomed when the engine was ready, not before
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, process.stderr.read()
+    assert socket_files_left(endpoint) == []
+
+
+def test_a_signal_during_the_start_stops_it_cleanly(tmp_path):
+    endpoint = f"ipc://{tmp_path}/engine.sock"
+    process = start(endpoint)
+    began = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, process.stderr.read()
+    assert time.monotonic() - began < 30
+    assert "ready" not in process.stdout.read()
+    assert socket_files_left(endpoint) == []
