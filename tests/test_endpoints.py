@@ -219,15 +219,19 @@ def test_the_endpoint_is_bound_before_the_engine_starts_and_removed_when_it_fail
     seen = []
 
     class EngineThatFails:
+        """What the frontend may ask of an engine while it starts, and a start that fails."""
+
+        started = False
+
         def __init__(self, config):
             pass
 
-        async def __aenter__(self):
+        async def start(self):
             seen.append(stat.S_ISSOCK(os.lstat(path).st_mode) if path.exists() else False)
             raise RuntimeError("the worker did not start")
 
-        async def __aexit__(self, *exc_info):
-            pass
+        def slab_descriptor(self, slab):
+            return None
 
     monkeypatch.setattr(serve_module, "Engine", EngineThatFails)
     with pytest.raises(RuntimeError, match="did not start"):
