@@ -9,8 +9,12 @@ def __getattr__(name: str):
         from vitserve import engine
 
         return getattr(engine, name)
-    if name in ("Client", "AsyncClient"):
-        from vitserve import client
+    if name == "AsyncClient":
+        from vitserve.client import AsyncClient
 
-        return getattr(client, name)
+        return AsyncClient
+    if name == "Client":
+        from vitserve.sync_client import Client
+
+        return Client
     raise AttributeError(f"module 'vitserve' has no attribute {name!r}")

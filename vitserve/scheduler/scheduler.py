@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from vitserve.workers import Capacities
@@ -34,21 +33,9 @@ from vitserve.workers import Capacities
 from .config import SchedulerConfig
 from .learning import learn_from_completion
 from .queue import QueuedItem, Request, RequestQueue
-from .state import Dispatch, Failure, Predictor, WorkerState
+from .state import Candidate, Dispatch, Failure, Predictor, WorkerState
 
 MAX_REMEMBERED_SHAPES = 4096  # item shapes whose predicted time is kept
-
-@dataclass
-class _Candidate:
-    items: list[QueuedItem] = field(default_factory=list)
-    tokens: int = 0
-    sequences: int = 0
-    square_tokens: int = 0
-    full: bool = False
-
-    def earliest_deadline(self) -> float:
-        return min(item.request.deadline for item in self.items)
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, capacities: Capacities, workers: list[WorkerState]):
@@ -191,9 +178,9 @@ class Scheduler:
         busy_ms = min(max(w.busy_until - now, 0.0) for w in ready) * 1e3
         return busy_ms + per_window * self.queue.tokens / budget / len(ready)
 
-    def _form(self) -> _Candidate:
+    def _form(self) -> Candidate:
         """Items from the head of the queue that fit one window together."""
-        caps, window = self.capacities, _Candidate()
+        caps, window = self.capacities, Candidate()
         scanned_past: int | None = None  # items looked at after the first that did not fit
         for item in self.queue:
             if scanned_past is not None:
@@ -220,7 +207,7 @@ class Scheduler:
                                       or window.sequences == caps.max_sequences)
         return window
 
-    def _place(self, window: _Candidate, now: float) -> tuple[WorkerState, float, float] | None:
+    def _place(self, window: Candidate, now: float) -> tuple[WorkerState, float, float] | None:
         """The worker predicted to finish the window first, its predicted ms and start time."""
         best = None
         for worker in self.workers.values():
@@ -233,7 +220,7 @@ class Scheduler:
                 best = (worker, predicted, start)
         return best
 
-    def _leave_time(self, window: _Candidate, worker: WorkerState, predicted: float, start: float,
+    def _leave_time(self, window: Candidate, worker: WorkerState, predicted: float, start: float,
                     now: float) -> float:
         """When the window must leave under the policy (<= now: at once)."""
         config = self.config
@@ -250,7 +237,7 @@ class Scheduler:
         idle_bound = worker.busy_until - overhead - config.idle_lead_ms / 1e3
         return min(deadline_bound, idle_bound)
 
-    def _dispatch(self, window: _Candidate, worker: WorkerState, predicted: float, now: float) -> Dispatch:
+    def _dispatch(self, window: Candidate, worker: WorkerState, predicted: float, now: float) -> Dispatch:
         self._window_ids += 1
         dispatch = Dispatch(self._window_ids, worker.id, window.items, window.tokens, predicted,
                             predicted / worker.scale)
@@ -290,7 +277,7 @@ class Scheduler:
     def _fail_hopeless(self, now: float) -> list[Failure]:
         doomed: dict[int, Request] = {}
         for item in self.queue:
-            if item.request.key not in doomed and now >= item.request.deadline - item.alone_ms / 1e3:
+            if item.request.key not in doomed and self._hopeless([item], now):
                 doomed[item.request.key] = item.request
         failures = []
         for request in doomed.values():

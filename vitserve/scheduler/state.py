@@ -1,4 +1,4 @@
-"""What the scheduler knows of each worker, and what its decisions produce."""
+"""What the scheduler knows of each worker, the window it is forming, and what its decisions produce."""
 
 from __future__ import annotations
 
@@ -45,3 +45,17 @@ class Failure:
     code: str  # an ErrorCode of the wire protocol
     message: str
     retry_after_ms: float | None = None
+
+
+@dataclass
+class Candidate:
+    """A window being formed from the head of the queue, before it leaves."""
+
+    items: list[QueuedItem] = field(default_factory=list)
+    tokens: int = 0
+    sequences: int = 0
+    square_tokens: int = 0
+    full: bool = False
+
+    def earliest_deadline(self) -> float:
+        return min(item.request.deadline for item in self.items)
