@@ -34,14 +34,14 @@ class EngineReports:
         """Ready while admitting requests with a worker up; not while shutting down or restarting.
         The detail names workers that stopped responding (hung) until they are back."""
         up = self.workers_ready()
-        shutting_down = self._draining or self._closing
-        if not self.started and not shutting_down:
-            return Health(False, 0, len(self.config.devices), "starting: loading the model, capturing graphs and "
-                          "measuring the cost model", [h.process.pid for h in self._handles if h.alive()], os.getpid())
-        problems = [f"worker {w} is not responding" for w in sorted(self._hung)] if not shutting_down else []
-        if shutting_down or not up:
-            problems.append("shutting down" if shutting_down else
-                            "no worker is up; restarting" if self._restarting else "no worker is up")
-        detail = "; ".join(problems)
-        return Health(up > 0 and not shutting_down, up, len(self.config.devices), detail,
+        if self._draining or self._closing:
+            problems = ["shutting down"]
+        elif not self.started:
+            problems = ["starting: loading the model, capturing graphs and measuring the cost model"]
+        else:
+            problems = [f"worker {w} is not responding" for w in sorted(self._hung)]
+            if not up:
+                problems.append("no worker is up; restarting" if self._restarting else "no worker is up")
+        ready = up > 0 and self.started and not (self._draining or self._closing)
+        return Health(ready, up, len(self.config.devices), "; ".join(problems),
                       [h.process.pid for h in self._handles if h.alive()], os.getpid())

@@ -117,10 +117,14 @@ def slab_plan(owner: str, slot_bytes: int, slots: int, epoch: int = 0,
     if slots_per_slab is not None:
         check_int("slots_per_slab", slots_per_slab, 1, "or pass None to put all slots in one slab")
     check_int("epoch", epoch, 0, "increase it on every worker restart")
-    aligned = -(-slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
-    per_slab = min(slots_per_slab or slots, slots)
+    aligned, per_slab = _slot_layout(slot_bytes, slots, slots_per_slab)
     return [(f"{PREFIX}-{os.getpid()}-{owner}-e{epoch}-{i}", min(per_slab, slots - first) * aligned)
             for i, first in enumerate(range(0, slots, per_slab))]
+
+
+def _slot_layout(slot_bytes: int, slots: int, slots_per_slab: int | None) -> tuple[int, int]:
+    """(bytes of a slot rounded up to whole pages, slots per slab)."""
+    return -(-slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT, min(slots_per_slab or slots, slots)
 
 
 def _close_slabs(descriptors: list[int], maps: list[mmap.mmap]) -> None:
@@ -143,8 +147,7 @@ class SlabPool:
                  slots_per_slab: int | None = None, descriptors: Sequence[int] | None = None):
         plan = slab_plan(owner, slot_bytes, slots, epoch, slots_per_slab)
         self.owner, self.epoch, self.total_slots = owner, epoch, slots
-        self.slot_bytes = -(-slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
-        self.slots_per_slab = min(slots_per_slab or slots, slots)
+        self.slot_bytes, self.slots_per_slab = _slot_layout(slot_bytes, slots, slots_per_slab)
         self.names = [name for name, _ in plan]
         self._refcounts = [0] * slots  # per leased run, at its first slot
         self._runs: dict[int, int] = {}  # first slot of each leased run -> its length
