@@ -48,6 +48,7 @@ class RawPeer:
             self.socket.send_multipart(self.codec.encode(Hello(PROTOCOL_VERSION)))
             welcome = self.receive()[0]
             assert isinstance(welcome, Welcome), welcome
+            self.welcome = welcome
 
     def ask(self, frames: list) -> list:
         """Send `frames`, then a stats query as a barrier: the replies that came before its answer."""

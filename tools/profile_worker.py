@@ -14,16 +14,17 @@ in the engine. Each is shown as a ratio to the prediction.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import deque
 
-import numpy as np
 import torch
 
 from vitserve.bench.workloads import make_requests
 from vitserve.engine.admission import admit
 from vitserve.engine.outputs_layout import predictor
-from vitserve.ipc.messages import ArrayRef, MakeSlabs, RunWindow, WindowItem
+from vitserve.ipc.input_slabs import InputSlab, aligned, input_slab_name
+from vitserve.ipc.messages import MakeSlabs, MapInputs, RunWindow, WindowItem
 from vitserve.ipc.slabs import slab_plan
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import WindowConfig
@@ -55,7 +56,7 @@ def main() -> None:
     extra = tuple(int(b) for b in args.extra_budgets.split(",")) if args.extra_budgets else ()
     spec = WorkerSpec(0, "ipc:///unused", args.model, args.device, None, WindowConfig(extra_budgets=extra),
                       PreprocessConfig())
-    worker = Worker(spec)
+    worker = Worker(spec, os.getpid())  # this process holds the input slab, as the engine does
     caps = worker.runner.capacities
     predict = predictor(worker.ready, caps)
     items = [admit(array, spec.preprocess, 2 * caps.max_budget) for request in
@@ -68,11 +69,20 @@ def main() -> None:
     if made.problem:
         raise SystemExit(f"the worker could not make its output slab: {made.problem}")
 
-    def message(index: int, window) -> tuple[RunWindow, list]:
-        frames = [np.ascontiguousarray(item.array) for item in window]
-        refs = [WindowItem(ArrayRef(i, "uint8", f.shape), item.kind, item.grid)
-                for i, (f, item) in enumerate(zip(frames, window))]
-        return RunWindow(index, refs, slab, index % runs * size // runs, size // runs), [memoryview(f) for f in frames]
+    # Every window's items in one input slab, adjacent, as a client's request lays them out.
+    inputs = InputSlab.create(input_slab_name(os.getpid(), "prof", 0),
+                              sum(aligned(item.array.nbytes) for window in windows for item in window))
+    worker.map_inputs(MapInputs(inputs.name, inputs.fd, inputs.size))
+    window_items, offset = [], 0
+    for window in windows:
+        window_items.append([])
+        for item in window:
+            inputs.array(offset, "uint8", item.array.shape, writable=True)[...] = item.array
+            window_items[-1].append(WindowItem(item.kind, item.grid, inputs.name, offset, "uint8", item.array.shape))
+            offset += aligned(item.array.nbytes)
+
+    def message(index: int, window) -> RunWindow:
+        return RunWindow(index, window_items[index], slab, index % runs * size // runs, size // runs)
 
     predicted = [predict(sum(i.tokens for i in w), sum(i.sequences for i in w),
                          sum(i.tokens ** 2 // i.sequences for i in w)) for w in windows]
@@ -90,17 +100,17 @@ def main() -> None:
         return (time.perf_counter() - began) * 1e3
 
     for index, window in enumerate(windows[:3]):  # warm-up
-        worker.start(*message(index, window)).reply()
+        worker.start(message(index, window)).reply()
     runner_ms = sum(timed(lambda p=p: worker.runner.encode(p.pixel_values, p.grid_thw.tolist(), wait=True))
                     for p in patches)
-    single_ms = sum(timed(lambda i=i, w=w: worker.start(*message(i, w)).reply()) for i, w in enumerate(windows))
+    single_ms = sum(timed(lambda i=i, w=w: worker.start(message(i, w)).reply()) for i, w in enumerate(windows))
 
     def pipelined() -> None:
         running = deque()
         for index, window in enumerate(windows):
             if len(running) == 2:
                 running.popleft().reply()
-            running.append(worker.start(*message(index, window)))
+            running.append(worker.start(message(index, window)))
         while running:
             running.popleft().reply()
 
@@ -113,6 +123,7 @@ def main() -> None:
                       ("worker, one at a time", single_ms), ("worker, pipelined", pipelined_ms)):
         print(f"  {label:<24} {ms / len(windows):8.2f} ms/window  {ms / model_ms:5.2f}x model")
     worker.close()
+    inputs.close()
 
 
 if __name__ == "__main__":

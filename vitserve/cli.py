@@ -91,7 +91,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
         return 2
-    if args.endpoint or args.compare_policies or args.overhead:
+    if args.endpoint or args.compare_policies or args.overhead or args.served:
         from vitserve.bench import load_cli
 
         args.workloads = ",".join(names)

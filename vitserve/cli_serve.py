@@ -45,6 +45,8 @@ def add_serve_parser(commands) -> None:
                        help="on SIGTERM, how long admitted requests may take to finish")
     serve.add_argument("--max-queued-bytes", type=int, default=4 << 30,
                        help="input bytes of all unfinished requests together; past it: overloaded")
+    serve.add_argument("--input-slab-bytes", type=int, help="shared memory that inputs received as frames are copied "
+                       "into for the workers (default: 1 GiB, within --max-request-bytes and --max-queued-bytes)")
     _add_client_limit_arguments(serve)
     _add_security_arguments(serve)
     serve.set_defaults(handler=run_serve)
@@ -69,7 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
                               lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
-                              max_queued_bytes=args.max_queued_bytes, clients=_client_limits(args))
+                              max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
+                              clients=_client_limits(args))
         socket_mode = parse_socket_mode(args.socket_mode)
         endpoint = args.endpoint or default_endpoint()
         keys = _server_keys(args)
@@ -100,6 +103,10 @@ def _add_client_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inline result bytes (tcp://) sent to a client and not yet released by it")
     parser.add_argument("--priorities", default=f"{defaults.priorities[0]},{defaults.priorities[1]}",
                         help="LOW,HIGH: the priorities clients may ask for (lower is served first)")
+    parser.add_argument("--input-arena-bytes", type=int, default=defaults.input_arena_bytes,
+                        help="each local client's shared memory for its inputs (0: none, inputs go as frames)")
+    parser.add_argument("--max-input-arenas", type=int, default=defaults.max_input_arenas,
+                        help="input arenas at once; further local clients send their inputs as frames")
 
 
 def _client_limits(args: argparse.Namespace):
@@ -111,7 +118,8 @@ def _client_limits(args: argparse.Namespace):
         raise ValueError(f"--priorities must be two integers LOW,HIGH such as -100,100, got {args.priorities!r}") from None
     return ClientLimits(max_connections=args.max_connections, max_requests=args.max_requests_per_client,
                         queue_share=args.client_queue_share, output_share=args.client_output_share,
-                        max_inline_bytes=args.max_inline_bytes, priorities=(low, high))
+                        max_inline_bytes=args.max_inline_bytes, priorities=(low, high),
+                        input_arena_bytes=args.input_arena_bytes, max_input_arenas=args.max_input_arenas)
 
 
 def _add_security_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ import torch
 import zmq
 
 from vitserve.checks import check_seconds
+from vitserve.client_arena import ClientArena
 from vitserve.client_link import HEARTBEAT_S, LINK_EVENTS, ClientLink
 from vitserve.engine.errors import EngineError
 from vitserve.ipc.auth import connect_with_curve
@@ -43,6 +44,7 @@ from vitserve.ipc.slabs import SlabError
 
 TIMEOUT_S = 300.0  # default wait for the reply to a request without a deadline
 REPLY_MARGIN_S = 5.0  # a request with a deadline is given up this long after it: the engine ends it by then
+ARENA_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))  # what inputs are; anything else goes as a frame (and is refused)
 
 
 def _no_slabs(slab: str) -> int:
@@ -95,6 +97,9 @@ class AsyncClient(ClientLink):
         # Slabs come as descriptors over the channel beside the endpoint; an inline client gets none.
         self._reader = SlabReader(functools.partial(ask_for_slab, channel_path(where)) if scheme == "ipc"
                                   else _no_slabs)
+        self._channel = channel_path(where) if scheme == "ipc" else ""
+        self._arena = ClientArena("", "")  # the connection's input arena, once welcomed (_welcomed)
+        self._arena_asked: asyncio.Future | None = None
         self._releases: list[int] = []  # gathered during one loop turn, sent as one message
         # stats and health queries in flight, by reply type; each type is answered in order
         self._queries: dict[type, list[asyncio.Future]] = {Stats: [], Health: []}
@@ -112,21 +117,24 @@ class AsyncClient(ClientLink):
     async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
         """Images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs."""
         request_id = next(self._ids)
-        wire_items, frames = [], []
+        arrays, grids = [], []  # each item's array, and the grid of processed patches (None for pixels)
         for item in items:
-            if isinstance(item, tuple) and len(item) == 2:
-                values, grid = item
-                array = np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values)
-                grid = tuple(int(x) for x in np.asarray(grid).reshape(-1))
-                wire_items.append(PatchItem(array_ref(array, len(frames)), grid))
-            else:
-                array = np.ascontiguousarray(item.numpy() if isinstance(item, torch.Tensor) else item)
-                kind = VideoItem if array.ndim == 4 else ImageItem
-                wire_items.append(kind(array_ref(array, len(frames))))
-            frames.append(array)
+            pair = isinstance(item, tuple) and len(item) == 2
+            values, grid = item if pair else (item, None)
+            arrays.append(np.asarray(values.numpy() if isinstance(values, torch.Tensor) else values))
+            grids.append(tuple(int(x) for x in np.asarray(grid).reshape(-1)) if pair else None)
         limit = self.timeout_s if deadline_ms is None else deadline_ms / 1e3 + REPLY_MARGIN_S
         began = self._loop.time()
         await self._until_ready(limit)
+        arena = self._arena
+        placed = arena.place(arrays) if all(a.dtype in ARENA_DTYPES for a in arrays) else None
+        if placed is not None:  # written into the arena: only the header crosses the socket
+            refs, frames = [array_ref(a, -1, offset=o) for a, o in zip(arrays, placed[1])], []
+        else:
+            frames = [np.ascontiguousarray(a) for a in arrays]
+            refs = [array_ref(a, i) for i, a in enumerate(frames)]
+        wire_items = [PatchItem(ref, grid) if grid is not None else VideoItem(ref) if len(ref.shape) == 4
+                      else ImageItem(ref) for ref, grid in zip(refs, grids)]
         future = self._loop.create_future()
         self._waiting[request_id] = future
         message = Encode(request_id, wire_items, deadline_ms, priority, self.inline)
@@ -134,6 +142,8 @@ class AsyncClient(ClientLink):
             await self._socket.send(self._codec.encode(message, frames))
         except BaseException:  # not sent: nothing to cancel at the engine
             self._waiting.pop(request_id, None)
+            if placed is not None:
+                arena.give(placed[0])
             raise
         try:
             left = None if limit is None else max(limit - (self._loop.time() - began), 0.0)
@@ -150,6 +160,8 @@ class AsyncClient(ClientLink):
             raise
         finally:
             self._waiting.pop(request_id, None)
+            if placed is not None:  # the request ended (or was given up on: only its own inputs could change)
+                arena.give(placed[0])
         match reply:
             case Error(code=code, message=text, retry_after_ms=retry):
                 raise EngineError(code, text, retry)
@@ -163,6 +175,14 @@ class AsyncClient(ClientLink):
                 except (SlabError, OSError, ValueError):  # e.g. the slab channel out of reach: rows go back at once
                     release()
                     raise
+
+    def _welcomed(self, welcome: Welcome) -> None:
+        """A connection is ready: requests may go, into its own input arena (the last one's is gone)."""
+        self.welcome = welcome
+        self._arena.close()
+        self._arena = ClientArena(self._channel, welcome.input_token if self._channel else "")
+        self._arena_asked = asyncio.ensure_future(self._arena.open())
+        self._ready.set()
 
     def _give_up(self, request_id: int) -> None:
         """Stop waiting for a request: the engine cancels it, and a result that comes anyway is released."""
@@ -228,8 +248,7 @@ class AsyncClient(ClientLink):
         except ProtocolError:
             return  # not ours to answer; the engine only sends valid messages
         if isinstance(message, Welcome):  # the answer to the hello of a new connection
-            self.welcome = message
-            self._ready.set()
+            self._welcomed(message)
             return
         queries = self._queries.get(type(message))
         if queries is not None:  # one reply per query, in order (its caller may have given up)
@@ -262,7 +281,7 @@ class AsyncClient(ClientLink):
             self._send_release(request_id)
 
     async def close(self) -> None:
-        tasks = [task for task in (self._receiver, self._watcher) if task is not None]
+        tasks = [task for task in (self._receiver, self._watcher, self._arena_asked) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -274,3 +293,4 @@ class AsyncClient(ClientLink):
         self._socket.close()
         self._context.term()
         self._reader.close()
+        self._arena.close()

@@ -38,12 +38,15 @@ class ClientLink:
         message, _ = self._codec.decode(reply)
         match message:
             case Welcome():
-                self.welcome = message
+                self._welcomed(message)
             case Error(message=text):
                 raise ConnectionError(f"the engine at {self.endpoint} refused the connection: {text}")
-        self._ready.set()
+            case _:
+                raise ConnectionError(f"the engine at {self.endpoint} answered the hello with "
+                                      f"{type(message).__name__}, not a welcome")
         self._receiver = asyncio.ensure_future(self._receive())
         self._watcher = asyncio.ensure_future(self._watch_link())
+        await asyncio.shield(self._arena_asked)  # the first requests already use the input arena
         return self.welcome
 
     async def _handshake(self, timeout_s: float) -> list:

@@ -20,7 +20,21 @@ import numpy as np
 
 from vitserve.engine import EngineError
 
-Encode = Callable[[Sequence[np.ndarray], float | None], Awaitable]  # (items, deadline_ms) -> result with release()
+Encode = Callable[[Sequence[np.ndarray], float | None, int], Awaitable]  # (items, deadline_ms, priority) -> result
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request of a load: its items, deadline and priority, and the class it is counted in."""
+
+    items: Sequence[np.ndarray]
+    deadline_ms: float | None = None
+    priority: int = 0
+    kind: str = ""  # empty: counted only in the total
+
+
+def jobs_of(requests: Sequence[Sequence[np.ndarray]], deadline_ms: float | None) -> list[Job]:
+    return [Job(items, deadline_ms) for items in requests]
 
 
 @dataclass
@@ -33,6 +47,7 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)  # of results
     images: int = 0
     seconds: float = 0.0
+    classes: dict[str, LoadResult] = field(default_factory=dict)  # the same, per class of job
 
     @property
     def misses(self) -> int:
@@ -50,40 +65,59 @@ class LoadResult:
             "miss_pct": 100.0 * self.misses / max(self.sent, 1), "goodput_rps": self.goodput,
             "images_per_s": self.images / self.seconds if self.seconds else 0.0,
             "p50_ms": quantiles[49], "p99_ms": quantiles[98],
-        }
+        } | ({"classes": {kind: part.row() for kind, part in sorted(self.classes.items())}} if self.classes else {})
+
+    def ended(self, seconds: float) -> LoadResult:
+        for part in (self, *self.classes.values()):
+            part.seconds = seconds
+        return self
+
+    def merge(self, other: LoadResult) -> None:
+        """Add `other`'s requests (not its seconds) to this one's, class by class."""
+        self.sent += other.sent
+        self.completed += other.completed
+        self.late += other.late
+        self.errors.update(other.errors)
+        self.latencies_ms.extend(other.latencies_ms)
+        self.images += other.images
+        for kind, part in other.classes.items():
+            self.classes.setdefault(kind, LoadResult(kind)).merge(part)
 
 
-async def _one(encode: Encode, items: Sequence[np.ndarray], deadline_ms: float | None, result: LoadResult) -> None:
+async def _one(encode: Encode, job: Job, result: LoadResult) -> None:
+    counted = [result] + ([result.classes.setdefault(job.kind, LoadResult(job.kind))] if job.kind else [])
     began = time.perf_counter()
-    result.sent += 1
+    for part in counted:
+        part.sent += 1
     try:
-        encoded = await encode(items, deadline_ms)
+        encoded = await encode(job.items, job.deadline_ms, job.priority)
     except EngineError as err:
-        result.errors[err.code] += 1
+        for part in counted:
+            part.errors[err.code] += 1
         return
     latency = (time.perf_counter() - began) * 1e3
     encoded.release()
-    result.completed += 1
-    result.images += len(items)
-    result.latencies_ms.append(latency)
-    if deadline_ms is not None and latency > deadline_ms:
-        result.late += 1
+    for part in counted:
+        part.completed += 1
+        part.images += len(job.items)
+        part.latencies_ms.append(latency)
+        if job.deadline_ms is not None and latency > job.deadline_ms:
+            part.late += 1
 
 
-async def closed_loop(encode: Encode, requests: Sequence[Sequence[np.ndarray]], total: int, concurrency: int,
-                      deadline_ms: float | None = None, label: str = "closed") -> LoadResult:
-    """`total` requests, `concurrency` outstanding at any time."""
+async def closed_loop(encode: Encode, jobs: Sequence[Job], total: int, concurrency: int,
+                      label: str = "closed") -> LoadResult:
+    """`total` jobs, `concurrency` outstanding at any time."""
     result = LoadResult(label)
     sent = iter(range(total))
 
     async def lane() -> None:
         for index in sent:
-            await _one(encode, requests[index % len(requests)], deadline_ms, result)
+            await _one(encode, jobs[index % len(jobs)], result)
 
     began = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
-    result.seconds = time.perf_counter() - began
-    return result
+    return result.ended(time.perf_counter() - began)
 
 
 def poisson_arrivals(rate_per_s: float, seconds: float, seed: int = 0) -> list[float]:
@@ -95,9 +129,8 @@ def poisson_arrivals(rate_per_s: float, seconds: float, seed: int = 0) -> list[f
         arrivals.append(now)
 
 
-async def open_loop(encode: Encode, requests: Sequence[Sequence[np.ndarray]], arrivals: Sequence[float],
-                    deadline_ms: float | None, label: str = "open") -> LoadResult:
-    """One request at each arrival time (seconds from the start), whatever the engine's pace."""
+async def open_loop(encode: Encode, jobs: Sequence[Job], arrivals: Sequence[float], label: str = "open") -> LoadResult:
+    """One job at each arrival time (seconds from the start), whatever the engine's pace."""
     result = LoadResult(label)
     tasks = []
     began = time.perf_counter()
@@ -105,7 +138,6 @@ async def open_loop(encode: Encode, requests: Sequence[Sequence[np.ndarray]], ar
         delay = began + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(_one(encode, requests[index % len(requests)], deadline_ms, result)))
+        tasks.append(asyncio.ensure_future(_one(encode, jobs[index % len(jobs)], result)))
     await asyncio.gather(*tasks)
-    result.seconds = time.perf_counter() - began
-    return result
+    return result.ended(time.perf_counter() - began)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 
 from .load import closed_loop, open_loop, poisson_arrivals
 from .policies import compare_policies, policy_table
-from .workloads import make_requests
+from .workloads import make_jobs
 
 REQUEST_POOL = 32  # distinct requests per workload, sent round-robin (making large images is slow)
 
@@ -17,7 +18,9 @@ REQUEST_POOL = 32  # distinct requests per workload, sent round-robin (making la
 def run(args: argparse.Namespace, window) -> int:
     if args.overhead:
         return _overhead(args, window)
-    requests = [r for name in args.workloads.split(",") for r in make_requests(name, REQUEST_POOL)]
+    if args.served:
+        return _served(args, window)
+    jobs = [job for name in args.workloads.split(",") for job in make_jobs(name, REQUEST_POOL, args.deadline_ms)]
     if args.compare_policies:
         if args.rounds < 1:
             return fail(f"--rounds must be at least 1, got {args.rounds}")
@@ -28,14 +31,14 @@ def run(args: argparse.Namespace, window) -> int:
 
         async def compare() -> dict:
             async with Engine(config) as engine:
-                return await compare_policies(engine, requests, args.load, args.duration, args.deadline_ms,
+                return await compare_policies(engine, jobs, args.load, args.duration,
                                               ("deadline", "immediate", "max_delay"), args.max_delay_ms,
                                               rounds=args.rounds)
 
         report = asyncio.run(compare())
         print(policy_table(report))
     else:
-        report = asyncio.run(_against_endpoint(args, requests))
+        report = asyncio.run(_against_endpoint(args, jobs))
         print(json.dumps(report, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("policies.json" if args.compare_policies else "load.json")
@@ -44,14 +47,34 @@ def run(args: argparse.Namespace, window) -> int:
     return 0
 
 
-def _overhead(args: argparse.Namespace, window) -> int:
-    from .overhead import as_dict, make_item, overhead_table, run_overhead
-
+def _serve_arguments(args: argparse.Namespace, window) -> list[str]:
+    """`vitserve serve` flags for the same budgets, then --serve-flags."""
     serve = ["--min-budget", str(window.min_budget), "--max-budget", str(window.max_budget)]
     if window.budgets:
         serve += ["--budgets", ",".join(map(str, window.budgets))]
     if window.extra_budgets:
         serve += ["--extra-budgets", ",".join(map(str, window.extra_budgets))]
+    return serve + shlex.split(args.serve_flags)
+
+
+def _served(args: argparse.Namespace, window) -> int:
+    from .served_bench import run_served_bench, served_table, write_served
+
+    device = args.devices.split(",")[0]
+    if not device.startswith("cuda"):
+        return fail(f"--served compares CUDA graphs with the served engine: give a CUDA device, not {device!r}")
+    result = run_served_bench(args.model, device, window, args.workloads.split(","), args.concurrency,
+                              _serve_arguments(args, window))
+    print(served_table(result))
+    for path in write_served(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _overhead(args: argparse.Namespace, window) -> int:
+    from .overhead import as_dict, make_item, overhead_table, run_overhead
+
+    serve = _serve_arguments(args, window)
     if args.item_grid:
         try:
             height, width = (int(x) for x in args.item_grid.lower().split("x"))
@@ -69,19 +92,18 @@ def _overhead(args: argparse.Namespace, window) -> int:
     return 0
 
 
-async def _against_endpoint(args: argparse.Namespace, requests) -> dict:
+async def _against_endpoint(args: argparse.Namespace, jobs) -> dict:
     from vitserve.client import AsyncClient
 
     async with AsyncClient(args.endpoint) as client:
-        def encode(items, deadline_ms):
-            return client.encode(items, deadline_ms)
+        def encode(items, deadline_ms, priority):
+            return client.encode(items, deadline_ms, priority)
 
         if args.rate:
             arrivals = poisson_arrivals(args.rate, args.duration)
-            result = await open_loop(encode, requests, arrivals, args.deadline_ms, label=f"open {args.rate}/s")
+            result = await open_loop(encode, jobs, arrivals, label=f"open {args.rate}/s")
         else:
-            result = await closed_loop(encode, requests, args.requests, args.concurrency, args.deadline_ms,
-                                       label=f"closed x{args.concurrency}")
+            result = await closed_loop(encode, jobs, args.requests, args.concurrency, label=f"closed x{args.concurrency}")
     return result.row()
 
 
@@ -91,13 +113,20 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (with --endpoint)")
     load.add_argument("--concurrency", type=int, default=32, help="closed loop: requests outstanding")
     load.add_argument("--duration", type=float, default=20.0, help="open loop: seconds of arrivals")
-    load.add_argument("--deadline-ms", type=float, default=200.0)
+    load.add_argument("--deadline-ms", type=float, default=200.0,
+                      help="every request's deadline (mixed-slo's classes set their own)")
     load.add_argument("--compare-policies", action="store_true",
                       help="deadline-aware vs immediate vs max-delay flushing on the same Poisson arrivals, "
                            "interleaved on one embedded engine on --devices (--duration of arrivals per policy)")
     load.add_argument("--overhead", action="store_true",
                       help="single-image requests through `vitserve serve` on --devices against a raw ZeroMQ round "
                            "trip and the runner alone, in one run (--requests, --concurrency, --image-side)")
+    load.add_argument("--served", action="store_true",
+                      help="the runner alone (raw items, preprocessing on the device) against `vitserve serve` on the "
+                           "first of --devices, per workload: throughput and ratio, p50/p99, GPU busy share, engine "
+                           "CPU per request (--concurrency outstanding)")
+    load.add_argument("--serve-flags", default="", help="more flags for the `vitserve serve` that --served and "
+                                                          "--overhead start, e.g. \"--output-windows 32\"")
     load.add_argument("--image-side", type=int, default=448, help="with --overhead: the square image's side")
     load.add_argument("--item-grid", help="with --overhead: send an already-processed image of this patch grid "
                                           "instead, e.g. 2x2 (isolates the engine's costs from the model's)")

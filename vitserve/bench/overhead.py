@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -205,7 +205,7 @@ def _runner_p50_ms(model: str, device: str, window, item, threads: int | None, s
     return statistics.median(latencies[10:])
 
 
-def _start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> subprocess.Popen:
+def start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "vitserve.cli", "serve", "--model", model, "--devices", devices,
                "--endpoint", endpoint, *extra]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -219,6 +219,13 @@ def _start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> 
     raise RuntimeError(f"`vitserve serve` did not become ready (exit code {server.wait()}); see its log above")
 
 
+def stop_server(server: subprocess.Popen, folder: str) -> None:
+    """Stop a server that `start_server` started, and remove the folder of its endpoint."""
+    server.terminate()
+    server.wait(60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_overhead(model: str, devices: str, window, item, requests: int, concurrency: int,
                  serve_arguments: list[str]) -> Overhead:
     folder = tempfile.mkdtemp(prefix="vitserve-overhead-")
@@ -229,7 +236,7 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
     echo.start()
     ready.wait(60)
     try:
-        raw_p50, raw_rps = _run(_raw(raw_endpoint, item, requests, concurrency))
+        raw_p50, raw_rps = run_loop(_raw(raw_endpoint, item, requests, concurrency))
     finally:
         echo.join(5)
         echo.kill()
@@ -238,20 +245,16 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
     device = devices.split(",")[0]
     threads = EngineConfig(devices=tuple(devices.split(","))).worker_threads(device)
     runner_p50 = _runner_p50_ms(model, device, window, item, threads)
-    server = _start_server(engine_endpoint, model, devices, serve_arguments)
+    server = start_server(engine_endpoint, model, devices, serve_arguments)
     try:
-        engine_p50, engine_rps, worker_ms = _run(_engine(engine_endpoint, item, requests, concurrency))
+        engine_p50, engine_rps, worker_ms = run_loop(_engine(engine_endpoint, item, requests, concurrency))
     finally:
-        server.terminate()
-        server.wait(60)
-        for name in os.listdir(folder):
-            os.unlink(os.path.join(folder, name))
-        os.rmdir(folder)
+        stop_server(server, folder)
     return Overhead(describe(item), requests, concurrency, raw_p50, runner_p50, engine_p50, worker_ms,
                     engine_p50 - raw_p50 - runner_p50, raw_rps, engine_rps)
 
 
-def _run(coroutine):
+def run_loop(coroutine):
     try:
         import uvloop
     except ImportError:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from typing import Sequence
 
-import numpy as np
-
-from .load import LoadResult, closed_loop, open_loop, poisson_arrivals
+from .load import Job, LoadResult, closed_loop, open_loop, poisson_arrivals
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
 
@@ -34,26 +33,17 @@ def wilson_upper(misses: int, trials: int, z: float = Z_95) -> float:
     return min(1.0, (centre + spread) / (1 + z * z / trials))
 
 
-def _merge(total: LoadResult, part: LoadResult) -> None:
-    total.sent += part.sent
-    total.completed += part.completed
-    total.late += part.late
-    total.errors.update(part.errors)
-    total.latencies_ms.extend(part.latencies_ms)
-    total.images += part.images
+async def compare_policies(engine, jobs: Sequence[Job], load: float, seconds: float, policies: Sequence[str],
+                           max_delay_ms: float, rounds: int = 4, saturation_requests: int = 400, seed: int = 0) -> dict:
+    """Measure saturation once (closed loop, without deadlines), then play `rounds` Poisson arrival
+    sequences at `load` x saturation, each through every policy on the started `engine`; `seconds`
+    of arrivals per policy in all. Jobs of a class (mixed-slo) are also counted per class."""
+    def encode(items, deadline, priority):
+        return engine.encode(items, deadline, priority)
 
-
-async def compare_policies(engine, requests: Sequence[Sequence[np.ndarray]], load: float, seconds: float,
-                           deadline_ms: float, policies: Sequence[str], max_delay_ms: float, rounds: int = 4,
-                           saturation_requests: int = 400, seed: int = 0) -> dict:
-    """Measure saturation once (closed loop), then play `rounds` Poisson arrival sequences at
-    `load` x saturation, each through every policy on the started `engine`; `seconds` of
-    arrivals per policy in all."""
-    def encode(items, deadline):
-        return engine.encode(items, deadline)
-
-    await closed_loop(encode, requests, 64, 16)  # warm-up: first windows, learned costs
-    saturation = await closed_loop(encode, requests, saturation_requests, 64, label="saturation")
+    unbounded = [replace(job, deadline_ms=None) for job in jobs]
+    await closed_loop(encode, unbounded, 64, 16)  # warm-up: first windows, learned costs
+    saturation = await closed_loop(encode, unbounded, saturation_requests, 64, label="saturation")
     rate = load * saturation.completed / saturation.seconds
     segment = seconds / rounds
     totals = {policy: LoadResult(policy, seconds=segment * rounds) for policy in policies}
@@ -67,11 +57,11 @@ async def compare_policies(engine, requests: Sequence[Sequence[np.ndarray]], loa
         for policy in [*policies[shift:], *policies[:shift]]:
             engine.scheduler.use_policy(policy, max_delay_ms)
             before = engine.stats()
-            part = await open_loop(encode, requests, arrivals, deadline_ms, label=policy)  # returns drained
+            part = await open_loop(encode, jobs, arrivals, label=policy)  # returns drained
             after = engine.stats()
             windows[policy] += after["windows_sent"] - before["windows_sent"]
             items[policy] += after["items_sent"] - before["items_sent"]
-            _merge(totals[policy], part)
+            totals[policy].merge(part)
             per_round[policy].append(100.0 * part.misses / max(part.sent, 1))
     engine.scheduler.use_policy(policies[0])
     rows = []
@@ -82,15 +72,18 @@ async def compare_policies(engine, requests: Sequence[Sequence[np.ndarray]], loa
             "windows": windows[policy],
             "items_per_window": items[policy] / max(windows[policy], 1),
         })
+    for total in totals.values():
+        total.ended(segment * rounds)
+    deadlines = sorted({job.deadline_ms for job in jobs}, key=lambda d: (d is None, d))
     return {"saturation_rps": saturation.completed / saturation.seconds, "rate_rps": rate, "load": load,
-            "deadline_ms": deadline_ms, "rounds": rounds, "arrivals": arrivals_sent,
+            "deadlines_ms": deadlines, "rounds": rounds, "arrivals": arrivals_sent,
             "scales": [worker.scale for worker in engine.scheduler.workers.values()], "policies": rows}
 
 
 def policy_table(report: dict) -> str:
     lines = [f"open loop at {report['load']:.0%} of saturation ({report['saturation_rps']:.1f} req/s): "
              f"{report['rate_rps']:.1f} req/s, {report['arrivals']} arrivals per policy in {report['rounds']} "
-             f"rounds on one engine, deadline {report['deadline_ms']:.0f} ms; "
+             f"rounds on one engine, deadlines {report['deadlines_ms']} ms; "
              f"learned scale {max(report['scales']):.2f}",
              f"{'policy':<10} {'sent':>6} {'done':>6} {'miss %':>7} {'<=95%':>6} {'goodput/s':>10} {'img/s':>8} "
              f"{'p50 ms':>8} {'p99 ms':>8} {'items/win':>9}  miss % by round; errors"]
@@ -100,5 +93,9 @@ def policy_table(report: dict) -> str:
                      f"{row['miss_pct_upper95']:>6.2f} {row['goodput_rps']:>10.1f} {row['images_per_s']:>8.1f} "
                      f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['items_per_window']:>9.1f}  "
                      f"{rounds}; {row['errors'] or ''}")
+        for kind, part in row.get("classes", {}).items():
+            lines.append(f"  {kind:<12} {part['sent']:>4} {part['completed']:>6} {part['miss_pct']:>7.2f} "
+                         f"{'':>6} {part['goodput_rps']:>10.1f} {part['images_per_s']:>8.1f} {part['p50_ms']:>8.1f} "
+                         f"{part['p99_ms']:>8.1f}")
     return "\n".join(lines)
 

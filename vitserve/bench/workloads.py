@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .load import Job, jobs_of
+
 ARENA_SIDES = (224, 336, 448, 672, 1008)
 ARENA_WEIGHTS = (0.2, 0.3, 0.2, 0.2, 0.1)
 SMALL_SIDES = (32, 64, 96, 128)
+# mixed-slo: the share of interactive requests, and each class's deadline and priority (in vitserve
+# lower priorities go first, so the interactive class gets the more urgent one)
+INTERACTIVE_SHARE = 0.7
+CLASSES = {"interactive": (100.0, 0), "batch": (10_000.0, 1)}
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class Workload:
             return [(336, 336)] * 20
         if self.name == "video-448":
             return [(16, 448, 448)]
+        if self.name == "mixed-slo":  # 70 % interactive, 30 % batch: see mixed_slo_jobs
+            return [(448, 448)] if rng.random() < INTERACTIVE_SHARE else [(336, 336)] * 20
         if self.name == "small-mix":  # cheap enough for the tiny model on two CPU cores
             shapes = [(rng.choice(SMALL_SIDES), rng.choice(SMALL_SIDES)) for _ in range(rng.randint(1, 3))]
             return shapes + [(4, 64, 64)] if rng.random() < 0.1 else shapes
@@ -43,6 +51,8 @@ WORKLOADS = {
         Workload("many-336", "many small items per request"),
         Workload("video-448", "frames as attention sequences"),
         Workload("small-mix", "CPU soak and tests: 1-3 small images, sometimes a short video", named=False),
+        Workload("mixed-slo", "flush policies: interactive single images (100 ms) among batches of twenty (10 s)",
+                 named=False),
     )
 }
 
@@ -55,6 +65,18 @@ def synthetic_item(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarr
     if frames:
         base = np.broadcast_to(base, (frames[0], height, width, 3))
     return np.clip(base + rng.normal(0, 16, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_jobs(name: str, count: int, deadline_ms: float | None, seed: int = 0) -> list[Job]:
+    """Jobs of a workload: each with `deadline_ms`, except mixed-slo's, whose class sets deadline and priority."""
+    requests = make_requests(name, count, seed)
+    if name != "mixed-slo":
+        return jobs_of(requests, deadline_ms)
+    jobs = []
+    for items in requests:
+        kind = "interactive" if len(items) == 1 else "batch"
+        jobs.append(Job(items, *CLASSES[kind], kind))
+    return jobs
 
 
 def make_requests(name: str, count: int, seed: int = 0) -> list[list[np.ndarray]]:

@@ -33,6 +33,8 @@ class AdmittedItem:
     kind: ItemKind
     array: np.ndarray  # uint8 (H, W, 3) / (T, H, W, 3), or float32 patches (tokens, patch_dim)
     grid: tuple[int, int, int]  # (t, h, w) in patches
+    slab: str = ""  # the input slab `array` lies in (engine/inputs.py); empty until it is placed in one
+    offset: int = -1  # its first byte there
 
     @property
     def tokens(self) -> int:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import math
 from functools import partial
+from typing import Callable
 
 import numpy as np
 
-from vitserve.ipc.codec import ProtocolError, check_all_frames_used, frame_array
-from vitserve.ipc.messages import Encode, ImageItem, OutputRef, PatchItem, Result, VideoItem
-from vitserve.ipc.slabs import numpy_dtype
+from vitserve.ipc.codec import ProtocolError, check_all_frames_used, check_ref, frame_array
+from vitserve.ipc.messages import ArrayRef, Encode, ImageItem, OutputRef, PatchItem, Result, VideoItem
+from vitserve.ipc.slabs import SlabError, numpy_dtype
 
 from .admission import AdmittedItem
 from .connections import Connection
@@ -30,7 +31,9 @@ class ClientRequests:
             return
         try:
             self._check_request(connection, message)
-            admitted = self.engine.admit(_items(message, arrays))
+            items = _items(message, arrays, partial(self._arena_array, connection, request_id=message.id))
+            slabs = [(connection.arena, ref.offset) if ref.offset >= 0 else ("", -1) for ref in map(_ref, message.items)]
+            admitted = self.engine.admit(items, slabs)
             usage = self._check_share(connection, admitted)
             key, future = self.engine.submit(admitted, message.deadline_ms, message.priority, connection.serial)
         except ProtocolError as err:
@@ -148,17 +151,33 @@ class ClientRequests:
                         f"lease_timeout_s")
 
 
-def _items(message: Encode, arrays: list[memoryview]) -> list:
-    """The request's items as arrays over the received frames (no copy)."""
+    def _arena_array(self, connection: Connection, ref: ArrayRef, *, request_id: int) -> np.ndarray:
+        if ref.frame != -1:
+            raise ProtocolError(f"an array at arena offset {ref.offset} names frame {ref.frame} too: give one "
+                                f"(frame -1 for the arena)", "invalid_input", request_id)
+        check_ref(ref, request_id)
+        try:
+            return self.engine.inputs.arena_array(connection.arena, ref.offset, ref.dtype, tuple(ref.shape))
+        except SlabError as err:
+            raise ProtocolError(f"array at arena offset {ref.offset}: {err}", "invalid_input", request_id) from None
+
+
+def _ref(item: ImageItem | VideoItem | PatchItem) -> ArrayRef:
+    return item.pixel_values if isinstance(item, PatchItem) else item.frames if isinstance(item, VideoItem) else item.pixels
+
+
+def _items(message: Encode, arrays: list[memoryview], in_arena: Callable[[ArrayRef], np.ndarray] | None = None) -> list:
+    """The request's items as arrays over the received frames, or over the sender's input arena
+    (`in_arena(ref)`, for references with an offset), without a copy."""
     refs, items = [], []
     for item in message.items:
-        match item:
-            case ImageItem(pixels=ref) | VideoItem(frames=ref):
-                refs.append(ref)
-                items.append(frame_array(ref, arrays, message.id))
-            case PatchItem(pixel_values=ref, grid_thw=grid):
-                refs.append(ref)
-                items.append((frame_array(ref, arrays, message.id), grid))
+        ref = _ref(item)
+        if ref.offset >= 0 and in_arena is not None:
+            array = in_arena(ref)
+        else:
+            refs.append(ref)
+            array = frame_array(ref, arrays, message.id)
+        items.append((array, item.grid_thw) if isinstance(item, PatchItem) else array)
     check_all_frames_used(refs, arrays, message.id)
     for index, (item, sent) in enumerate(zip(items, message.items)):
         rank = {ImageItem: 3, VideoItem: 4}.get(type(sent))

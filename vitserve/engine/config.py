@@ -13,6 +13,7 @@ from vitserve.workers import WindowConfig
 from .limits import ClientLimits
 
 DEFAULT_MODEL = "random:tiny"
+DEFAULT_INPUT_SLAB_BYTES = 1 << 30
 MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread and the engine busy
 
 
@@ -24,6 +25,8 @@ class EngineConfig:
     max_item_tokens: the largest single item admitted (items over the largest budget run
     eagerly); larger ones get `too_large`. max_request_bytes: the input arrays of one request
     together (over the wire, a larger frame disconnects its sender before it is read).
+    input_slab_bytes: the shared memory that inputs received as frames (tcp:// clients, the
+    embedded API) are copied into for the workers, page-locked on GPUs; full: `overloaded`.
     lease_timeout_s: results not released this long after they were delivered are reclaimed
     (their rows may then be overwritten); None keeps them until released. worker_restarts: start
     attempts for a worker that died before it is given up (0: never restart). window_timeout_s: a
@@ -47,6 +50,7 @@ class EngineConfig:
     output_device: str | None = None  # embedded engine: copy results to this torch device
     max_request_bytes: int = 1 << 30
     max_queued_bytes: int = 4 << 30  # input bytes of every unfinished request together; past it: overloaded
+    input_slab_bytes: int | None = None  # the engine's input slab for inputs received as frames (default below)
     lease_timeout_s: float | None = 300.0
     worker_restarts: int = 3
     window_timeout_s: float | None = 60.0
@@ -68,6 +72,9 @@ class EngineConfig:
         check_int("max_request_bytes", self.max_request_bytes, 1, "the input arrays of one request together")
         check_int("max_queued_bytes", self.max_queued_bytes, self.max_request_bytes,
                   "at least max_request_bytes: the input bytes of every unfinished request together")
+        if self.input_slab_bytes is not None:
+            check_int("input_slab_bytes", self.input_slab_bytes, self.max_request_bytes,
+                      "at least max_request_bytes (or None for that): inputs received as frames are copied into it")
         check_seconds("lease_timeout_s", self.lease_timeout_s, "or None: leases never expire", none_ok=True)
         check_int("worker_restarts", self.worker_restarts, 0, "0: a worker that dies stays down")
         check_seconds("window_timeout_s", self.window_timeout_s, "or None: no watchdog", none_ok=True)
@@ -88,6 +95,12 @@ class EngineConfig:
             return self.cpu_threads_per_worker
         cpu_workers = sum(1 for d in self.devices if d.startswith("cpu"))
         return max(1, (len(os.sched_getaffinity(0)) - 2) // cpu_workers)
+
+    @property
+    def input_slab_size(self) -> int:
+        """input_slab_bytes, by default 1 GiB within max_request_bytes..max_queued_bytes (page-locked on GPUs:
+        the queue's whole bound would be too much memory to pin)."""
+        return self.input_slab_bytes or min(self.max_queued_bytes, max(self.max_request_bytes, DEFAULT_INPUT_SLAB_BYTES))
 
     @property
     def largest_budget(self) -> int:

@@ -60,6 +60,8 @@ class Connection:
     inline: dict[int, int] = field(default_factory=dict)  # inline results not yet released: request id -> bytes
     inline_bytes: int = 0  # their sum
     queued: list[int] = field(default_factory=lambda: [0, 0, 0])  # unfinished requests' items, tokens, bytes
+    input_token: str = ""  # given in its welcome: claims its input arena over the slab channel
+    arena: str = ""  # the input arena it writes its inputs into, once it asked for one
 
 
 def seed_routing_ids() -> None:

@@ -17,7 +17,7 @@ import itertools
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,6 +34,7 @@ from vitserve.workers import Capacities
 from .admission import AdmissionError, AdmittedItem, admit
 from .config import EngineConfig
 from .errors import EngineError
+from .inputs import EngineInputs
 from .outputs_layout import agreed_capacities, check_request_fits, output_layout, predictor
 from .reports import EngineReports
 from .request_ends import RequestEnds
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 MAX_DEADLINE_MS = 86_400_000.0  # a day: anything longer is a client bug, not a deadline
 _INSTANCES = itertools.count()  # engines made in this process (their slab names differ)
-_NO_INPUT = np.empty(0, np.uint8)  # what a request's items hold once their pixels are dropped
 
 
 @dataclass(eq=False)
@@ -56,6 +56,7 @@ class _Pending:
     slots: list[tuple[int, Slot]] = field(default_factory=list)  # (worker, slot) held for this request
     delivered_at: float | None = None  # loop time the result was handed over; its lease runs from here
     input_bytes: int = 0  # of its inputs, counted against max_queued_bytes until they are dropped
+    input_region: int | None = None  # where its inputs were copied into the engine's input slab, if they were
 
 
 class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
@@ -77,6 +78,7 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
         self._windows_sent = 0
         self._items_sent = 0
         self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
+        self._gpu_busy_ms = 0.0  # summed over completed windows: device time they kept busy (CUDA events)
         self._leases_expired = 0
         self._worker_restarts = 0
         self._windows_retried = 0
@@ -89,6 +91,7 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
         self._tasks: list[asyncio.Task] = []
         self._poke = asyncio.Event()
         self._reader = SlabReader(self._open_slab)
+        self.inputs: EngineInputs | None = None  # the input slabs, made by start()
         self.started = False  # start() has finished: workers ready, pools made, loops running
         self._draining = False  # no new requests; those admitted finish
         self._closing = False
@@ -105,6 +108,8 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
 
     async def start(self) -> None:
         config = self.config
+        self.inputs = EngineInputs(self._instance, config.input_slab_size, config.clients.input_arena_bytes,
+                                   config.clients.max_input_arenas, self._send_to_worker, self._mapping_workers)
         self._context = zmq.Context()
         self._socket_dir = tempfile.mkdtemp(prefix="vitserve-")
         self._handles = [self._spawn(worker, 0) for worker in range(len(config.devices))]
@@ -117,6 +122,8 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
             for problem in pools:
                 if isinstance(problem, BaseException):
                     raise problem
+            for handle in self._handles:
+                self.inputs.map_all(handle.worker)
         except BaseException:
             await self.close()
             raise
@@ -186,6 +193,8 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
         await asyncio.gather(*(h.stop() for h in self._handles), return_exceptions=True)
         for pool in self._all_pools():
             pool.close()
+        if self.inputs is not None:
+            self.inputs.close()
         self._reader.close()
         if self._context is not None:
             self._context.term()
@@ -210,7 +219,9 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
 
         return encoded_from_refs(refs, self._reader, release, self.config.output_device)
 
-    def admit(self, items: Sequence[Any]) -> list[AdmittedItem]:
+    def admit(self, items: Sequence[Any], slabs: Sequence[tuple[str, int]] | None = None) -> list[AdmittedItem]:
+        """Check and plan each item; `slabs`: for each, the input slab and offset its array lies at
+        (an arena's, as the frontend found it), or ("", -1) when it is to be copied into one."""
         if not items:
             raise EngineError("invalid_input", "a request needs at least one item")
         try:
@@ -218,6 +229,9 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
                         for i, item in enumerate(items)]
         except AdmissionError as err:
             raise EngineError(err.code, err.message) from None
+        if slabs is not None:
+            admitted = [item if not slab else replace(item, slab=slab, offset=offset)
+                        for item, (slab, offset) in zip(admitted, slabs)]
         size = sum(item.array.nbytes for item in admitted)
         if size > self.config.max_request_bytes:
             raise EngineError("too_large", f"the request's inputs take {size} bytes, over the engine's "
@@ -257,10 +271,11 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
             raise EngineError("overloaded", f"the inputs of unfinished requests take {self._queued_bytes} bytes; "
                                             f"{size} more would pass max_queued_bytes={self.config.max_queued_bytes}",
                               self.scheduler.drain_ms(now))
+        items, region = self.inputs.place(items)
         key = next(self._keys)
         request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items],
                           owner)
-        pending = _Pending(items, loop.create_future(), [None] * len(items), input_bytes=size)
+        pending = _Pending(items, loop.create_future(), [None] * len(items), input_bytes=size, input_region=region)
         self._queued_bytes += size
         self._pending[key] = pending
         try:
@@ -275,6 +290,14 @@ class Engine(WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
         else:
             self._poke.set()
         return key, pending.future
+
+    def _send_to_worker(self, worker: int, message) -> bool:
+        return self._handles[worker].send_now(message, [])
+
+    def _mapping_workers(self) -> list[int]:
+        """Workers that map input slabs now: started, and not lost (one starting maps them all when ready)."""
+        return [h.worker for h in self._handles if h.ready is not None and self.scheduler is not None
+                and self.scheduler.workers[h.worker].ready]
 
     def read(self, ref: OutputRef) -> np.ndarray:
         """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""

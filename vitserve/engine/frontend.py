@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 
 import zmq
 
@@ -33,6 +34,7 @@ from vitserve.ipc.messages import (
     Welcome,
 )
 from vitserve.ipc.slab_channel import SlabChannel
+from vitserve.ipc.slabs import SlabError
 from vitserve.log_limits import LogLimiter
 
 from .client_requests import ClientRequests
@@ -104,6 +106,7 @@ class Frontend(ClientRequests):
         self._watcher: asyncio.Task | None = None
         self._queued_items = 0  # items of every client's unfinished requests
         self._hellos_waiting: set[Connection] = set()  # said hello while the engine started: welcomed once ready
+        self._input_tokens: dict[str, Connection] = {}  # welcome token -> its connection, while it is open
 
     def watch(self) -> None:
         """Keep the connections in bounds from now on (floods, silent peers), also while the engine starts."""
@@ -115,7 +118,7 @@ class Frontend(ClientRequests):
         self.engine = engine
         self.watch()
         if self.slab_channel is not None:
-            self._slab_task = asyncio.ensure_future(self.slab_channel.serve(engine.slab_descriptor))
+            self._slab_task = asyncio.ensure_future(self.slab_channel.serve(engine.slab_descriptor, self._arena))
         try:
             while True:
                 burst = await self.socket.receive()
@@ -229,9 +232,22 @@ class Frontend(ClientRequests):
             self._hellos_waiting.add(connection)
             return
         connection.helloed = True
+        if self.slab_channel is not None and self.limits.input_arena_bytes and not connection.input_token:
+            connection.input_token = secrets.token_hex(16)
+            self._input_tokens[connection.input_token] = connection
         ready = self.engine.ready
         self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
-                                       ready.num_deepstack, ready.dtype, self.engine.capacities.budgets))
+                                       ready.num_deepstack, ready.dtype, self.engine.capacities.budgets,
+                                       connection.input_token))
+
+    def _arena(self, token: str) -> tuple[str, int]:
+        """The input arena of the connection whose welcome gave `token` (made on its first ask)."""
+        connection = self._input_tokens.get(token)
+        if connection is None or connection.closed:
+            raise SlabError("no open connection has this token: ask with the token of your connection's welcome")
+        if not connection.arena:
+            connection.arena = self.engine.inputs.new_arena().name
+        return connection.arena, self.engine.inputs.arenas[connection.arena].fd
 
     def _ended(self, closed: list[Connection]) -> None:
         """Closed connections: what they still wait for is cancelled, what they hold is released."""
@@ -239,7 +255,10 @@ class Frontend(ClientRequests):
             if self.engine is not None:
                 for key in connection.requests.values():
                     self.engine.release(key)
+                if connection.arena:  # after its requests: none is queued to read from it any more
+                    self.engine.inputs.drop_arena(connection.arena)
             connection.requests.clear()
+            self._input_tokens.pop(connection.input_token, None)
 
     def _forget_reclaimed(self) -> None:
         """Requests the engine no longer holds (leases that expired) are no longer the clients'."""

@@ -8,6 +8,11 @@ client's whole share gets `too_large`, naming the setting. Within a priority, cl
 without deadlines are served in fair turns (start-time fair queuing over tokens), so a client
 that queues an hour of work does not go ahead of a newcomer's single image. Priorities outside
 `priorities` are refused.
+
+A local (ipc://) client writes its inputs into an input arena of its own, `input_arena_bytes` of
+shared memory that the workers read in place (ipc/input_slabs.py); at most `max_input_arenas`
+exist at once (on GPUs they are page-locked memory). A client without one, or whose arena is full,
+sends its inputs as frames.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ class ClientLimits:
     output_share: float = 0.5  # of a worker's output rows one client's results may hold
     max_inline_bytes: int = 1 << 30  # inline result bytes sent to a client and not yet released by it
     priorities: tuple[int, int] = (-100, 100)  # lowest and highest priority a client may ask for
+    input_arena_bytes: int = 512 << 20  # each local client's input arena; 0: none, inputs go as frames
+    max_input_arenas: int = 8  # arenas at once (page-locked on GPUs: 4 GiB); further clients send frames
 
     def __post_init__(self) -> None:
         check_int("max_connections", self.max_connections, 1, "connections served at once")
         check_int("max_requests", self.max_requests, 1, "requests one connection may have open")
         check_int("max_inline_bytes", self.max_inline_bytes, 1, "inline result bytes a client may leave unread")
+        check_int("input_arena_bytes", self.input_arena_bytes, 0, "each local client's input arena; 0: none")
+        check_int("max_input_arenas", self.max_input_arenas, 0, "input arenas at once")
         for name in ("queue_share", "output_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:

@@ -21,6 +21,7 @@ class EngineReports:
             "windows_sent": float(self._windows_sent),
             "items_sent": float(self._items_sent),
             "worker_ms": self._worker_ms,
+            "gpu_busy_ms": self._gpu_busy_ms,
             "leases_expired": float(self._leases_expired),
             "workers_ready": float(self.workers_ready()),
             "worker_restarts": float(self._worker_restarts),
@@ -28,7 +29,7 @@ class EngineReports:
             "worker_hangs": float(self._worker_hangs),
             "internal_errors": float(self._internal_errors),
             "queued_bytes": float(self._queued_bytes),
-        }
+        } | (self.inputs.stats() if self.inputs is not None else {})
 
     def health(self) -> Health:
         """Ready while admitting requests with a worker up; not while shutting down or restarting.

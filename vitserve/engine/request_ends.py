@@ -131,4 +131,7 @@ class RequestEnds:
         more against max_queued_bytes, and their memory goes with the last reference."""
         self._queued_bytes -= pending.input_bytes
         pending.input_bytes = 0
+        if pending.input_region is not None:  # a window still copying from it reads only this request's inputs
+            self.inputs.give_back(pending.input_region)
+            pending.input_region = None
         pending.items = [dataclasses.replace(item, array=_NO_INPUT) for item in pending.items]

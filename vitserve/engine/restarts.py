@@ -89,6 +89,7 @@ class WorkerRestarts:
         log.error("worker %d (%s) is lost (%s)", worker, handle.spec.device, cause)
         problem = f"worker {worker} was lost ({cause}) while running the request's items twice"
         lost = self.scheduler.worker_lost(worker)
+        self.inputs.worker_gone(worker)
         pool = self._pools.pop(worker)
         self._retired[(worker, pool.epoch)] = pool
         retry, doomed = [], set()
@@ -140,6 +141,7 @@ class WorkerRestarts:
                 ready = await handle.start(self.config.startup_timeout_s)
                 self._check_restarted(ready)
                 pool = await self._new_pool(handle, epoch)
+                self.inputs.map_all(worker)
             except WorkerStartError as err:
                 log.error("restart %d of %d of worker %d failed: %s", attempt, self.config.worker_restarts, worker, err)
                 await handle.close()

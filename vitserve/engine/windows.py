@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import logging
 
-import numpy as np
-
-from vitserve.ipc.messages import ArrayRef, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem
+from vitserve.ipc.messages import InputsDropped, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem
 from vitserve.ipc.slabs import SlabError, Slot
 from vitserve.scheduler import Dispatch
 
@@ -123,16 +121,15 @@ class WindowTraffic:
         self._sync_free_rows(dispatch.worker)
         self._windows_sent += 1
         self._items_sent += len(dispatch.items)
-        window_items, frames = [], []
+        window_items = []
         for item in dispatch.items:
             admitted = self._pending[item.request.key].items[item.index]
-            array = np.ascontiguousarray(admitted.array)
             dtype = "float32" if admitted.kind == "patches" else "uint8"
-            window_items.append(WindowItem(ArrayRef(len(frames), dtype, array.shape), admitted.kind, admitted.grid))
-            frames.append(array)
+            window_items.append(WindowItem(admitted.kind, admitted.grid, admitted.slab, admitted.offset, dtype,
+                                           admitted.array.shape))
         handle = self._handles[dispatch.worker]
         if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset,
-                                                 slot.count * pool.slot_bytes), frames):
+                                         slot.count * pool.slot_bytes), []):
             self._worker_died(handle)  # no peer on the socket: the process is gone
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:
@@ -148,13 +145,16 @@ class WindowTraffic:
                 return
             for message in messages:
                 match message:
-                    case WindowDone(window=window, rows=rows, worker_ms=worker_ms):
+                    case WindowDone(window=window, rows=rows, worker_ms=worker_ms, gpu_ms=gpu_ms):
                         self._worker_ms += worker_ms
+                        self._gpu_busy_ms += gpu_ms
                         self._complete(window, rows, loop.time())
                     case WindowFailed(window=window, message=problem):
                         dispatch, slot, _ = self._windows.pop(window)
                         self.scheduler.window_done(window, loop.time(), learn=False)
                         self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
+                    case InputsDropped(slab=slab):
+                        self.inputs.dropped(handle.worker, slab)
             if messages:
                 self._poke.set()
 

@@ -64,9 +64,21 @@ def server_codec() -> Codec:
 _DTYPE_NAMES = {np.dtype(name): name for name in WIRE_DTYPES if name != "bfloat16"}
 
 
-def array_ref(array: np.ndarray, frame: int, dtype: str | None = None) -> ArrayRef:
+def array_ref(array: np.ndarray, frame: int, dtype: str | None = None, offset: int = -1) -> ArrayRef:
+    """A reference to `array` sent as frame `frame`, or (frame -1) written at `offset` of the input arena."""
     name = dtype or _DTYPE_NAMES.get(array.dtype) or array.dtype.name  # dtype.name is slow
-    return ArrayRef(frame=frame, dtype=name, shape=array.shape)
+    return ArrayRef(frame=frame, dtype=name, shape=array.shape, offset=offset)
+
+
+def check_ref(ref: ArrayRef, request_id: int | None = None) -> None:
+    """ProtocolError unless the reference's dtype and shape are ones the wire carries."""
+    where = f"frame {ref.frame}" if ref.offset < 0 else f"arena offset {ref.offset}"
+    if ref.dtype not in WIRE_DTYPES:
+        raise ProtocolError(f"array in {where}: dtype {ref.dtype!r} is not one of {list(WIRE_DTYPES)}",
+                            "invalid_input", request_id)
+    if not 1 <= len(ref.shape) <= MAX_RANK or any(d < 0 for d in ref.shape):
+        raise ProtocolError(f"array in {where}: shape {list(ref.shape)} must have 1 to {MAX_RANK} non-negative "
+                            f"dimensions", "invalid_input", request_id)
 
 
 def frame_array(ref: ArrayRef, frames: Sequence[memoryview], request_id: int | None = None) -> np.ndarray:
@@ -76,10 +88,7 @@ def frame_array(ref: ArrayRef, frames: Sequence[memoryview], request_id: int | N
 
     if not 0 <= ref.frame < len(frames):
         raise fail(f"no such frame (the message has {len(frames)} array frames)")
-    if ref.dtype not in WIRE_DTYPES:
-        raise fail(f"dtype {ref.dtype!r} is not one of {list(WIRE_DTYPES)}")
-    if not 1 <= len(ref.shape) <= MAX_RANK or any(d < 0 for d in ref.shape):
-        raise fail(f"shape {list(ref.shape)} must have 1 to {MAX_RANK} non-negative dimensions")
+    check_ref(ref, request_id)
     dtype = numpy_dtype(ref.dtype)
     expected = math.prod(ref.shape) * dtype.itemsize  # Python ints: a hostile shape cannot wrap around
     buffer = frames[ref.frame]

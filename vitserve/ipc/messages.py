@@ -17,7 +17,8 @@ import msgspec
 # 2: release carries a list of ids. 3: inline results are released too (acknowledging their bytes);
 # element counts are bounded. 4: slabs are sealed memory files, their descriptors passed over the
 # slab channel (not files opened by name); hello names no process (results belong to the connection).
-PROTOCOL_VERSION = 4
+# 5: inputs may lie in the client's input arena (ArrayRef.offset), which the welcome offers.
+PROTOCOL_VERSION = 5
 # Element counts are checked while decoding, before anything is built: a header of millions of
 # items or ids is refused at the cost of reading its length.
 MAX_ITEMS_PER_REQUEST = 4096
@@ -33,9 +34,10 @@ ErrorCode = Literal[
 
 
 class ArrayRef(msgspec.Struct, frozen=True):
-    frame: int  # index among the frames after the header
+    frame: int  # index among the frames after the header; -1 when the array is in the input arena
     dtype: str  # numpy dtype name: uint8, float32, float16, or bfloat16
     shape: Annotated[tuple[int, ...], msgspec.Meta(max_length=8)]
+    offset: int = -1  # bytes into the sender's input arena (ipc/input_slabs.py), when it is there
 
 
 class ImageItem(msgspec.Struct, frozen=True, tag="image"):
@@ -113,6 +115,7 @@ class Welcome(msgspec.Struct, frozen=True, tag="welcome"):
     num_deepstack: int
     dtype: str
     budgets: tuple[int, ...]
+    input_token: str = ""  # claims this connection's input arena over the slab channel; empty: none offered
 
 
 class Result(msgspec.Struct, frozen=True, tag="result"):
@@ -151,23 +154,33 @@ class SlabAsk(msgspec.Struct, frozen=True, tag="slab_ask"):
     slab: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]  # the slab field of an OutputRef
 
 
+class ArenaAsk(msgspec.Struct, frozen=True, tag="arena_ask"):
+    """A local client asks for its connection's input arena, naming the token of its welcome."""
+
+    token: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
+
+
 class SlabGrant(msgspec.Struct, frozen=True, tag="slab_grant"):
-    slab: str
-    error: str = ""  # empty: a read-only descriptor of the slab comes with this message
+    slab: str  # the slab asked for; for an arena, the arena's name
+    error: str = ""  # empty: a descriptor of the slab comes with this message (read-only for output slabs)
 
 
-SlabMessage = Union[SlabAsk, SlabGrant]
+SlabMessage = Union[SlabAsk, ArenaAsk, SlabGrant]
 
 
 # -- engine and worker processes ----------------------------------------------------------------
 
 
 class WindowItem(msgspec.Struct, frozen=True):
-    """One item of a window: raw pixels (`grid` planned by the engine) or processed patches."""
+    """One item of a window: raw pixels (`grid` planned by the engine) or processed patches, as an
+    array in an input slab the worker has mapped."""
 
-    data: ArrayRef
     kind: Literal["image", "video", "patches"]
     grid: tuple[int, int, int]
+    slab: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
 
 
 class RunWindow(msgspec.Struct, frozen=True, tag="run_window"):
@@ -182,6 +195,7 @@ class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
     window: int
     rows: list[int]  # first output row of each item inside the slot, in the window's order
     worker_ms: float = 0.0  # from the worker's receipt of the window to its reply (diagnostics)
+    gpu_ms: float = 0.0  # device time the window kept busy, not overlapping the window before (CUDA events)
 
 
 class WindowFailed(msgspec.Struct, frozen=True, tag="window_failed"):
@@ -227,9 +241,27 @@ class SlabsMade(msgspec.Struct, frozen=True, tag="slabs_made"):
     problem: str = ""  # why they could not be made (then no descriptors)
 
 
+class MapInputs(msgspec.Struct, frozen=True, tag="map_inputs"):
+    """Map the engine's input slab `slab`, which the engine holds as `descriptor` (opened through /proc)."""
+
+    slab: str
+    descriptor: int
+    size: int
+
+
+class DropInputs(msgspec.Struct, frozen=True, tag="drop_inputs"):
+    """Unmap an input slab once the windows sent before this message are done; answered by InputsDropped."""
+
+    slab: str
+
+
+class InputsDropped(msgspec.Struct, frozen=True, tag="inputs_dropped"):
+    slab: str
+
+
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
-ToWorker = Union[RunWindow, MakeSlabs, Shutdown]
-FromWorker = Union[WorkerReady, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed]
+ToWorker = Union[RunWindow, MakeSlabs, MapInputs, DropInputs, Shutdown]
+FromWorker = Union[WorkerReady, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed, InputsDropped]

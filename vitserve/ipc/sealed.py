@@ -59,14 +59,7 @@ def create_sealed(name: str, size: int, prepare: Callable[[mmap.mmap], None] | N
 def reopen_read_only(pid: int, fd: int, name: str, size: int) -> int:
     """A read-only descriptor of the sealed slab `name` that process `pid` holds as `fd`; SealError
     unless it is exactly that (name, size and seals), so a reused descriptor number is never mistaken."""
-    where = f"/proc/{pid}/fd/{fd}"
-    try:
-        target = os.readlink(where)
-        if target != f"/memfd:{name} (deleted)":
-            raise SealError(f"{where} is {target!r}, not the slab {name}")
-        reopened = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise SealError(f"cannot open slab {name} as {where} ({error.strerror or error})") from error
+    reopened = open_held(pid, fd, name, os.O_RDONLY)
     try:
         check_sealed(reopened, name)
         if os.fstat(reopened).st_size != size:
@@ -75,6 +68,19 @@ def reopen_read_only(pid: int, fd: int, name: str, size: int) -> int:
         os.close(reopened)
         raise
     return reopened
+
+
+def open_held(pid: int, fd: int, name: str, flags: int) -> int:
+    """Open (with `flags`) the memory file `name` that process `pid` holds as `fd`, through /proc;
+    SealError unless it is that file (a descriptor number may have been reused)."""
+    where = f"/proc/{pid}/fd/{fd}"
+    try:
+        target = os.readlink(where)
+        if target != f"/memfd:{name} (deleted)":
+            raise SealError(f"{where} is {target!r}, not the slab {name}")
+        return os.open(where, flags | os.O_CLOEXEC)
+    except OSError as error:
+        raise SealError(f"cannot open slab {name} as {where} ({error.strerror or error})") from error
 
 
 def check_sealed(fd: int, name: str) -> None:

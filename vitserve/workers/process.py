@@ -1,10 +1,11 @@
 """The worker process: one per device. It loads the model, captures the budget graphs,
 reports its capacities and measured cost model, then runs the windows the engine sends.
 
-Each window arrives as one message with the items' pixels as zero-copy frames and the
-shared-memory slot its output rows go to; raw images and videos are preprocessed on the
-device; the runner's single output copy lands in the slot, which the engine's clients read
-in place. The process talks to the engine over one ZeroMQ PAIR socket, and a thread of its own
+Each window arrives as one message naming where its items lie in the engine's input slabs
+(which the worker maps and page-locks once: ipc/input_slabs.py) and the shared-memory slot its
+output rows go to. The items go to the device in one asynchronous copy per run of adjacent
+items, raw images and videos are preprocessed there, and the runner's single output copy lands
+in the slot, which the engine's clients read in place. The process talks to the engine over one ZeroMQ PAIR socket, and a thread of its own
 writes heartbeats into shared memory, which the engine watches for a hung worker (engine/liveness.py).
 """
 
@@ -24,13 +25,15 @@ import msgspec
 import torch
 import zmq
 
-from vitserve.ipc.codec import Codec, frame_array
+from vitserve.ipc.codec import Codec
+from vitserve.ipc.input_slabs import InputSlab, aligned
 from vitserve.ipc.messages import (
-    FromWorker, MakeSlabs, RunWindow, Shutdown, SlabsMade, ToWorker, WindowDone, WindowFailed, WorkerCost,
-    WorkerReady, WorkerStartFailed,
+    DropInputs, FromWorker, InputsDropped, MakeSlabs, MapInputs, RunWindow, Shutdown, SlabsMade, ToWorker, WindowDone,
+    WindowFailed, WindowItem, WorkerCost, WorkerReady, WorkerStartFailed,
 )
 from vitserve.ipc.outputs import read_only_tensor
 from vitserve.ipc.sealed import SealError, create_sealed
+from vitserve.ipc.slabs import SlabError
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
@@ -50,7 +53,7 @@ RUNNING_POLL_S = 100e-6
 ORPHAN_CHECK_MS = 1000  # an idle worker checks this often that the engine that started it still runs
 EXIT_DEVICE_FAULT = 3  # exit code after a CUDA error: the context is unusable, the engine restarts us
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def worker_main(spec: WorkerSpec) -> None:
     socket.connect(spec.endpoint)
     encoder = msgspec.msgpack.Encoder()
     try:
-        worker = Worker(spec)
+        worker = Worker(spec, engine_pid)
         socket.send(encoder.encode(worker.ready))
     except Exception as err:  # report what failed; the engine raises it at start-up
         log.exception("start-up failed")
@@ -130,11 +133,17 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
     """Run the engine's windows until it says Shutdown (or is gone)."""
     codec = Codec(ToWorker)
     running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
+
+    def reply_oldest() -> None:
+        socket.send(encoder.encode(running.popleft().reply()))
+        for slab in worker.retire_inputs(running[0].sequence if running else None):
+            socket.send(encoder.encode(InputsDropped(slab)))
+
     while True:
         while running and running[0].finished():
-            socket.send(encoder.encode(running.popleft().reply()))
+            reply_oldest()
         if len(running) >= MAX_RUNNING:
-            socket.send(encoder.encode(running.popleft().reply()))  # full: wait for the oldest
+            reply_oldest()  # full: wait for the oldest
             continue
         if running and not socket.poll(0):
             time.sleep(RUNNING_POLL_S)  # nothing new yet: check the oldest again shortly
@@ -149,11 +158,18 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
             case Shutdown():
                 break
             case RunWindow():
-                running.append(worker.start(message, frames))
+                running.append(worker.start(message))
+            case MapInputs():
+                worker.map_inputs(message)
+            case DropInputs(slab=slab):
+                worker.drop_inputs(slab)
+                if not running:
+                    for slab in worker.retire_inputs(None):
+                        socket.send(encoder.encode(InputsDropped(slab)))
             case MakeSlabs():
                 socket.send(encoder.encode(worker.make_slabs(message)))
-    for window in running:
-        socket.send(encoder.encode(window.reply()))
+    while running:
+        socket.send(encoder.encode(running.popleft().reply()))
 
 
 @dataclass
@@ -164,6 +180,12 @@ class Running:
     result: EncodeResult | None
     failure: str = ""
     received: float = 0.0  # time.perf_counter() when the window's message arrived
+    sequence: int = 0  # windows started before it in this process
+    # CUDA timing events: where the device reached the window's first work, the end of its copies,
+    # and the end of the window before it (its busy time is counted once where the two overlap)
+    began: torch.cuda.Event | None = None
+    ended: torch.cuda.Event | None = None
+    previous: torch.cuda.Event | None = None
 
     def finished(self) -> bool:
         try:
@@ -178,15 +200,22 @@ class Running:
             self.result.wait()
         except Exception as err:  # an asynchronous CUDA error surfaces here
             raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
+        gpu_ms = 0.0
+        if self.ended is not None:
+            self.ended.synchronize()  # recorded just after the copies' barrier: done with them
+            gpu_ms = self.began.elapsed_time(self.ended)
+            if self.previous is not None:  # the part of the window before's copies that ran alongside
+                gpu_ms -= max(0.0, min(self.began.elapsed_time(self.previous), gpu_ms))
         return WindowDone(self.window, [item.offset for item in self.result.items],
-                          (time.perf_counter() - self.received) * 1e3)
+                          (time.perf_counter() - self.received) * 1e3, gpu_ms)
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, engine_pid: int):
         from vitserve.models import load_model
 
         self.spec = spec
+        self.engine_pid = engine_pid  # holds the input slabs' descriptors, which the worker opens through /proc
         self.device = torch.device(spec.device)
         began = time.perf_counter()
         model = load_model(spec.model, device=self.device, dtype=TORCH_DTYPES.get(spec.dtype) if spec.dtype else None)
@@ -197,6 +226,10 @@ class Worker:
         capture_s = time.perf_counter() - began
         self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
         self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
+        self.inputs: dict[str, InputSlab] = {}  # the engine's input slabs, mapped (and page-locked on CUDA)
+        self._retiring: list[tuple[int, str]] = []  # (windows started when the drop came, slab)
+        self._started = 0  # windows started so far
+        self._last_end: torch.cuda.Event | None = None  # timing event after the last window's copies
         geometry = model.geometry
         self.row_shape = (1 + geometry.num_deepstack, geometry.out_hidden_size)
         caps, cost = self.runner.capacities, self.runner.cost
@@ -209,37 +242,113 @@ class Worker:
             capture_s=capture_s,
         )
 
-    def start(self, message: RunWindow, frames: list[memoryview]) -> Running:
+    def start(self, message: RunWindow) -> Running:
         """Queue the window's work on the device without waiting for it."""
         received = time.perf_counter()
+        self._started += 1
         try:
-            return Running(message.window, self._encode(message, frames), received=received)
+            began = self._timing_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else None
+            result = self._encode(message)
+            running = Running(message.window, result, received=received, sequence=self._started)
+            if began is not None:
+                running.began, running.previous = began, self._last_end
+                running.ended = self._last_end = self._timing_event(self.runner.copier.copy_stream)
+            return running
         except Exception as err:  # the window fails, the worker goes on (unless the device is broken)
             if self.device.type == "cuda" and is_cuda_error(err):
                 raise DeviceFault(f"window {message.window}: {type(err).__name__}: {err}") from err
             log.exception("window %d failed", message.window)
-            return Running(message.window, None, f"{type(err).__name__}: {err}", received)
+            return Running(message.window, None, f"{type(err).__name__}: {err}", received, self._started)
+
+    @staticmethod
+    def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
 
     @torch.inference_mode()
-    def _encode(self, message: RunWindow, frames: list[memoryview]) -> EncodeResult:
+    def _encode(self, message: RunWindow) -> EncodeResult:
         grids = [item.grid for item in message.items]
-        pieces: list[torch.Tensor | None] = [None] * len(grids)
+        pieces = self._inputs(message.items)  # each item's array on the device, in the window's order
         raw = [i for i, item in enumerate(message.items) if item.kind != "patches"]
         if raw:
-            pixels = [frame_array(message.items[i].data, frames) for i in raw]
-            patches = preprocess_batch(pixels, self.spec.preprocess, device=self.device)
+            patches = preprocess_batch([pieces[i] for i in raw], self.spec.preprocess, device=self.device)
             done = [tuple(g) for g in patches.grid_thw.tolist()]
             if done != [grids[i] for i in raw]:
                 raise RuntimeError(f"preprocessing gave grids {done}, the engine planned {[grids[i] for i in raw]}")
             for i, part in zip(raw, patches.pixel_values.split([t * h * w for t, h, w in done])):
                 pieces[i] = part
-        for i, item in enumerate(message.items):
-            if item.kind == "patches":
-                pieces[i] = read_only_tensor(frame_array(item.data, frames)).to(self.device)
         pixel_values = torch.cat(pieces)  # (tokens, patch_dim) in the window's order
         rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
         out = self._slot(message, rows)
         return self.runner.encode(pixel_values, grids, out=out, wait=False)
+
+    def _inputs(self, items: list[WindowItem]) -> list[torch.Tensor]:
+        """The items' arrays on the device. On CUDA they go up into one device buffer, laid out as
+        in their slabs, in one asynchronous copy per run of items adjacent in one slab (page-locked
+        memory: no staging, no host allocation)."""
+        hosts = []
+        for item in items:
+            slab = self.inputs.get(item.slab)
+            if slab is None:
+                raise RuntimeError(f"input slab {item.slab} is not mapped by this worker ({sorted(self.inputs)})")
+            hosts.append(slab.array(item.offset, item.dtype, tuple(item.shape)))  # bounds checked
+        if self.device.type != "cuda":
+            return [read_only_tensor(array) for array in hosts]
+        starts = [0]
+        for array in hosts:
+            starts.append(starts[-1] + aligned(array.nbytes))
+        buffer = torch.empty(starts[-1], dtype=torch.uint8, device=self.device)  # (bytes,)
+        first = 0
+        for end in range(1, len(items) + 1):
+            if end < len(items) and items[end].slab == items[first].slab and (
+                    items[end].offset - items[first].offset == starts[end] - starts[first]):
+                continue  # adjacent in its slab as in the buffer: the same copy takes it
+            nbytes = starts[end - 1] - starts[first] + hosts[end - 1].nbytes
+            source = torch.frombuffer(self.inputs[items[first].slab].mapping, dtype=torch.uint8, count=nbytes,
+                                      offset=items[first].offset)  # (bytes,) page-locked
+            buffer[starts[first]:starts[first] + nbytes].copy_(source, non_blocking=True)
+            first = end
+        return [buffer[start:start + array.nbytes].view(TORCH_DTYPES[item.dtype]).view(array.shape)
+                for item, start, array in zip(items, starts, hosts)]
+
+    def map_inputs(self, message: MapInputs) -> None:
+        """Map (and on CUDA page-lock) an input slab of the engine's. A slab that cannot be mapped is
+        logged; the windows that name it fail, and the worker goes on."""
+        if message.slab in self.inputs:
+            return
+        try:
+            slab = InputSlab.open_from(self.engine_pid, message.descriptor, message.slab, message.size)
+        except SlabError as err:
+            log.error("cannot map input slab: %s", err)
+            return
+        if self.device.type == "cuda":
+            try:
+                pin_for_cuda(slab.mapping)
+            except RuntimeError as err:
+                log.error("cannot page-lock input slab %s: %s", message.slab, err)
+                slab.close()
+                return
+        self.inputs[message.slab] = slab
+
+    def drop_inputs(self, slab: str) -> None:
+        """Unmap an input slab once every window started so far is done (see retire_inputs)."""
+        self._retiring.append((self._started, slab))
+
+    def retire_inputs(self, oldest_running: int | None) -> list[str]:
+        """Unmap the slabs dropped before the oldest window still running (`oldest_running`, its
+        sequence; None: none runs): no copy from them can be in flight. Returns their names."""
+        done = [(mark, slab) for mark, slab in self._retiring if oldest_running is None or mark < oldest_running]
+        if not done:
+            return []
+        self._retiring = [entry for entry in self._retiring if entry not in done]
+        for _, name in done:
+            slab = self.inputs.pop(name, None)
+            if slab is not None:
+                if self.device.type == "cuda":
+                    unpin_for_cuda(slab.mapping)
+                slab.close()
+        return [name for _, name in done]
 
     def _slot(self, message: RunWindow, rows: int) -> torch.Tensor:
         """The leased run as the runner's output tensor (rows, 1 + deepstack, out_hidden), with the
@@ -278,6 +387,9 @@ class Worker:
         return SlabsMade([fd for _, fd, _ in made])
 
     def close(self) -> None:
+        for slab in self.inputs.values():
+            slab.close()
+        self.inputs.clear()
         self.slabs.clear()
         for fd in self._slab_descriptors:
             os.close(fd)
@@ -290,6 +402,13 @@ def pin_for_cuda(mapping: mmap.mmap) -> None:
     status = torch.cuda.cudart().cudaHostRegister(address, len(mapping), 0)
     if int(status) != 0:
         raise RuntimeError(f"cudaHostRegister of {len(mapping)} bytes of output slab failed with status {status}")
+
+
+def unpin_for_cuda(mapping: mmap.mmap) -> None:
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    status = torch.cuda.cudart().cudaHostUnregister(address)
+    if int(status) != 0:
+        log.warning("cudaHostUnregister of an input slab failed with status %s", status)
 
 
 def is_cuda_error(err: BaseException) -> bool:
