@@ -77,5 +77,6 @@ def test_classes_are_counted_apart_under_every_policy():
         classes = row["classes"]
         assert set(classes) == {"interactive", "batch"}
         assert sum(part["sent"] for part in classes.values()) == row["sent"]
+        assert classes["batch"]["goodput_rps"] > 0 and classes["interactive"]["goodput_rps"] > 0
         assert classes["batch"]["images_per_s"] >= 4 * classes["batch"]["goodput_rps"] * 0.99
     assert "interactive" in policy_table(report)

@@ -45,6 +45,8 @@ def add_serve_parser(commands) -> None:
                        help="on SIGTERM, how long admitted requests may take to finish")
     serve.add_argument("--max-queued-bytes", type=int, default=4 << 30,
                        help="input bytes of all unfinished requests together; past it: overloaded")
+    serve.add_argument("--cache-dir", help="where measured cost models are kept between starts (default "
+                       "$XDG_CACHE_HOME/vitserve or ~/.cache/vitserve; 'none': measure at every start)")
     serve.add_argument("--input-slab-bytes", type=int, help="shared memory that inputs received as frames are copied "
                        "into for the workers (default: 1 GiB, within --max-request-bytes and --max-queued-bytes)")
     _add_client_limit_arguments(serve)
@@ -72,7 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
                               max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
-                              clients=_client_limits(args))
+                              clients=_client_limits(args), progress=True, **_cache_dir(args))
         socket_mode = parse_socket_mode(args.socket_mode)
         endpoint = args.endpoint or default_endpoint()
         keys = _server_keys(args)
@@ -107,6 +109,12 @@ def _add_client_limit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each local client's shared memory for its inputs (0: none, inputs go as frames)")
     parser.add_argument("--max-input-arenas", type=int, default=defaults.max_input_arenas,
                         help="input arenas at once; further local clients send their inputs as frames")
+
+
+def _cache_dir(args: argparse.Namespace) -> dict:
+    if args.cache_dir is None:
+        return {}
+    return {"cache_dir": None if args.cache_dir.lower() == "none" else args.cache_dir}
 
 
 def _client_limits(args: argparse.Namespace):

@@ -46,7 +46,7 @@ async def compare_policies(engine, jobs: Sequence[Job], load: float, seconds: fl
     saturation = await closed_loop(encode, unbounded, saturation_requests, 64, label="saturation")
     rate = load * saturation.completed / saturation.seconds
     segment = seconds / rounds
-    totals = {policy: LoadResult(policy, seconds=segment * rounds) for policy in policies}
+    totals = {policy: LoadResult(policy) for policy in policies}
     per_round: dict[str, list[float]] = {policy: [] for policy in policies}
     windows, items = Counter(), Counter()
     arrivals_sent = 0
@@ -64,6 +64,8 @@ async def compare_policies(engine, jobs: Sequence[Job], load: float, seconds: fl
             totals[policy].merge(part)
             per_round[policy].append(100.0 * part.misses / max(part.sent, 1))
     engine.scheduler.use_policy(policies[0])
+    for total in totals.values():
+        total.ended(segment * rounds)  # its classes' too
     rows = []
     for policy, total in totals.items():
         rows.append(total.row() | {
@@ -72,8 +74,6 @@ async def compare_policies(engine, jobs: Sequence[Job], load: float, seconds: fl
             "windows": windows[policy],
             "items_per_window": items[policy] / max(windows[policy], 1),
         })
-    for total in totals.values():
-        total.ended(segment * rounds)
     deadlines = sorted({job.deadline_ms for job in jobs}, key=lambda d: (d is None, d))
     return {"saturation_rps": saturation.completed / saturation.seconds, "rate_rps": rate, "load": load,
             "deadlines_ms": deadlines, "rounds": rounds, "arrivals": arrivals_sent,

@@ -9,6 +9,7 @@ from vitserve.checks import check_int, check_seconds
 from vitserve.preprocess import PreprocessConfig
 from vitserve.scheduler import SchedulerConfig
 from vitserve.workers import WindowConfig
+from vitserve.workers.cost_cache import default_cache_dir
 
 from .limits import ClientLimits
 
@@ -56,6 +57,9 @@ class EngineConfig:
     window_timeout_s: float | None = 60.0
     worker_heartbeat_s: float = 1.0
     drain_timeout_s: float = 30.0
+    progress: bool = False  # workers say their start-up phases on stderr (`vitserve serve` turns it on)
+    # Where measured cost models are kept between starts (workers/cost_cache.py); None: measure at every start
+    cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:
         devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)

@@ -40,7 +40,8 @@ class WorkerRestarts:
         spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}-e{epoch}",
                           model=config.model, device=device, dtype=config.dtype, window=config.window,
                           preprocess=config.preprocess, threads=config.worker_threads(device),
-                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s, cost=cost)
+                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s, cost=cost,
+                          progress=config.progress, cache_dir=config.cache_dir)
         return WorkerHandle(spec, self._context)
 
     async def _new_pool(self, handle: WorkerHandle, epoch: int) -> SlabPool:

@@ -50,8 +50,8 @@ async def _serve(config: EngineConfig, frontend: Frontend) -> int:
     task = loop.create_task(frontend.serve(engine))
     signalled = loop.create_task(stop.wait())
     # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
-    print(f"vitserve: starting on {frontend.endpoint}: loading {config.model} on {', '.join(config.devices)}, "
-          f"then capturing graphs and measuring the cost model", file=sys.stderr, flush=True)
+    print(f"vitserve: starting on {frontend.endpoint}: {config.model} on {', '.join(config.devices)}",
+          file=sys.stderr, flush=True)
     starting = loop.create_task(engine.start())
     await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # a signal during the start: stop starting (start() cleans up after itself)

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import time
 
 import msgspec
 import zmq
@@ -46,6 +47,7 @@ class WorkerHandle:
 
     async def start(self, timeout_s: float) -> WorkerReady:
         """Spawn the process and wait for its handshake; raise WorkerStartError saying what failed."""
+        self.spec = dataclasses.replace(self.spec, spawned_at=time.monotonic())
         self.process = multiprocessing.get_context("spawn").Process(
             target=worker_main, args=(self.spec,), name=f"vitserve-worker-{self.worker}", daemon=True)
         self.process.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .presets import PRESET_PREFIX, init_random_, preset_config
+from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config
 from .qwen3_vl.config import Qwen3VLVisionConfig
 from .qwen3_vl.model import Qwen3VLVisionTower
 
@@ -47,7 +47,12 @@ def load_model(
     dtype = dtype or default_dtype(device)
     if str(source).startswith(PRESET_PREFIX):
         config = preset_config(str(source))
-        model = Qwen3VLVisionTower(config)
+        if large_tower(config):  # no default initialisation (seconds): init_random_ draws every value
+            with torch.device("meta"):  # (its first use imports torch's reference ops: seconds, too)
+                model = Qwen3VLVisionTower(config)
+            model = model.to_empty(device="cpu")
+        else:
+            model = Qwen3VLVisionTower(config)
         init_random_(model)
         model.to(device=device, dtype=dtype)
     else:

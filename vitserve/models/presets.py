@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 
@@ -10,6 +13,9 @@ from .qwen3_vl.config import Qwen3VLVisionConfig
 PRESET_PREFIX = "random:"
 PRESET_SEED = 0
 INIT_STD = 0.02  # Hugging Face's initializer_range for these towers
+PARAMETER_SEEDS = 1 << 20  # more than any tower's parameter count: seeds of two presets' seeds never meet
+INIT_THREADS = 16
+LARGE_TOWER_PARAMETERS = 50_000_000  # towers this large are built without default init and drawn in threads
 
 _SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=(5, 11, 17))
 _LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=(8, 16, 24))
@@ -28,6 +34,12 @@ PRESETS: dict[str, Qwen3VLVisionConfig] = {
 }
 
 
+def large_tower(config: Qwen3VLVisionConfig) -> bool:
+    """Whether a tower has about LARGE_TOWER_PARAMETERS or more (its blocks' attention and MLP weights)."""
+    hidden = config.hidden_size
+    return config.depth * (4 * hidden * hidden + 2 * hidden * config.intermediate_size) >= LARGE_TOWER_PARAMETERS
+
+
 def preset_config(source: str) -> Qwen3VLVisionConfig:
     name = source.removeprefix(PRESET_PREFIX)
     if name not in PRESETS:
@@ -39,14 +51,24 @@ def preset_config(source: str) -> Qwen3VLVisionConfig:
 @torch.no_grad()
 def init_random_(model: nn.Module, seed: int = PRESET_SEED) -> None:
     """Seeded weights in the reference's initialisation, drawn on the CPU so every device
-    gets the same model. Norms get a small perturbation so that tests exercise them."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
+    gets the same model. Norms get a small perturbation so that tests exercise them. Each
+    parameter has a generator of its own (seeded by `seed` and its index), so they are drawn in
+    parallel threads (torch releases the GIL) and still come out the same on every run."""
+    def fill(indexed: tuple[int, tuple[str, nn.Parameter]]) -> None:
+        index, (name, param) = indexed
+        generator = torch.Generator().manual_seed(seed * PARAMETER_SEEDS + index)
+        values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
         if "norm" in name:
-            base = 1.0 if name.endswith("weight") else 0.0
-            values = base + 0.1 * torch.randn(param.shape, generator=generator)
-        elif name.endswith("bias"):
-            values = 0.02 * torch.randn(param.shape, generator=generator)
+            values.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
         else:
-            values = INIT_STD * torch.randn(param.shape, generator=generator)
-        param.copy_(values)
+            values.mul_(0.02 if name.endswith("bias") else INIT_STD)
+        with torch.no_grad():  # per thread: the caller's no_grad does not reach the pool's threads
+            param.copy_(values)
+
+    parameters = list(enumerate(model.named_parameters()))
+    if sum(param.numel() for _, (_, param) in parameters) < LARGE_TOWER_PARAMETERS:
+        for indexed in parameters:  # threads would cost more than they save
+            fill(indexed)
+        return
+    with ThreadPoolExecutor(max_workers=min(INIT_THREADS, os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, parameters))

@@ -15,10 +15,12 @@ import ctypes
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -37,6 +39,7 @@ from vitserve.ipc.slabs import SlabError
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
+from .cost_cache import cost_cache_path, read_cost, write_cost
 from .cost_model import CostModel
 from .runner import EncodeResult, ModelRunner
 
@@ -73,6 +76,9 @@ class WorkerSpec:
     # The cost model this worker measured before a restart (same device, same config): reused, so a
     # restarted worker is back without measuring it again. None: measure it.
     cost: WorkerCost | None = None
+    progress: bool = False  # say each start-up phase on stderr (`vitserve serve` does)
+    cache_dir: str | None = None  # where measured cost models are kept between starts; None: nowhere
+    spawned_at: float = 0.0  # time.monotonic() when the engine spawned it (0: unknown)
     # Where the beats go: the engine's shared double (a multiprocessing RawValue, picklable only
     # while the process is spawned); None: no heartbeat (a worker run by hand, as tools/ do).
     beat_at: Any = field(default=None, compare=False, repr=False)
@@ -218,12 +224,28 @@ class Worker:
         self.engine_pid = engine_pid  # holds the input slabs' descriptors, which the worker opens through /proc
         self.device = torch.device(spec.device)
         began = time.perf_counter()
+        say = _progress(spec)
+        say(f"loading {spec.model}")
         model = load_model(spec.model, device=self.device, dtype=TORCH_DTYPES.get(spec.dtype) if spec.dtype else None)
         self.runner = ModelRunner(model, spec.window)
         known = None if spec.cost is None else CostModel.from_lists(
             spec.cost.attention_ms_per_token2, spec.cost.padded_base_ms, spec.cost.eager_base_points)
-        self.runner.capture(progress=False, cost=known)
+        kept = None if spec.cache_dir is None else cost_cache_path(Path(spec.cache_dir), self.runner)
+        if known is None and kept is not None:
+            known = read_cost(kept)
+            if known is not None and not set(self.runner.padded_shapes()) <= set(known.padded_base_ms):
+                known = None  # not this runner's shapes after all: measure them
+        graphs = len(self.runner.padded_shapes()) if self.runner.use_graphs else 0
+        say(f"loaded; {f'capturing {graphs} graphs, then ' if graphs else ''}"
+            f"{'reusing the cost model measured before' if known else 'measuring the cost model'}")
+        loaded = time.perf_counter()
+        report = self.runner.capture(progress=False, cost=known)
+        if known is None and kept is not None:
+            write_cost(kept, self.runner.cost)
         capture_s = time.perf_counter() - began
+        graphs_s = report.seconds if report is not None else 0.0
+        say(f"ready: load {loaded - began:.1f} s, graphs {graphs_s:.1f} s, cost model "
+            f"{time.perf_counter() - loaded - graphs_s:.1f} s")
         self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
         self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
         self.inputs: dict[str, InputSlab] = {}  # the engine's input slabs, mapped (and page-locked on CUDA)
@@ -402,6 +424,18 @@ def pin_for_cuda(mapping: mmap.mmap) -> None:
     status = torch.cuda.cudart().cudaHostRegister(address, len(mapping), 0)
     if int(status) != 0:
         raise RuntimeError(f"cudaHostRegister of {len(mapping)} bytes of output slab failed with status {status}")
+
+
+def _progress(spec: WorkerSpec):
+    """A function that says a start-up phase on stderr (when the spec asks for it), with the time since
+    the engine spawned the process (CLOCK_MONOTONIC is one clock for the whole host)."""
+    began = spec.spawned_at or time.monotonic()
+
+    def say(message: str) -> None:
+        if spec.progress:
+            print(f"vitserve: worker {spec.worker} ({spec.device}), {time.monotonic() - began:5.1f} s: {message}",
+                  file=sys.stderr, flush=True)
+    return say
 
 
 def unpin_for_cuda(mapping: mmap.mmap) -> None:
