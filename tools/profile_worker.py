@@ -72,7 +72,7 @@ def main() -> None:
     # Every window's items in one input slab, adjacent, as a client's request lays them out.
     inputs = InputSlab.create(input_slab_name(os.getpid(), "prof", 0),
                               sum(aligned(item.array.nbytes) for window in windows for item in window))
-    worker.map_inputs(MapInputs(inputs.name, inputs.fd, inputs.size))
+    worker.inputs.map(MapInputs(inputs.name, inputs.fd, inputs.size))
     window_items, offset = [], 0
     for window in windows:
         window_items.append([])

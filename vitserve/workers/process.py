@@ -2,16 +2,16 @@
 reports its capacities and measured cost model, then runs the windows the engine sends.
 
 Each window arrives as one message naming where its items lie in the engine's input slabs
-(which the worker maps and page-locks once: ipc/input_slabs.py) and the shared-memory slot its
+(which the worker maps and page-locks once: worker_inputs.py) and the shared-memory slot its
 output rows go to. The items go to the device in one asynchronous copy per run of adjacent
 items, raw images and videos are preprocessed there, and the runner's single output copy lands
-in the slot, which the engine's clients read in place. The process talks to the engine over one ZeroMQ PAIR socket, and a thread of its own
-writes heartbeats into shared memory, which the engine watches for a hung worker (engine/liveness.py).
+in the slot, which the engine's clients read in place. The process talks to the engine over one
+ZeroMQ PAIR socket, and a thread of its own writes heartbeats into shared memory, which the
+engine watches for a hung worker (engine/liveness.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import os
@@ -28,20 +28,19 @@ import torch
 import zmq
 
 from vitserve.ipc.codec import Codec
-from vitserve.ipc.input_slabs import InputSlab, aligned
 from vitserve.ipc.messages import (
-    DropInputs, FromWorker, InputsDropped, MakeSlabs, MapInputs, RunWindow, Shutdown, SlabsMade, ToWorker, WindowDone,
-    WindowFailed, WindowItem, WorkerCost, WorkerReady, WorkerStartFailed,
+    DropInputs, InputsDropped, MakeSlabs, MapInputs, RunWindow, Shutdown, SlabsMade, ToWorker, WorkerCost, WorkerReady,
+    WorkerStartFailed,
 )
-from vitserve.ipc.outputs import read_only_tensor
 from vitserve.ipc.sealed import SealError, create_sealed
-from vitserve.ipc.slabs import SlabError
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
 from .cost_cache import cost_cache_path, read_cost, write_cost
 from .cost_model import CostModel
 from .runner import EncodeResult, ModelRunner
+from .running import DeviceFault, Running, is_cuda_error
+from .worker_inputs import TORCH_DTYPES, WorkerInputs, pin_for_cuda
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ RUNNING_POLL_S = 100e-6
 ORPHAN_CHECK_MS = 1000  # an idle worker checks this often that the engine that started it still runs
 EXIT_DEVICE_FAULT = 3  # exit code after a CUDA error: the context is unusable, the engine restarts us
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -82,10 +80,6 @@ class WorkerSpec:
     # Where the beats go: the engine's shared double (a multiprocessing RawValue, picklable only
     # while the process is spawned); None: no heartbeat (a worker run by hand, as tools/ do).
     beat_at: Any = field(default=None, compare=False, repr=False)
-
-
-class DeviceFault(Exception):
-    """A CUDA error: the device context cannot be trusted for any later window."""
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -142,7 +136,7 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
 
     def reply_oldest() -> None:
         socket.send(encoder.encode(running.popleft().reply()))
-        for slab in worker.retire_inputs(running[0].sequence if running else None):
+        for slab in worker.inputs.retire(running[0].sequence if running else None):
             socket.send(encoder.encode(InputsDropped(slab)))
 
     while True:
@@ -166,54 +160,16 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
             case RunWindow():
                 running.append(worker.start(message))
             case MapInputs():
-                worker.map_inputs(message)
+                worker.inputs.map(message)
             case DropInputs(slab=slab):
-                worker.drop_inputs(slab)
+                worker.inputs.drop(slab, worker.started)
                 if not running:
-                    for slab in worker.retire_inputs(None):
+                    for slab in worker.inputs.retire(None):
                         socket.send(encoder.encode(InputsDropped(slab)))
             case MakeSlabs():
                 socket.send(encoder.encode(worker.make_slabs(message)))
     while running:
         socket.send(encoder.encode(running.popleft().reply()))
-
-
-@dataclass
-class Running:
-    """A window whose device work is queued; its rows are valid once `result` is done."""
-
-    window: int
-    result: EncodeResult | None
-    failure: str = ""
-    received: float = 0.0  # time.perf_counter() when the window's message arrived
-    sequence: int = 0  # windows started before it in this process
-    # CUDA timing events: where the device reached the window's first work, the end of its copies,
-    # and the end of the window before it (its busy time is counted once where the two overlap)
-    began: torch.cuda.Event | None = None
-    ended: torch.cuda.Event | None = None
-    previous: torch.cuda.Event | None = None
-
-    def finished(self) -> bool:
-        try:
-            return self.result is None or self.result.done is None or self.result.done.query()
-        except Exception as err:  # an asynchronous CUDA error can surface at the query too
-            raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
-
-    def reply(self) -> FromWorker:
-        if self.result is None:
-            return WindowFailed(self.window, self.failure)
-        try:
-            self.result.wait()
-        except Exception as err:  # an asynchronous CUDA error surfaces here
-            raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
-        gpu_ms = 0.0
-        if self.ended is not None:
-            self.ended.synchronize()  # recorded just after the copies' barrier: done with them
-            gpu_ms = self.began.elapsed_time(self.ended)
-            if self.previous is not None:  # the part of the window before's copies that ran alongside
-                gpu_ms -= max(0.0, min(self.began.elapsed_time(self.previous), gpu_ms))
-        return WindowDone(self.window, [item.offset for item in self.result.items],
-                          (time.perf_counter() - self.received) * 1e3, gpu_ms)
 
 
 class Worker:
@@ -248,9 +204,8 @@ class Worker:
             f"{time.perf_counter() - loaded - graphs_s:.1f} s")
         self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
         self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
-        self.inputs: dict[str, InputSlab] = {}  # the engine's input slabs, mapped (and page-locked on CUDA)
-        self._retiring: list[tuple[int, str]] = []  # (windows started when the drop came, slab)
-        self._started = 0  # windows started so far
+        self.inputs = WorkerInputs(self.device, engine_pid)  # the engine's input slabs, as this worker maps them
+        self.started = 0  # windows started so far (each one's sequence)
         self._last_end: torch.cuda.Event | None = None  # timing event after the last window's copies
         geometry = model.geometry
         self.row_shape = (1 + geometry.num_deepstack, geometry.out_hidden_size)
@@ -267,11 +222,11 @@ class Worker:
     def start(self, message: RunWindow) -> Running:
         """Queue the window's work on the device without waiting for it."""
         received = time.perf_counter()
-        self._started += 1
+        self.started += 1
         try:
             began = self._timing_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else None
             result = self._encode(message)
-            running = Running(message.window, result, received=received, sequence=self._started)
+            running = Running(message.window, result, received=received, sequence=self.started)
             if began is not None:
                 running.began, running.previous = began, self._last_end
                 running.ended = self._last_end = self._timing_event(self.runner.copier.copy_stream)
@@ -280,7 +235,7 @@ class Worker:
             if self.device.type == "cuda" and is_cuda_error(err):
                 raise DeviceFault(f"window {message.window}: {type(err).__name__}: {err}") from err
             log.exception("window %d failed", message.window)
-            return Running(message.window, None, f"{type(err).__name__}: {err}", received, self._started)
+            return Running(message.window, None, f"{type(err).__name__}: {err}", received, self.started)
 
     @staticmethod
     def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -291,7 +246,7 @@ class Worker:
     @torch.inference_mode()
     def _encode(self, message: RunWindow) -> EncodeResult:
         grids = [item.grid for item in message.items]
-        pieces = self._inputs(message.items)  # each item's array on the device, in the window's order
+        pieces = self.inputs.on_device(message.items)  # each item's array on the device, in the window's order
         raw = [i for i, item in enumerate(message.items) if item.kind != "patches"]
         if raw:
             patches = preprocess_batch([pieces[i] for i in raw], self.spec.preprocess, device=self.device)
@@ -304,73 +259,6 @@ class Worker:
         rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
         out = self._slot(message, rows)
         return self.runner.encode(pixel_values, grids, out=out, wait=False)
-
-    def _inputs(self, items: list[WindowItem]) -> list[torch.Tensor]:
-        """The items' arrays on the device. On CUDA they go up into one device buffer, laid out as
-        in their slabs, in one asynchronous copy per run of items adjacent in one slab (page-locked
-        memory: no staging, no host allocation)."""
-        hosts = []
-        for item in items:
-            slab = self.inputs.get(item.slab)
-            if slab is None:
-                raise RuntimeError(f"input slab {item.slab} is not mapped by this worker ({sorted(self.inputs)})")
-            hosts.append(slab.array(item.offset, item.dtype, tuple(item.shape)))  # bounds checked
-        if self.device.type != "cuda":
-            return [read_only_tensor(array) for array in hosts]
-        starts = [0]
-        for array in hosts:
-            starts.append(starts[-1] + aligned(array.nbytes))
-        buffer = torch.empty(starts[-1], dtype=torch.uint8, device=self.device)  # (bytes,)
-        first = 0
-        for end in range(1, len(items) + 1):
-            if end < len(items) and items[end].slab == items[first].slab and (
-                    items[end].offset - items[first].offset == starts[end] - starts[first]):
-                continue  # adjacent in its slab as in the buffer: the same copy takes it
-            nbytes = starts[end - 1] - starts[first] + hosts[end - 1].nbytes
-            source = torch.frombuffer(self.inputs[items[first].slab].mapping, dtype=torch.uint8, count=nbytes,
-                                      offset=items[first].offset)  # (bytes,) page-locked
-            buffer[starts[first]:starts[first] + nbytes].copy_(source, non_blocking=True)
-            first = end
-        return [buffer[start:start + array.nbytes].view(TORCH_DTYPES[item.dtype]).view(array.shape)
-                for item, start, array in zip(items, starts, hosts)]
-
-    def map_inputs(self, message: MapInputs) -> None:
-        """Map (and on CUDA page-lock) an input slab of the engine's. A slab that cannot be mapped is
-        logged; the windows that name it fail, and the worker goes on."""
-        if message.slab in self.inputs:
-            return
-        try:
-            slab = InputSlab.open_from(self.engine_pid, message.descriptor, message.slab, message.size)
-        except SlabError as err:
-            log.error("cannot map input slab: %s", err)
-            return
-        if self.device.type == "cuda":
-            try:
-                pin_for_cuda(slab.mapping)
-            except RuntimeError as err:
-                log.error("cannot page-lock input slab %s: %s", message.slab, err)
-                slab.close()
-                return
-        self.inputs[message.slab] = slab
-
-    def drop_inputs(self, slab: str) -> None:
-        """Unmap an input slab once every window started so far is done (see retire_inputs)."""
-        self._retiring.append((self._started, slab))
-
-    def retire_inputs(self, oldest_running: int | None) -> list[str]:
-        """Unmap the slabs dropped before the oldest window still running (`oldest_running`, its
-        sequence; None: none runs): no copy from them can be in flight. Returns their names."""
-        done = [(mark, slab) for mark, slab in self._retiring if oldest_running is None or mark < oldest_running]
-        if not done:
-            return []
-        self._retiring = [entry for entry in self._retiring if entry not in done]
-        for _, name in done:
-            slab = self.inputs.pop(name, None)
-            if slab is not None:
-                if self.device.type == "cuda":
-                    unpin_for_cuda(slab.mapping)
-                slab.close()
-        return [name for _, name in done]
 
     def _slot(self, message: RunWindow, rows: int) -> torch.Tensor:
         """The leased run as the runner's output tensor (rows, 1 + deepstack, out_hidden), with the
@@ -409,21 +297,11 @@ class Worker:
         return SlabsMade([fd for _, fd, _ in made])
 
     def close(self) -> None:
-        for slab in self.inputs.values():
-            slab.close()
-        self.inputs.clear()
+        self.inputs.close()
         self.slabs.clear()
         for fd in self._slab_descriptors:
             os.close(fd)
         self._slab_descriptors.clear()
-
-
-def pin_for_cuda(mapping: mmap.mmap) -> None:
-    """Register the pages with CUDA (page-locked), so device-to-host copies into them run asynchronously."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    status = torch.cuda.cudart().cudaHostRegister(address, len(mapping), 0)
-    if int(status) != 0:
-        raise RuntimeError(f"cudaHostRegister of {len(mapping)} bytes of output slab failed with status {status}")
 
 
 def _progress(spec: WorkerSpec):
@@ -436,16 +314,3 @@ def _progress(spec: WorkerSpec):
             print(f"vitserve: worker {spec.worker} ({spec.device}), {time.monotonic() - began:5.1f} s: {message}",
                   file=sys.stderr, flush=True)
     return say
-
-
-def unpin_for_cuda(mapping: mmap.mmap) -> None:
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    status = torch.cuda.cudart().cudaHostUnregister(address)
-    if int(status) != 0:
-        log.warning("cudaHostUnregister of an input slab failed with status %s", status)
-
-
-def is_cuda_error(err: BaseException) -> bool:
-    """Whether `err` comes from the CUDA runtime (sticky: every later call on the context fails too)."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    return (accelerator_error is not None and isinstance(err, accelerator_error)) or "CUDA error" in str(err)

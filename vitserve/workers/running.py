@@ -1,0 +1,65 @@
+"""A window whose device work is queued in the worker, its reply once done, and what a CUDA error means.
+
+The worker queues a window's work and goes on; `Running` tells whether it has finished (without
+waiting) and builds its reply: where each item's rows start, and how long the device was busy with
+it, from CUDA timing events (the part overlapping the window before is counted once).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vitserve.ipc.messages import FromWorker, WindowDone, WindowFailed
+
+from .runner import EncodeResult
+
+
+class DeviceFault(Exception):
+    """A CUDA error: the device context cannot be trusted for any later window."""
+
+
+@dataclass
+class Running:
+    """A window whose device work is queued; its rows are valid once `result` is done."""
+
+    window: int
+    result: EncodeResult | None
+    failure: str = ""
+    received: float = 0.0  # time.perf_counter() when the window's message arrived
+    sequence: int = 0  # windows started before it in this process
+    # CUDA timing events: where the device reached the window's first work, the end of its copies,
+    # and the end of the window before it (its busy time is counted once where the two overlap)
+    began: torch.cuda.Event | None = None
+    ended: torch.cuda.Event | None = None
+    previous: torch.cuda.Event | None = None
+
+    def finished(self) -> bool:
+        try:
+            return self.result is None or self.result.done is None or self.result.done.query()
+        except Exception as err:  # an asynchronous CUDA error can surface at the query too
+            raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
+
+    def reply(self) -> FromWorker:
+        if self.result is None:
+            return WindowFailed(self.window, self.failure)
+        try:
+            self.result.wait()
+        except Exception as err:  # an asynchronous CUDA error surfaces here
+            raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
+        gpu_ms = 0.0
+        if self.ended is not None:
+            self.ended.synchronize()  # recorded just after the copies' barrier: done with them
+            gpu_ms = self.began.elapsed_time(self.ended)
+            if self.previous is not None:  # the part of the window before's copies that ran alongside
+                gpu_ms -= max(0.0, min(self.began.elapsed_time(self.previous), gpu_ms))
+        return WindowDone(self.window, [item.offset for item in self.result.items],
+                          (time.perf_counter() - self.received) * 1e3, gpu_ms)
+
+
+def is_cuda_error(err: BaseException) -> bool:
+    """Whether `err` comes from the CUDA runtime (sticky: every later call on the context fails too)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(err, accelerator_error)) or "CUDA error" in str(err)
