@@ -12,8 +12,9 @@ from .load import Job, jobs_of
 ARENA_SIDES = (224, 336, 448, 672, 1008)
 ARENA_WEIGHTS = (0.2, 0.3, 0.2, 0.2, 0.1)
 SMALL_SIDES = (32, 64, 96, 128)
-# mixed-slo: the share of interactive requests, and each class's deadline and priority (in vitserve
-# lower priorities go first, so the interactive class gets the more urgent one)
+# mixed-slo: the share of interactive requests (one 448² image; the others are batches of twenty 336²),
+# and each class's deadline and priority (in vitserve lower priorities go first, so the interactive
+# class gets the more urgent one)
 INTERACTIVE_SHARE = 0.7
 CLASSES = {"interactive": (100.0, 0), "batch": (10_000.0, 1)}
 
@@ -35,8 +36,6 @@ class Workload:
             return [(336, 336)] * 20
         if self.name == "video-448":
             return [(16, 448, 448)]
-        if self.name == "mixed-slo":  # 70 % interactive, 30 % batch: see mixed_slo_jobs
-            return [(448, 448)] if rng.random() < INTERACTIVE_SHARE else [(336, 336)] * 20
         if self.name == "small-mix":  # cheap enough for the tiny model on two CPU cores
             shapes = [(rng.choice(SMALL_SIDES), rng.choice(SMALL_SIDES)) for _ in range(rng.randint(1, 3))]
             return shapes + [(4, 64, 64)] if rng.random() < 0.1 else shapes
@@ -82,4 +81,9 @@ def make_jobs(name: str, count: int, deadline_ms: float | None, seed: int = 0) -
 def make_requests(name: str, count: int, seed: int = 0) -> list[list[np.ndarray]]:
     workload = WORKLOADS[name]
     shapes_rng, pixel_rng = random.Random(seed), np.random.default_rng(seed)
-    return [[synthetic_item(s, pixel_rng) for s in workload.request_shapes(shapes_rng)] for _ in range(count)]
+    if name == "mixed-slo":  # the classes in their exact shares, in a seeded order
+        batch = set(shapes_rng.sample(range(count), round((1 - INTERACTIVE_SHARE) * count)))
+        shapes = [[(336, 336)] * 20 if index in batch else [(448, 448)] for index in range(count)]
+    else:
+        shapes = [workload.request_shapes(shapes_rng) for _ in range(count)]
+    return [[synthetic_item(s, pixel_rng) for s in request] for request in shapes]

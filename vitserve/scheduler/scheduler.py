@@ -31,6 +31,7 @@ from typing import Sequence
 from vitserve.workers import Capacities
 
 from .config import SchedulerConfig
+from .doomed import DoomClock
 from .learning import learn_from_completion
 from .queue import QueuedItem, Request, RequestQueue
 from .state import Candidate, Dispatch, Failure, Predictor, WorkerState
@@ -43,6 +44,7 @@ class Scheduler:
         self.capacities = capacities
         self.workers = {worker.id: worker for worker in workers}
         self.queue = RequestQueue()
+        self._doom = DoomClock()  # when queued requests become hopeless (fail_early)
         self.wakeup: float | None = None  # when `poll` should run again if nothing else happens
         self._window_ids = 0
         self._dispatched: dict[int, Dispatch] = {}
@@ -87,6 +89,7 @@ class Scheduler:
         if config.fail_early and self._hopeless(items, now):
             self.queue.remove(items)
             return self._deadline_failure(request, now)
+        self._doom.watch(items)
         return None
 
     def cancel(self, key: int) -> bool:
@@ -124,6 +127,7 @@ class Scheduler:
         for item in items:
             item.lost += 1
         self.queue.put_back(items)
+        self._doom.watch(items)
 
     def worker_back(self, worker_id: int, predict: Predictor, free_rows: int, now: float) -> None:
         """A restarted worker takes windows again; it keeps what was learned of its device."""
@@ -153,7 +157,7 @@ class Scheduler:
                 break
             dispatches.append(self._dispatch(candidate, worker, predicted, now))
         if self.config.fail_early and len(self.queue):  # wake up to fail what can no longer make it
-            doomed_at = min(item.request.deadline - item.alone_ms / 1e3 for item in self.queue)
+            doomed_at = self._doom.next_at()
             if math.isfinite(doomed_at):
                 self.wakeup = doomed_at if self.wakeup is None else min(self.wakeup, doomed_at)
         return dispatches, failures
@@ -275,12 +279,8 @@ class Scheduler:
         return any(now >= item.request.deadline - item.alone_ms / 1e3 for item in items)
 
     def _fail_hopeless(self, now: float) -> list[Failure]:
-        doomed: dict[int, Request] = {}
-        for item in self.queue:
-            if item.request.key not in doomed and self._hopeless([item], now):
-                doomed[item.request.key] = item.request
         failures = []
-        for request in doomed.values():
+        for request in self._doom.due(now, self.queue):
             self.cancel(request.key)
             failures.append(self._deadline_failure(request, now))
         return failures
