@@ -153,7 +153,7 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
                 log.error("the engine (pid %d) is gone: exiting", engine_pid)
                 return
             continue
-        message, frames = codec.decode(socket.recv_multipart(copy=False))
+        message, _ = codec.decode(socket.recv_multipart(copy=False))
         match message:
             case Shutdown():
                 break

@@ -29,7 +29,7 @@ class Running:
     result: EncodeResult | None
     failure: str = ""
     received: float = 0.0  # time.perf_counter() when the window's message arrived
-    sequence: int = 0  # windows started before it in this process
+    sequence: int = 0  # its place among the windows started in this process (from 1)
     # CUDA timing events: where the device reached the window's first work, the end of its copies,
     # and the end of the window before it (its busy time is counted once where the two overlap)
     began: torch.cuda.Event | None = None
