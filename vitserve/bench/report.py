@@ -34,18 +34,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / "bench.json", directory / "bench.txt"]
-    paths[0].write_text(json.dumps(result, indent=2))
-    paths[1].write_text(table(result) + "\n")
-    try:
-        paths.append(plot(result, directory / "bench.png"))
-    except ImportError:
-        pass  # matplotlib is optional (pip install 'vitserve[bench]')
-    return paths
-
-
 def plot(result: dict, path: Path) -> Path:
     import matplotlib
 
@@ -74,3 +62,16 @@ def plot(result: dict, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
+
+
+def write(result: dict, directory: Path, stem: str = "bench", table=table, plot=plot) -> list[Path]:
+    """`stem`.json, .txt (`table(result)`) and .png (`plot(result, path)`, when matplotlib is there)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{stem}.json", directory / f"{stem}.txt"]
+    paths[0].write_text(json.dumps(result, indent=2))
+    paths[1].write_text(table(result) + "\n")
+    try:
+        paths.append(plot(result, directory / f"{stem}.png"))
+    except ImportError:
+        pass  # matplotlib is optional (pip install 'vitserve[bench]')
+    return paths

@@ -12,7 +12,6 @@ events, `gpu_busy_ms` in the engine's stats), and the engine process's CPU time 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ from vitserve.workers import ModelRunner
 
 from .load import closed_loop, jobs_of
 from .overhead import run_loop, start_server, stop_server
+from .report import write
 from .workloads import make_requests
 
 SATURATION_TOKENS = 32768  # patch tokens of the requests the runner takes at once
@@ -139,17 +139,15 @@ def served_table(result: dict) -> str:
 
 
 def write_served(result: dict, directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / "served.json", directory / "served.txt"]
-    paths[0].write_text(json.dumps(result, indent=2))
-    paths[1].write_text(served_table(result) + "\n")
-    try:
-        import matplotlib
+    return write(result, directory, "served", served_table, plot_served)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return paths  # matplotlib is optional (pip install 'vitserve[bench]')
+
+def plot_served(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = result["rows"]
     figure, axis = plt.subplots(figsize=(8, 4.5))
     xs = range(len(rows))
@@ -162,6 +160,5 @@ def write_served(result: dict, directory: Path) -> list[Path]:
     axis.set_title(f"images/s at saturation: {result['model']} on {result['device']}")
     axis.legend()
     figure.tight_layout()
-    paths.append(directory / "served.png")
-    figure.savefig(paths[-1], dpi=120)
-    return paths
+    figure.savefig(path, dpi=120)
+    return path

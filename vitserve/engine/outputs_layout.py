@@ -57,8 +57,7 @@ def output_layout(ready: WorkerReady, capacities: Capacities, output_windows: in
 
 def predictor(ready: WorkerReady, capacities: Capacities) -> Predictor:
     """The worker's measured cost model as the scheduler's (tokens, sequences, squares) -> ms."""
-    cost = CostModel.from_lists(ready.cost.attention_ms_per_token2, ready.cost.padded_base_ms,
-                                ready.cost.eager_base_points)
+    cost = CostModel.from_message(ready.cost)
     return functools.partial(window_ms, cost, capacities)
 
 

@@ -16,7 +16,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import msgspec
 import torch
+
+from vitserve.ipc.messages import WorkerCost
 
 from .cost_model import CostModel
 
@@ -44,28 +47,30 @@ def cost_cache_path(directory: Path, runner) -> Path:
     return directory / "cost" / f"{digest}.json"
 
 
-def read_cost(path: Path) -> CostModel | None:
-    """The kept cost model, or None (none kept, or unreadable: it is measured again)."""
+def read_cost(path: Path | None, runner) -> CostModel | None:
+    """The cost model kept at `path` for `runner`, or None (nothing kept, or unreadable, or not
+    covering the runner's shapes: it is measured again)."""
+    if path is None:
+        return None
     try:
-        lists = json.loads(path.read_text())
-        return CostModel.from_lists(lists["attention_ms_per_token2"], lists["padded_base_ms"],
-                                    lists["eager_base_points"])
+        cost = CostModel.from_message(msgspec.json.decode(path.read_bytes(), type=WorkerCost))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, msgspec.DecodeError) as err:
         log.warning("ignoring the kept cost model %s (%s): measuring it again", path, err)
         return None
+    return cost if set(runner.padded_shapes()) <= set(cost.padded_base_ms) else None
 
 
-def write_cost(path: Path, cost: CostModel) -> None:
-    """Keep the cost model (atomically: a reader sees the old file or the new one). A cache that
-    cannot be written is logged, never fatal."""
-    attention, padded, eager = cost.to_lists()
-    text = json.dumps({"attention_ms_per_token2": attention, "padded_base_ms": padded, "eager_base_points": eager})
+def write_cost(path: Path | None, cost: CostModel) -> None:
+    """Keep the cost model at `path` (atomically: a reader sees the old file or the new one; None:
+    nowhere). A cache that cannot be written is logged, never fatal."""
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".cost-", delete=False) as temporary:
-            temporary.write(text)
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=".cost-", delete=False) as temporary:
+            temporary.write(msgspec.json.encode(WorkerCost(*cost.to_lists())))
         os.replace(temporary.name, path)
     except OSError as err:
         log.warning("cannot keep the cost model in %s (%s): the next start measures it again", path, err)

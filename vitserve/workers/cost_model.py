@@ -36,6 +36,11 @@ class CostModel:
         """From plain lists as messages carry them: padded [(budget, slots, ms)], eager [(tokens, ms)]."""
         return cls(attention_ms_per_token2, {(b, s): ms for b, s, ms in padded}, [tuple(point) for point in eager])
 
+    @classmethod
+    def from_message(cls, cost) -> CostModel:
+        """From a WorkerCost message (ipc/messages.py), as workers report it and the cache keeps it."""
+        return cls.from_lists(cost.attention_ms_per_token2, cost.padded_base_ms, cost.eager_base_points)
+
     def to_lists(self) -> tuple[float, list[tuple[int, int, float]], list[tuple[int, float]]]:
         return (self.attention_ms_per_token2, [(b, s, ms) for (b, s), ms in self.padded_base_ms.items()],
                 list(self.eager_base_points))

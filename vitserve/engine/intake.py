@@ -1,0 +1,132 @@
+"""How requests enter the engine: `encode` (the embedded API), `admit` (each item checked and
+planned), `submit` (queued, its inputs placed in an input slab), and `read` of a result's rows.
+
+A mixin of `Engine` (engine.py), which owns the state used here: the scheduler, the input slabs,
+the pending requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from vitserve.ipc.messages import OutputRef
+from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
+from vitserve.ipc.slabs import Slot
+from vitserve.scheduler import Request, deadline_at
+
+from .admission import AdmissionError, AdmittedItem, admit
+from .errors import EngineError
+from .outputs_layout import check_request_fits
+
+MAX_DEADLINE_MS = 86_400_000.0  # a day: anything longer is a client bug, not a deadline
+
+
+@dataclass(eq=False)
+class Pending:
+    items: list[AdmittedItem]
+    future: asyncio.Future
+    outputs: list[OutputRef | None]
+    slots: list[tuple[int, Slot]] = field(default_factory=list)  # (worker, slot) held for this request
+    delivered_at: float | None = None  # loop time the result was handed over; its lease runs from here
+    input_bytes: int = 0  # of its inputs, counted against max_queued_bytes until they are dropped
+    input_region: int | None = None  # where its inputs were copied into the engine's input slab, if they were
+
+
+
+class RequestIntake:
+    async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
+        """Encode images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs.
+
+        The result's tensors view shared memory until `release()` (or the `with` block's end, or
+        garbage collection); raises EngineError with a code when the request fails."""
+        key, refs = await self.run(self.admit(items), deadline_ms, priority)
+        loop = asyncio.get_running_loop()
+
+        def release() -> None:  # may run in any thread, even inside engine code (garbage collection): defer
+            try:
+                loop.call_soon_threadsafe(self.release, key)
+            except RuntimeError:
+                pass  # the loop is closed: the engine and its slabs are gone already
+
+        return encoded_from_refs(refs, self._reader, release, self.config.output_device)
+
+    def admit(self, items: Sequence[Any], slabs: Sequence[tuple[str, int]] | None = None) -> list[AdmittedItem]:
+        """Check and plan each item; `slabs`: for each, the input slab and offset its array lies at
+        (an arena's, as the frontend found it), or ("", -1) when it is to be copied into one."""
+        if not items:
+            raise EngineError("invalid_input", "a request needs at least one item")
+        try:
+            admitted = [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}")
+                        for i, item in enumerate(items)]
+        except AdmissionError as err:
+            raise EngineError(err.code, err.message) from None
+        if slabs is not None:
+            admitted = [item if not slab else replace(item, slab=slab, offset=offset)
+                        for item, (slab, offset) in zip(admitted, slabs)]
+        size = sum(item.array.nbytes for item in admitted)
+        if size > self.config.max_request_bytes:
+            raise EngineError("too_large", f"the request's inputs take {size} bytes, over the engine's "
+                                           f"max_request_bytes={self.config.max_request_bytes}: split it")
+        return admitted
+
+    async def run(self, items: list[AdmittedItem], deadline_ms: float | None,
+                  priority: int) -> tuple[int, list[OutputRef]]:
+        """Queue admitted items and wait for their output references (they stay leased until `release`)."""
+        key, future = self.submit(items, deadline_ms, priority)
+        try:
+            return key, await future
+        except asyncio.CancelledError:
+            self.release(key)  # cancels it if it is still running; frees its slots if it had finished
+            raise
+
+    def submit(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int,
+               owner: int = 0) -> tuple[int, asyncio.Future]:
+        """Queue admitted items; the future gets their output references or an EngineError.
+        `owner` names the client: clients take fair turns (a frontend passes its connection's number)."""
+        if self.failure is not None:
+            raise EngineError("worker_failed", f"the engine stopped after an internal failure ({self.failure!r}): "
+                                               f"start a new one")
+        if self._closing or self._draining or self.scheduler is None:
+            raise EngineError("shutting_down", "the engine is shutting down or not running")
+        if not self.workers_ready() and not self._restarting:
+            raise EngineError("worker_failed", "no worker is running")
+        if deadline_ms is not None and not 0 <= deadline_ms <= MAX_DEADLINE_MS:
+            raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
+                                               f"None for no deadline; got {deadline_ms!r}")
+        check_request_fits([(i.tokens, i.sequences) for i in items], self.capacities, self.layout,
+                           self.config.output_windows)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        size = sum(item.array.nbytes for item in items)
+        if self._queued_bytes + size > self.config.max_queued_bytes:
+            raise EngineError("overloaded", f"the inputs of unfinished requests take {self._queued_bytes} bytes; "
+                                            f"{size} more would pass max_queued_bytes={self.config.max_queued_bytes}",
+                              self.scheduler.drain_ms(now))
+        items, region = self.inputs.place(items)
+        key = next(self._keys)
+        request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items],
+                          owner)
+        pending = Pending(items, loop.create_future(), [None] * len(items), input_bytes=size, input_region=region)
+        self._queued_bytes += size
+        self._pending[key] = pending
+        try:
+            failure = self.scheduler.submit(request, now)
+        except Exception as err:  # contained to this request: nothing of it stays queued or pending
+            self._internal_errors += 1
+            self._log_limits.error("submit", "queueing request %d failed: %r", key, err, exc_info=True)
+            self._fail(key, "worker_failed", f"the engine failed to queue the request ({err!r})")
+            return key, pending.future
+        if failure is not None:
+            self._fail(key, failure.code, failure.message, failure.retry_after_ms)
+        else:
+            self._poke.set()
+        return key, pending.future
+
+
+    def read(self, ref: OutputRef) -> np.ndarray:
+        """A read-only view of one item's output rows (rows, 1 + deepstack, out_hidden)."""
+        return ref_array(ref, self._reader)
