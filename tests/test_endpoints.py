@@ -223,7 +223,7 @@ def test_the_endpoint_is_bound_before_the_engine_starts_and_removed_when_it_fail
 
         started = False
 
-        def __init__(self, config):
+        def __init__(self, config, early=None):
             pass
 
         async def start(self):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitserve.soak import SoakConfig
-from vitserve.soak.faults import FAULTS
+from vitserve.choices import SOAK_FAULTS as FAULTS
 from vitserve.soak.ledger import Ledger
 from vitserve.soak.report import summary
 from vitserve.soak.resources import Footprint, Growth

@@ -57,8 +57,10 @@ def main() -> None:
     spec = WorkerSpec(0, "ipc:///unused", args.model, args.device, None, WindowConfig(extra_budgets=extra),
                       PreprocessConfig())
     worker = Worker(spec, os.getpid())  # this process holds the input slab, as the engine does
+    while worker.warming:  # every graph captured, the cost model final
+        worker.warm_step()
     caps = worker.runner.capacities
-    predict = predictor(worker.ready, caps)
+    predict = predictor(worker.cost_message(), caps)
     items = [admit(array, spec.preprocess, 2 * caps.max_budget) for request in
              make_requests(args.workload, 4 * args.windows) for array in request]
     windows = form_windows(items, caps, args.windows)

@@ -10,15 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vitserve.models.attention import BACKENDS as ATTENTION_BACKENDS
+from vitserve.choices import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
 
-DEFAULT_MODEL = "random:tiny"
+# No torch at import: `vitserve serve` starts its GPU workers before this process imports it (launch.py).
+
 # The sizes of the named workloads in DESIGN.md, as synthetic inputs for `--demo`.
 DEMO_IMAGE_SIZES = ((224, 224), (336, 336), (448, 448), (672, 672), (1008, 1008), (480, 640))
 DEMO_VIDEO_SHAPE = (16, 448, 448)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_input(path: Path) -> np.ndarray:
@@ -45,7 +44,7 @@ def demo_inputs(seed: int = 0) -> list[tuple[str, np.ndarray]]:
     return items
 
 
-def checksum(values: torch.Tensor) -> str:
+def checksum(values) -> str:
     return hashlib.sha256(values.float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -58,7 +57,9 @@ def run_encode(args: argparse.Namespace) -> int:
         return 2
     items = demo_inputs() if args.demo else [(str(p), None) for p in args.files]
     started = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    import torch
+
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"model {args.model} on {args.device}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
           f"parameters, attention {model.attention_backend}, loaded in {time.perf_counter() - started:.1f} s")
     failures = 0
@@ -100,6 +101,8 @@ def run_bench(args: argparse.Namespace) -> int:
         except ValueError as err:
             return load_cli.fail(str(err))
         return load_cli.run(args, window)
+    import torch
+
     if not torch.cuda.is_available():
         print("vitserve bench: needs a CUDA device (it times CUDA graphs against eager baselines)", file=sys.stderr)
         return 2
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--demo", action="store_true", help="encode built-in synthetic images and a video")
     encode.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
     encode.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    encode.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 elsewhere")
+    encode.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 elsewhere")
     encode.set_defaults(handler=run_encode)
     bench = commands.add_parser("bench", help="time the named workloads: HF eager, torch.compile, vitserve eager and graphs")
     bench.add_argument("--model", default="random:qwen3-vl-8b", help="checkpoint directory or preset")
@@ -200,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_soak_parser(commands) -> None:
     from vitserve.bench.workloads import WORKLOADS
-    from vitserve.soak.faults import FAULTS
+    from vitserve.choices import SOAK_FAULTS as FAULTS
 
     soak = commands.add_parser("soak", help="mixed load with faults against an engine; exits 1 on any violation")
     soak.add_argument("--endpoint", help="a running engine (default: start one with --model and --devices)")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from vitserve.engine.config import DEFAULT_MODEL
+from vitserve.choices import DEFAULT_MODEL, DTYPES
 
 
 def add_serve_parser(commands) -> None:
@@ -22,7 +22,7 @@ def add_serve_parser(commands) -> None:
                        "An endpoint that another engine serves is refused; the socket file is removed on exit")
     serve.add_argument("--socket-mode", default="0600", help="octal permissions of the ipc:// socket file, whatever "
                        "the umask (default 0600: only you; 0660 lets your group connect)")
-    serve.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bfloat16 on CUDA, float32 elsewhere")
+    serve.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 elsewhere")
     add_budget_arguments(serve)
     serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"))
     serve.add_argument("--max-queued-items", type=int, default=4096)
@@ -55,6 +55,20 @@ def add_serve_parser(commands) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # First, before this process imports torch (seconds): the GPU workers import, load the model
+    # and wait for the engine meanwhile (launch.py). Settings refused below stop them.
+    from vitserve.launch import launch_early
+
+    early = launch_early(args.model, tuple(args.devices.split(",")), args.dtype, args.worker_heartbeat_s, True)
+    try:
+        return _run_serve(args, early)
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
+
+
+def _run_serve(args: argparse.Namespace, early) -> int:
     from vitserve.cli import window_config
     from vitserve.engine import EngineConfig
     from vitserve.engine.serve import run
@@ -80,10 +94,12 @@ def run_serve(args: argparse.Namespace) -> int:
         keys = _server_keys(args)
         raise_descriptor_limit(SHED_FACTOR * config.clients.max_connections + RESERVED_DESCRIPTORS)
     except ValueError as err:
+        if early is not None:
+            early.discard()
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
     try:
-        return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp)
+        return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp, early)
     except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2

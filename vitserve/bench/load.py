@@ -9,12 +9,13 @@ exactly once, so completed + errors always equals sent.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -31,6 +32,17 @@ class Job:
     deadline_ms: float | None = None
     priority: int = 0
     kind: str = ""  # empty: counted only in the total
+
+
+async def until_settled(stats: Callable[[], Any], poll_s: float = 0.05) -> None:
+    """Until the engine runs at full speed: every worker's graphs captured, every standby process
+    loaded (`stats`: a client's stats, or an embedded engine's)."""
+    while True:
+        counts = stats()
+        counts = await counts if inspect.isawaitable(counts) else counts
+        if not counts.get("workers_warming") and not counts.get("standby_loading"):
+            return
+        await asyncio.sleep(poll_s)
 
 
 def jobs_of(requests: Sequence[Sequence[np.ndarray]], deadline_ms: float | None) -> list[Job]:

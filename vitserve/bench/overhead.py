@@ -151,10 +151,13 @@ async def _engine(endpoint: str, item, requests: int, concurrency: int) -> tuple
     spent per window during the sequential requests."""
     from vitserve.client import AsyncClient
 
+    from .load import until_settled
+
     async with AsyncClient(endpoint) as client:
         async def send_and_wait() -> None:
             (await client.encode([item])).release()
 
+        await until_settled(client.stats)  # graphs captured, standby loaded: full speed
         for _ in range(50):  # warm-up: first windows, slab mappings
             await send_and_wait()
         before = await client.stats()

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import Sequence
 
-from .load import Job, LoadResult, closed_loop, open_loop, poisson_arrivals
+from .load import Job, LoadResult, closed_loop, open_loop, poisson_arrivals, until_settled
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
 
@@ -41,6 +41,7 @@ async def compare_policies(engine, jobs: Sequence[Job], load: float, seconds: fl
     def encode(items, deadline, priority):
         return engine.encode(items, deadline, priority)
 
+    await until_settled(engine.stats)  # graphs captured, standby loaded: full speed
     unbounded = [replace(job, deadline_ms=None) for job in jobs]
     await closed_loop(encode, unbounded, 64, 16)  # warm-up: first windows, learned costs
     saturation = await closed_loop(encode, unbounded, saturation_requests, 64, label="saturation")

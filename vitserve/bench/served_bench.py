@@ -8,11 +8,16 @@ Served: `vitserve serve` on the same device (defaults and the budget flags given
 ipc:// keeping `concurrency` requests outstanding. Per workload: images/s of both and their ratio,
 the served p50/p99, the share of wall time the device was busy with windows (the worker's CUDA
 events, `gpu_busy_ms` in the engine's stats), and the engine process's CPU time per request.
+Start: `vitserve serve` to ready (serving, graphs still being captured) and to warm; and after the
+workloads, a SIGKILL of the worker: how long until a request sent at once is served, and until
+the restarted worker is warm again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +29,7 @@ from vitserve.models import load_model
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import ModelRunner
 
-from .load import closed_loop, jobs_of
+from .load import closed_loop, jobs_of, until_settled
 from .overhead import run_loop, start_server, stop_server
 from .report import write
 from .workloads import make_requests
@@ -94,6 +99,29 @@ async def _served(endpoint: str, requests: list, total: int, concurrency: int) -
             / max(after["windows_sent"] - before["windows_sent"], 1)}
 
 
+async def _until_settled(endpoint: str) -> None:
+    from vitserve.client import AsyncClient
+
+    async with AsyncClient(endpoint) as client:
+        await until_settled(client.stats)
+
+
+async def _restart(endpoint: str, item) -> dict:
+    """Kill the worker, then time a request sent at once (it waits in the queue, or is retried, until a
+    worker serves again) and the restarted worker's warm-up."""
+    from vitserve.client import AsyncClient
+
+    async with AsyncClient(endpoint) as client:
+        (await client.encode([item])).release()
+        os.kill((await client.health()).worker_pids[0], signal.SIGKILL)
+        killed = time.perf_counter()
+        (await client.encode([item])).release()
+        serving_s = time.perf_counter() - killed
+        while (stats := await client.stats())["worker_restarts"] < 1 or stats["workers_warming"]:
+            await asyncio.sleep(0.05)
+        return {"restart_serving_s": serving_s, "restart_warm_s": time.perf_counter() - killed}
+
+
 def run_served_bench(model: str, device: str, window, names: list[str], concurrency: int,
                      serve_arguments: list[str]) -> dict:
     config = PreprocessConfig()
@@ -110,25 +138,32 @@ def run_served_bench(model: str, device: str, window, names: list[str], concurre
     began = time.perf_counter()
     server = start_server(endpoint, model, device, serve_arguments)
     start_s = time.perf_counter() - began
-    rows = []
+    rows, restart = [], {}
     try:
+        run_loop(_until_settled(endpoint))
+        warm_s = time.perf_counter() - began
         for name, requests in workloads.items():
             images_per_request = sum(map(len, requests)) / len(requests)
             total = max(4 * concurrency, int(runner_rates[name] * MEASURE_S / images_per_request))
             served = run_loop(_served(endpoint, requests, total, concurrency))
             rows.append({"workload": name, "runner_images_per_s": runner_rates[name], **served,
                          "ratio": served["images_per_s"] / runner_rates[name]})
+        restart = run_loop(_restart(endpoint, next(iter(workloads.values()))[0][0]))
     finally:
         stop_server(server, folder)
     return {"model": model, "device": torch.cuda.get_device_name(device), "concurrency": concurrency,
             "serve_flags": serve_arguments,
-            "runner_capture_s": capture_s, "serve_start_s": start_s, "rows": rows}
+            "runner_capture_s": capture_s, "serve_start_s": start_s, "serve_warm_s": warm_s, **restart,
+            "rows": rows}
 
 
 def served_table(result: dict) -> str:
     lines = [f"{result['model']} on {result['device']}: runner alone vs `vitserve serve` (ipc://, "
              f"{result['concurrency']} outstanding); runner capture {result['runner_capture_s']:.1f} s, "
-             f"serve start to ready {result['serve_start_s']:.1f} s; serve {' '.join(result['serve_flags'])}",
+             f"serve start to ready {result['serve_start_s']:.1f} s, to warm (every graph captured) "
+             f"{result['serve_warm_s']:.1f} s; after a SIGKILL of the worker, a request served in "
+             f"{result['restart_serving_s']:.2f} s, warm again in {result['restart_warm_s']:.1f} s; "
+             f"serve {' '.join(result['serve_flags'])}",
              f"{'workload':<11} {'runner img/s':>12} {'served img/s':>12} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'GPU busy':>8} {'engine CPU ms/req':>17} {'items/window':>12}"]
     for r in result["rows"]:

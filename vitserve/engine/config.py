@@ -13,7 +13,7 @@ from vitserve.workers.cost_cache import default_cache_dir
 
 from .limits import ClientLimits
 
-DEFAULT_MODEL = "random:tiny"
+from vitserve.choices import DEFAULT_MODEL
 DEFAULT_INPUT_SLAB_BYTES = 1 << 30
 MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread and the engine busy
 
@@ -35,7 +35,10 @@ class EngineConfig:
     watchdog). worker_heartbeat_s: how often each worker proves it is alive; one silent for three
     beats is hung (e.g. stopped): it takes no more windows, its windows are retried or failed, and
     it is killed and restarted. drain_timeout_s: how long close() lets queued and running requests
-    finish before it fails the rest with `shutting_down`."""
+    finish before it fails the rest with `shutting_down`. standby_workers: keep a started process
+    per worker waiting with the model loaded, which replaces the worker at once if it is lost
+    (instead of seconds of imports and loading). None: on for GPU workers (it holds a device
+    context and a copy of the weights), off for CPU ones."""
 
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("cpu",)
@@ -57,6 +60,7 @@ class EngineConfig:
     window_timeout_s: float | None = 60.0
     worker_heartbeat_s: float = 1.0
     drain_timeout_s: float = 30.0
+    standby_workers: bool | None = None
     progress: bool = False  # workers say their start-up phases on stderr (`vitserve serve` turns it on)
     # Where measured cost models are kept between starts (workers/cost_cache.py); None: measure at every start
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
@@ -99,6 +103,10 @@ class EngineConfig:
             return self.cpu_threads_per_worker
         cpu_workers = sum(1 for d in self.devices if d.startswith("cpu"))
         return max(1, (len(os.sched_getaffinity(0)) - 2) // cpu_workers)
+
+    def standby(self, device: str) -> bool:
+        """Whether the worker on `device` has a standby process (standby_workers; None: GPUs only)."""
+        return self.standby_workers if self.standby_workers is not None else not device.startswith("cpu")
 
     @property
     def input_slab_size(self) -> int:

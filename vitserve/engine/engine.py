@@ -21,9 +21,10 @@ from typing import Sequence
 
 import zmq
 
-from vitserve.ipc.messages import WorkerReady
+from vitserve.ipc.messages import WorkerCost, WorkerReady
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabPool, Slot
+from vitserve.launch import EarlyWorkers
 from vitserve.log_limits import LogLimiter
 from vitserve.scheduler import Dispatch, Scheduler, WorkerState
 from vitserve.workers import Capacities
@@ -44,8 +45,10 @@ _INSTANCES = itertools.count()  # engines made in this process (their slab names
 
 
 class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
-    def __init__(self, config: EngineConfig | None = None):
+    def __init__(self, config: EngineConfig | None = None, early: EarlyWorkers | None = None):
+        """`early`: worker processes `vitserve serve` started before the engine (launch.py), adopted."""
         self.config = config or EngineConfig()
+        self._early = early
         self._instance = next(_INSTANCES)
         self.capacities: Capacities | None = None
         self.ready: WorkerReady | None = None
@@ -55,6 +58,11 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         self._retired: dict[tuple[int, int], SlabPool] = {}  # (worker, epoch) of a lost worker -> its pool
         self._epochs: dict[int, int] = {}  # worker -> its current epoch (slabs and socket)
         self._restarting: set[int] = set()
+        self._warming: set[int] = set()  # workers serving while they capture graphs (WorkerWarm ends it)
+        self._costs: dict[int, WorkerCost] = {}  # worker -> its latest cost model (a restart reuses it)
+        # worker -> (epoch, process waiting to replace it, the task that notes when it has loaded)
+        self._standby: dict[int, tuple[int, WorkerHandle, asyncio.Task]] = {}
+        self._standby_loaded: set[int] = set()
         self._hung: set[int] = set()  # workers whose heartbeat stopped, until they are back
         self._pending: dict[int, Pending] = {}
         self._windows: dict[int, tuple[Dispatch, Slot, float]] = {}  # window -> (dispatch, slot, loop time sent)
@@ -95,11 +103,14 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         self.inputs = EngineInputs(self._instance, config.input_slab_size, config.clients.input_arena_bytes,
                                    config.clients.max_input_arenas, self._send_to_worker, self._mapping_workers)
         self._context = zmq.Context()
-        self._socket_dir = tempfile.mkdtemp(prefix="vitserve-")
+        self._socket_dir = self._early.socket_dir if self._early is not None else tempfile.mkdtemp(prefix="vitserve-")
         self._handles = [self._spawn(worker, 0) for worker in range(len(config.devices))]
+        if self._early is not None:
+            self._early.discard_unadopted()
         self._epochs = dict.fromkeys(range(len(config.devices)), 0)
         try:
-            readies = await asyncio.gather(*(h.start(config.startup_timeout_s) for h in self._handles))
+            readies = await asyncio.gather(*(h.start(config.startup_timeout_s, self._begin(h.worker))
+                                             for h in self._handles))
             self._setup(readies)
             pools = await asyncio.gather(*(self._new_pool(h, 0) for h in self._handles), return_exceptions=True)
             self._pools.update((w, p) for w, p in enumerate(pools) if isinstance(p, SlabPool))  # closed by close()
@@ -120,6 +131,8 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
         self.started = True
+        for handle in self._handles:
+            self._prepare_standby(handle.worker)
 
     def _loop_ended(self, task: asyncio.Task) -> None:
         """A loop task that fails says why, and every request ends (none may hang)."""
@@ -140,7 +153,10 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
                                     self.config.item_token_limit)
         states = []
         for ready in readies:
-            states.append(WorkerState(ready.worker, predictor(ready, self.capacities),
+            self._costs[ready.worker] = ready.cost
+            if ready.warming:
+                self._warming.add(ready.worker)
+            states.append(WorkerState(ready.worker, predictor(ready.cost, self.capacities),
                                       free_rows=self.layout.slots * self.layout.slot_rows,
                                       row_granularity=self.layout.slot_rows))
         self.scheduler = Scheduler(self.config.scheduler, self.capacities, states)
@@ -174,7 +190,11 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(h.stop() for h in self._handles), return_exceptions=True)
+        standby = [handle for _, handle, _ in self._standby.values()]
+        for _, _, watch in self._standby.values():
+            watch.cancel()
+        self._standby.clear()
+        await asyncio.gather(*(h.stop() for h in [*self._handles, *standby]), return_exceptions=True)
         for pool in self._all_pools():
             pool.close()
         if self.inputs is not None:

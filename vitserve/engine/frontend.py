@@ -125,6 +125,7 @@ class Frontend(ClientRequests):
                 self._ended(self.connections.take_events())  # closes before these messages came in
                 for identity, *frames in burst:
                     self._receive(identity.bytes, frames)
+                engine.dispatch_now()
         finally:
             self.close()
 

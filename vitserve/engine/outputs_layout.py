@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-from vitserve.ipc.messages import WorkerReady
+from vitserve.ipc.messages import WorkerCost, WorkerReady
 from vitserve.ipc.slabs import numpy_dtype
 from vitserve.scheduler import Predictor
 from vitserve.workers import Capacities, CostModel
@@ -55,10 +55,9 @@ def output_layout(ready: WorkerReady, capacities: Capacities, output_windows: in
     return OutputLayout(row_shape, row_bytes, slot_rows, slots)
 
 
-def predictor(ready: WorkerReady, capacities: Capacities) -> Predictor:
-    """The worker's measured cost model as the scheduler's (tokens, sequences, squares) -> ms."""
-    cost = CostModel.from_message(ready.cost)
-    return functools.partial(window_ms, cost, capacities)
+def predictor(cost: WorkerCost, capacities: Capacities) -> Predictor:
+    """A worker's measured cost model as the scheduler's (tokens, sequences, squares) -> ms."""
+    return functools.partial(window_ms, CostModel.from_message(cost), capacities)
 
 
 def request_slots(shapes: Sequence[tuple[int, int]], capacities: Capacities, layout: OutputLayout) -> int:

@@ -24,6 +24,8 @@ class EngineReports:
             "gpu_busy_ms": self._gpu_busy_ms,
             "leases_expired": float(self._leases_expired),
             "workers_ready": float(self.workers_ready()),
+            "workers_warming": float(len(self._warming)),  # serving, graphs not all captured yet
+            "standby_loading": float(len(self._standby) - len(self._standby_loaded)),  # standby processes
             "worker_restarts": float(self._worker_restarts),
             "windows_retried": float(self._windows_retried),
             "worker_hangs": float(self._worker_hangs),
@@ -38,9 +40,10 @@ class EngineReports:
         if self._draining or self._closing:
             problems = ["shutting down"]
         elif not self.started:
-            problems = ["starting: loading the model, capturing graphs and measuring the cost model"]
+            problems = ["starting: loading the model"]
         else:
             problems = [f"worker {w} is not responding" for w in sorted(self._hung)]
+            problems += [f"worker {w} is capturing graphs (serving eagerly meanwhile)" for w in sorted(self._warming)]
             if not up:
                 problems.append("no worker is up; restarting" if self._restarting else "no worker is up")
         ready = up > 0 and self.started and not (self._draining or self._closing)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vitserve.ipc.messages import WorkerCost, WorkerReady
+import msgspec
+
+from vitserve.ipc.messages import Begin, WorkerReady, WorkerWarm
 from vitserve.ipc.slabs import SlabPool, slab_plan
-from vitserve.workers.process import WorkerSpec
+from vitserve.launch import WorkerSpec, worker_endpoint
 
 from .outputs_layout import agreed_capacities, predictor
 from .worker_handle import WorkerHandle, WorkerStartError
@@ -33,16 +35,74 @@ RESTART_BACKOFF_S = 1.0  # wait before another start attempt, times the attempts
 
 
 class WorkerRestarts:
-    def _spawn(self, worker: int, epoch: int, cost: WorkerCost | None = None) -> WorkerHandle:
-        """A handle for worker `worker` in `epoch` (not started yet); `cost`: its cost model, when
-        measured before (a restart reuses it)."""
+    def _spawn(self, worker: int, epoch: int) -> WorkerHandle:
+        """A handle for worker `worker` in `epoch`: the process started early for it (epoch 0 of
+        `vitserve serve`), or one to spawn."""
         config, device = self.config, self.config.devices[worker]
-        spec = WorkerSpec(worker=worker, endpoint=f"ipc://{self._socket_dir}/worker-{worker}-e{epoch}",
-                          model=config.model, device=device, dtype=config.dtype, window=config.window,
-                          preprocess=config.preprocess, threads=config.worker_threads(device),
-                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s, cost=cost,
-                          progress=config.progress, cache_dir=config.cache_dir)
-        return WorkerHandle(spec, self._context)
+        spec = WorkerSpec(worker=worker, endpoint=worker_endpoint(self._socket_dir, worker, epoch), model=config.model,
+                          device=device, dtype=config.dtype, threads=config.worker_threads(device),
+                          log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s,
+                          progress=config.progress)
+        started = self._early.take(spec) if self._early is not None and epoch == 0 else None
+        return WorkerHandle(spec, self._context, started)
+
+    def _begin(self, worker: int) -> Begin:
+        """What the worker gets ready with: the settings, and its cost model if one was measured."""
+        config = self.config
+        return Begin(msgspec.to_builtins(config.window), msgspec.to_builtins(config.preprocess), config.cache_dir,
+                     self._costs.get(worker))
+
+    def _prepare_standby(self, worker: int) -> None:
+        """Start the process that will replace `worker` if it is lost (standby_workers): it imports,
+        makes its device context and waits, for the next epoch."""
+        if not self.config.standby(self.config.devices[worker]) or self._closing or worker in self._standby:
+            return
+        epoch = self._epochs[worker] + 1
+        handle = self._spawn(worker, epoch)
+        handle.spawn()
+        watch = asyncio.get_running_loop().create_task(self._watch_standby(worker, handle),
+                                                       name=f"vitserve-standby-{worker}")
+        self._standby[worker] = (epoch, handle, watch)
+
+    async def _watch_standby(self, worker: int, handle: WorkerHandle) -> None:
+        """Note when the standby has loaded its model (the stats count those still loading); one that
+        cannot load is stopped (a restart then starts a fresh process)."""
+        try:
+            problem = await handle.loaded()
+        except Exception as err:  # e.g. an unreadable message: not a standby to count on
+            problem = repr(err)
+        if not problem:
+            self._standby_loaded.add(worker)
+            return
+        log.error("the standby process of worker %d could not load the model: %s", worker, problem)
+        if self._standby.get(worker, (None, None))[1] is handle:
+            del self._standby[worker]
+        await handle.close()
+
+    async def _take_standby(self, worker: int, epoch: int) -> WorkerHandle | None:
+        """The standby process for `worker` in `epoch`, if one waits alive (one that died is closed)."""
+        waiting = self._standby.pop(worker, None)
+        self._standby_loaded.discard(worker)
+        if waiting is None:
+            return None
+        standby_epoch, handle, watch = waiting
+        watch.cancel()  # start() reads its socket from now on
+        await asyncio.gather(watch, return_exceptions=True)
+        if standby_epoch == epoch and handle.alive():
+            return handle
+        log.warning("the standby process of worker %d is gone (exit code %s): starting a new one", worker,
+                    handle.process.exitcode if handle.process is not None else None)
+        await handle.close()
+        return None
+
+    def _worker_warm(self, worker: int, warm: WorkerWarm) -> None:
+        """The worker captured every graph and has its final cost model: plan with it."""
+        self._warming.discard(worker)
+        self._costs[worker] = warm.cost
+        self.scheduler.worker_warm(worker, predictor(warm.cost, self.capacities))
+        if warm.problem:
+            log.warning("worker %d stopped warming up early (%s): windows without a graph run eagerly",
+                        worker, warm.problem)
 
     async def _new_pool(self, handle: WorkerHandle, epoch: int) -> SlabPool:
         """The pool of the worker's output slabs, which the worker makes (it alone writes them)."""
@@ -90,6 +150,7 @@ class WorkerRestarts:
         log.error("worker %d (%s) is lost (%s)", worker, handle.spec.device, cause)
         problem = f"worker {worker} was lost ({cause}) while running the request's items twice"
         lost = self.scheduler.worker_lost(worker)
+        self._warming.discard(worker)
         self.inputs.worker_gone(worker)
         pool = self._pools.pop(worker)
         self._retired[(worker, pool.epoch)] = pool
@@ -133,13 +194,13 @@ class WorkerRestarts:
         """Start attempts, with a growing pause between them; True once the worker is back."""
         worker = old.worker
         epoch = self._epochs[worker]
-        cost = old.ready.cost if old.ready is not None else None  # same device, same config: still right
         await old.close()
         for attempt in range(1, self.config.worker_restarts + 1):
             epoch += 1  # every attempt gets its own socket and, if it starts, slabs of its own
-            handle = self._handles[worker] = self._spawn(worker, epoch, cost)
+            handle = await self._take_standby(worker, epoch) or self._spawn(worker, epoch)
+            self._handles[worker] = handle
             try:
-                ready = await handle.start(self.config.startup_timeout_s)
+                ready = await handle.start(self.config.startup_timeout_s, self._begin(worker))  # the cost model kept
                 self._check_restarted(ready)
                 pool = await self._new_pool(handle, epoch)
                 self.inputs.map_all(worker)
@@ -150,8 +211,11 @@ class WorkerRestarts:
                 continue
             self._epochs[worker] = epoch
             self._pools[worker] = pool
+            self._costs[worker] = ready.cost
+            if ready.warming:
+                self._warming.add(worker)
             loop = asyncio.get_running_loop()
-            self.scheduler.worker_back(worker, predictor(ready, self.capacities),
+            self.scheduler.worker_back(worker, predictor(ready.cost, self.capacities),
                                        self.layout.slots * self.layout.slot_rows, loop.time())
             self._restarting.discard(worker)
             self._hung.discard(worker)
@@ -159,8 +223,10 @@ class WorkerRestarts:
             receive = loop.create_task(self._receive_loop(handle), name=f"vitserve-receive-{worker}-e{epoch}")
             receive.add_done_callback(self._loop_ended)
             self._tasks.append(receive)
-            log.warning("worker %d is back (epoch %d, capture %.1f s)", worker, epoch, ready.capture_s)
+            log.warning("worker %d is back (epoch %d) %.1f s after it was told to begin%s", worker, epoch,
+                        ready.capture_s, "; capturing graphs while it serves" if ready.warming else "")
             self._poke.set()
+            self._prepare_standby(worker)
             return True
         return False
 

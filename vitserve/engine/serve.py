@@ -18,6 +18,7 @@ import time
 
 from vitserve.ipc.auth import ServerKeys
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE
+from vitserve.launch import EarlyWorkers
 
 from .config import EngineConfig
 from .engine import Engine
@@ -27,24 +28,31 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
-                keys: ServerKeys | None = None, allow_insecure_tcp: bool = False) -> int:
+                keys: ServerKeys | None = None, allow_insecure_tcp: bool = False,
+                early: EarlyWorkers | None = None) -> int:
     """The process's exit code: 0 after a signal and a drain, 1 when the engine or the frontend
-    stopped by itself (a supervisor should start it again)."""
-    frontend = Frontend(endpoint, config, socket_mode, keys, allow_insecure_tcp)
+    stopped by itself (a supervisor should start it again). `early`: worker processes started
+    before (launch.py), for the engine to adopt."""
+    try:
+        frontend = Frontend(endpoint, config, socket_mode, keys, allow_insecure_tcp)
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
     frontend.watch()  # floods and silent peers are shed while the engine starts, too
     try:
-        return await _serve(config, frontend)
+        return await _serve(config, frontend, early)
     finally:
         frontend.close()
 
 
-async def _serve(config: EngineConfig, frontend: Frontend) -> int:
+async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for name in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(name, stop.set)
     began = time.perf_counter()
-    engine = Engine(config)
+    engine = Engine(config, early)
     # The endpoint answers while the engine starts: health says "starting", and hellos are answered
     # once it is ready (a client started alongside the server just waits for its welcome).
     task = loop.create_task(frontend.serve(engine))
@@ -96,10 +104,10 @@ async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task,
 
 
 def run(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
-        keys: ServerKeys | None = None, allow_insecure_tcp: bool = False) -> int:
+        keys: ServerKeys | None = None, allow_insecure_tcp: bool = False, early: EarlyWorkers | None = None) -> int:
     """Serve until a signal (exit code 0) or a failure (1); EndpointError or AuthError (before the
     engine starts) when the endpoint cannot be had or may not be served so."""
-    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp)
+    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp, early)
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency, but a missing one should not stop the server

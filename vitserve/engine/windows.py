@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 
-from vitserve.ipc.messages import InputsDropped, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem
+from vitserve.ipc.messages import (
+    InputsDropped, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerWarm,
+)
 from vitserve.ipc.slabs import SlabError, Slot
 from vitserve.scheduler import Dispatch
 
@@ -48,6 +50,22 @@ class WindowTraffic:
             await self._poke.wait()
             if alarm is not None:
                 alarm.cancel()
+
+    def dispatch_now(self) -> None:
+        """Send the windows the scheduler would send now, at the end of a burst of requests from
+        the frontend, instead of a loop turn later in the dispatch loop (which still runs: it
+        re-arms its alarm, and deals with a failing poll)."""
+        if self.scheduler is None or not self._poke.is_set():
+            return
+        try:
+            dispatches = self._poll(asyncio.get_running_loop().time())
+        except Exception:
+            return
+        for dispatch in dispatches:
+            try:
+                self._send(dispatch)
+            except Exception as err:
+                self._window_broke(dispatch, err)
 
     def _poll(self, now: float) -> list[Dispatch]:
         """The scheduler's windows to send now, after failing what it gave up on."""
@@ -134,6 +152,16 @@ class WindowTraffic:
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
+        # The process's end wakes the loop at once (a restart starts without waiting for a poll).
+        sentinel = handle.process.sentinel
+        loop.add_reader(sentinel, handle.socket.interrupt)
+        try:
+            await self._receive_from(handle)
+        finally:
+            loop.remove_reader(sentinel)
+
+    async def _receive_from(self, handle: WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
         poll_s = min(LIVENESS_POLL_S, handle.heartbeat.period_s)
         while True:
             messages = await handle.receive(poll_s)
@@ -155,6 +183,8 @@ class WindowTraffic:
                         self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")
                     case InputsDropped(slab=slab):
                         self.inputs.dropped(handle.worker, slab)
+                    case WorkerWarm():
+                        self._worker_warm(handle.worker, message)
             if messages:
                 self._poke.set()
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import os
 import time
 
 import msgspec
+import msgspec.structs
 import zmq
 
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import Codec, ProtocolError
-from vitserve.ipc.messages import FromWorker, MakeSlabs, Shutdown, SlabsMade, WorkerReady, WorkerStartFailed
+from vitserve.ipc.messages import (
+    Begin, FromWorker, MakeSlabs, Shutdown, SlabsMade, WorkerLoaded, WorkerReady, WorkerStartFailed,
+)
 from vitserve.ipc.sealed import SealError, reopen_read_only
-from vitserve.workers.process import WorkerSpec, worker_main
+from vitserve.launch import WorkerSpec, spawn
+from vitserve.workers.process import worker_main
 
 from .liveness import Heartbeat
 
@@ -32,31 +35,43 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerHandle:
-    def __init__(self, spec: WorkerSpec, context: zmq.Context):
-        self.heartbeat = Heartbeat(spec.heartbeat_s)  # one per process: a restart starts afresh
-        self.spec = dataclasses.replace(spec, beat_at=self.heartbeat.beat_at)
+    def __init__(self, spec: WorkerSpec, context: zmq.Context, started=None):
+        """`started`: (spec, process, heartbeat) of a process already spawned for `spec` (launch.py's
+        early workers), adopted instead of spawning one."""
+        if started is not None:
+            self.spec, self.process, self.heartbeat = started
+        else:
+            self.heartbeat = Heartbeat(spec.heartbeat_s)  # one per process: a restart starts afresh
+            self.spec, self.process = dataclasses.replace(spec, beat_at=self.heartbeat.beat_at), None
         self.worker = spec.worker
         socket = context.socket(zmq.PAIR)
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(spec.endpoint)
         self.socket = BurstSocket(socket)
-        self.process: multiprocessing.process.BaseProcess | None = None
         self.ready: WorkerReady | None = None
+        self.begun_at = 0.0  # time.monotonic() when it was told to begin
         self._encoder = msgspec.msgpack.Encoder()
         self._codec = Codec(FromWorker)
 
-    async def start(self, timeout_s: float) -> WorkerReady:
-        """Spawn the process and wait for its handshake; raise WorkerStartError saying what failed."""
-        self.spec = dataclasses.replace(self.spec, spawned_at=time.monotonic())
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=(self.spec,), name=f"vitserve-worker-{self.worker}", daemon=True)
-        self.process.start()
+    def spawn(self) -> None:
+        """Start the process: it loads the model and waits for `start` (a standby waits long)."""
+        if self.process is None:
+            self.spec, self.process = spawn(self.spec, worker_main)
+
+    async def start(self, timeout_s: float, begin: Begin) -> WorkerReady:
+        """Have the process (spawned now unless it was before) get ready with `begin`'s settings,
+        and wait for its handshake; raise WorkerStartError saying what failed."""
+        self.spawn()
+        self.begun_at = time.monotonic()
+        await self.send(msgspec.structs.replace(begin, sent_at=self.begun_at), [])
         where = f"worker {self.worker} ({self.spec.model} on {self.spec.device})"
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
-                frames = await self.socket.receive_one(STARTUP_POLL_S)
-                break
+                message = self.decode(await self.socket.receive_one(STARTUP_POLL_S))
+                if not isinstance(message, WorkerLoaded):  # (loaded: what the standby watch waits for)
+                    break
+                continue
             except asyncio.TimeoutError:
                 pass
             if not self.process.is_alive():
@@ -64,9 +79,8 @@ class WorkerHandle:
                                        f"see its log above")
             if asyncio.get_running_loop().time() > deadline:
                 self.kill()
-                raise WorkerStartError(f"{where} was not ready within {timeout_s:.0f} s (loading and graph "
-                                       f"capture); raise startup_timeout_s or check the device")
-        message = self.decode(frames)
+                raise WorkerStartError(f"{where} was not ready within {timeout_s:.0f} s (loading the model); "
+                                       f"raise startup_timeout_s or check the device")
         match message:
             case WorkerReady():
                 self.ready = message
@@ -76,6 +90,13 @@ class WorkerHandle:
                 raise WorkerStartError(f"{where} failed to start: {problem}")
         self.kill()
         raise WorkerStartError(f"{where} sent {type(message).__name__} instead of its readiness report")
+
+    async def loaded(self) -> str:
+        """Wait until the process has loaded its model (a standby, before `start`): "" or the problem."""
+        while True:
+            message = self.decode(await self.socket.receive_one())
+            if isinstance(message, WorkerLoaded):
+                return message.problem
 
     async def make_slabs(self, plan: list[tuple[str, int]], timeout_s: float) -> list[int]:
         """Have the worker make and seal its output slabs (name, bytes); the engine's own read-only

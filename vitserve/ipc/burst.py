@@ -28,6 +28,7 @@ class BurstSocket:
         self.socket = socket
         self._waiters: list[tuple[int, asyncio.Future]] = []  # (zmq event awaited, its future)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._interrupted = False
 
     # -- sending -----------------------------------------------------------------------------
     def send_now(self, frames: Sequence[Any]) -> bool:
@@ -52,9 +53,18 @@ class BurstSocket:
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
             burst = self._take()
-            if burst or (deadline is not None and loop.time() >= deadline):
+            if burst or self._interrupted or (deadline is not None and loop.time() >= deadline):
+                self._interrupted = False
                 return burst
             await self._until(zmq.POLLIN, deadline)
+
+    def interrupt(self) -> None:
+        """Have a `receive` waiting now (or the next one) return at once, with what has arrived (maybe
+        nothing): its caller has something else to look at (e.g. the peer's process ended)."""
+        self._interrupted = True
+        for _, future in self._waiters:
+            _resolve(future)
+        self._waiters = []
 
     async def receive_one(self, timeout_s: float | None = None) -> list[zmq.Frame]:
         """One message (for handshakes); raises TimeoutError when none arrives in time."""

@@ -10,7 +10,7 @@ the rows as frames instead. No pickle anywhere: a decoder only ever builds these
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -221,8 +221,25 @@ class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
     out_hidden: int
     num_deepstack: int
     dtype: str
+    cost: WorkerCost  # final, or (while warming) what the engine plans with until WorkerWarm
+    capture_s: float  # from the start of loading to this report
+    warming: bool = False  # graphs are still being captured (or the cost model measured): WorkerWarm follows
+
+
+class WorkerWarm(msgspec.Struct, frozen=True, tag="worker_warm"):
+    """Every graph is captured and the cost model is final: windows run at full speed from now on."""
+
+    worker: int
     cost: WorkerCost
-    capture_s: float
+    seconds: float  # the warm-up's length, after loading
+    problem: str = ""  # why it stopped early (then windows without a graph keep running eagerly)
+
+
+class WorkerLoaded(msgspec.Struct, frozen=True, tag="worker_loaded"):
+    """The process has loaded its model (or failed to: `problem`) and waits for Begin."""
+
+    worker: int
+    problem: str = ""
 
 
 class WorkerStartFailed(msgspec.Struct, frozen=True, tag="worker_start_failed"):
@@ -259,9 +276,20 @@ class InputsDropped(msgspec.Struct, frozen=True, tag="inputs_dropped"):
     slab: str
 
 
+class Begin(msgspec.Struct, frozen=True, tag="begin"):
+    """Serve: get ready with these settings and report it. A worker process loads its model first,
+    then waits for this message (the engine keeps a standby process waiting, for a fast restart)."""
+
+    window: dict[str, Any]  # the WindowConfig's fields (workers/capacities.py)
+    preprocess: dict[str, Any]  # the PreprocessConfig's fields (preprocess/config.py)
+    cache_dir: str | None = None  # where measured cost models are kept between starts
+    cost: WorkerCost | None = None  # measured by this worker's predecessor: reused, not measured again
+    sent_at: float = 0.0  # the engine's time.monotonic() (one clock per host): start-up times count from here
+
+
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
-ToWorker = Union[RunWindow, MakeSlabs, MapInputs, DropInputs, Shutdown]
-FromWorker = Union[WorkerReady, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed, InputsDropped]
+ToWorker = Union[RunWindow, MakeSlabs, MapInputs, DropInputs, Begin, Shutdown]
+FromWorker = Union[WorkerLoaded, WorkerReady, WorkerWarm, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed, InputsDropped]

@@ -14,9 +14,10 @@ from typing import Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from vitserve.choices import ATTENTION_BACKENDS as BACKENDS
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "triton", "torch_varlen", "sdpa")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 

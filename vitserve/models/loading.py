@@ -47,8 +47,11 @@ def load_model(
     dtype = dtype or default_dtype(device)
     if str(source).startswith(PRESET_PREFIX):
         config = preset_config(str(source))
-        if large_tower(config):  # no default initialisation (seconds): init_random_ draws every value
-            with torch.device("meta"):  # (its first use imports torch's reference ops: seconds, too)
+        if large_tower(config) and device.type == "cuda":  # default initialisation is quick on a GPU
+            with torch.device(device):
+                model = Qwen3VLVisionTower(config)
+        elif large_tower(config):  # none on the CPU (seconds): init_random_ draws every value
+            with torch.device("meta"):  # (a first use of meta imports torch's reference ops: seconds, too)
                 model = Qwen3VLVisionTower(config)
             model = model.to_empty(device="cpu")
         else:

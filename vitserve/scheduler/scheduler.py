@@ -137,6 +137,13 @@ class Scheduler:
         worker.ready = True
         self._modelled_ms.clear()  # modelled per worker: its cost model was measured anew
 
+    def worker_warm(self, worker_id: int, predict: Predictor) -> None:
+        """A worker's final cost model, after it served on a provisional one while it warmed up:
+        what was learned of its scale against the provisional one no longer applies."""
+        worker = self.workers[worker_id]
+        worker.predict, worker.scale = predict, 1.0
+        self._modelled_ms.clear()
+
     # -- decisions ---------------------------------------------------------------------------
     def poll(self, now: float) -> tuple[list[Dispatch], list[Failure]]:
         """Windows to send now, and requests failed early; sets `wakeup`."""

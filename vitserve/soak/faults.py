@@ -28,7 +28,6 @@ from vitserve.ipc.messages import PROTOCOL_VERSION, Encode, Error, Hello, ImageI
 
 from .ledger import KNOWN_CODES, Ledger
 
-FAULTS = ("kill-worker", "kill-client", "cancel", "bad-input", "overload", "hostile")
 LOCAL_ONLY = frozenset({"kill-worker", "kill-client"})  # they need the engine's processes on this host
 REPLY_TIMEOUT_S = 10.0
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from vitserve.bench.workloads import make_requests
+from vitserve.choices import SOAK_FAULTS
 from vitserve.client import AsyncClient
 from vitserve.engine.errors import EngineError
 
@@ -43,7 +44,7 @@ class SoakConfig:
     distinct: int = 32  # distinct inputs; requests repeat them, so results can be compared
     clients: int = 4
     deadline_ms: float | None = None
-    faults: tuple[str, ...] = faults.FAULTS
+    faults: tuple[str, ...] = SOAK_FAULTS
     fault_interval_s: float = 10.0
     overload_burst: int = 400
     hang_s: float = 300.0  # a request not ended after this long is a violation
@@ -51,9 +52,9 @@ class SoakConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.faults) - set(faults.FAULTS)
+        unknown = set(self.faults) - set(SOAK_FAULTS)
         if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}: choose from {', '.join(faults.FAULTS)}")
+            raise ValueError(f"unknown faults {sorted(unknown)}: choose from {', '.join(SOAK_FAULTS)}")
         for name in ("duration_s", "rate", "fault_interval_s", "hang_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -164,7 +165,8 @@ class Soak:
         client, deadline = self.clients[0], time.monotonic() + SETTLE_S
         while True:
             stats, health = await client.stats(), await client.health()
-            idle = all(stats[k] == 0 for k in ("requests_open", "queued_items", "windows_in_flight", "slots_leased"))
+            idle = all(stats.get(k, 0) == 0 for k in ("requests_open", "queued_items", "windows_in_flight", "slots_leased",
+                                                      "workers_warming", "standby_loading"))
             if idle and health.workers_ready == workers:
                 return stats
             if time.monotonic() > deadline:

@@ -12,8 +12,9 @@ caller's, e.g. shared memory, or a pinned one made here); items are offsets into
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -89,14 +90,46 @@ class ModelRunner:
             self.calibrate()
         return self.capture_report
 
+    def warm_up(self, cost: CostModel | None = None) -> Iterator[None]:
+        """What `capture` does, a step per iteration, while the runner serves between the steps:
+        each graph is captured (largest first) and used from then on; the cost model is `cost`,
+        or, when none is given, eager timings first (so windows can be predicted at once) and the
+        full measurement once every graph is there. Windows run eagerly until their graph is
+        captured and measured."""
+        began = time.perf_counter()
+        if cost is not None:
+            self.cost = cost
+        else:
+            self.cost = CostModel(eager_base_points=self._eager_points(attention_ms_per_token2=0.0))
+        yield
+        if self.graphs is not None:
+            reserved_before = torch.cuda.memory_reserved()
+            for key in sorted(self.padded_shapes(), reverse=True):
+                self.graphs.capture_one(key)
+                yield
+            self.capture_report = self.graphs.report(self.padded_shapes(), time.perf_counter() - began,
+                                                     torch.cuda.memory_reserved() - reserved_before)
+        if cost is None:
+            measured = CostModel()
+            for _ in self._calibration_steps(measured):
+                yield
+            self.cost = measured  # whole: a window never sees a model measured halfway
+
     def padded_shapes(self) -> list[tuple[int, int]]:
         """Every (budget, segment slots) a window can take; one graph each."""
         return [(b, s) for b in self.capacities.budgets for s in self.capacities.slot_tiers]
 
-    @torch.inference_mode()
     def calibrate(self) -> CostModel:
         """Measure the cost model: attention per squared token, each padded shape, eager by tokens."""
-        merge = self.model.geometry.merge_size
+        measured = CostModel()
+        for _ in self._calibration_steps(measured):
+            pass
+        self.cost = measured
+        return measured
+
+    @torch.inference_mode()
+    def _calibration_steps(self, cost: CostModel) -> Iterator[None]:
+        """Fill `cost` in, yielding after each timing (a step of warm_up)."""
         short = CALIBRATION_SEGMENT
         largest = self.capacities.max_budget
         many = max(1, min(largest // short, self.capacities.max_sequences))
@@ -106,7 +139,8 @@ class ModelRunner:
         one_long, _ = self._time_padded(largest, top_slots, 1)
         many_short, length = self._time_padded(largest, top_slots, many)
         squares = largest**2 - many * length**2
-        self.cost.attention_ms_per_token2 = max(one_long - many_short, 0.0) / squares if squares > 0 else 0.0
+        cost.attention_ms_per_token2 = max(one_long - many_short, 0.0) / squares if squares > 0 else 0.0
+        yield
         shapes = self.padded_shapes()
         if self.graphs is None:
             # Without graphs every slot tier of a budget runs the same kernels (the tier only sizes
@@ -117,9 +151,16 @@ class ModelRunner:
             elapsed, length = self._time_padded(budget, slots, segments)
             padding = budget - segments * length
             square = segments * length**2 + padding**2
-            base_ms = max(elapsed - self.cost.attention_ms_per_token2 * square, 0.0)
+            base_ms = max(elapsed - cost.attention_ms_per_token2 * square, 0.0)
             tiers = self.capacities.slot_tiers if self.graphs is None else (slots,)
-            self.cost.padded_base_ms.update({(budget, tier): base_ms for tier in tiers})
+            cost.padded_base_ms.update({(budget, tier): base_ms for tier in tiers})
+            yield
+        cost.eager_base_points = self._eager_points(cost.attention_ms_per_token2)
+
+    @torch.inference_mode()
+    def _eager_points(self, attention_ms_per_token2: float) -> list[tuple[int, float]]:
+        """(tokens, ms without attention) of unpadded eager runs of several sizes."""
+        merge, short = self.model.geometry.merge_size, CALIBRATION_SEGMENT
         points = []
         largest_eager = 2 * self.capacities.max_budget
         wanted = {min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget}
@@ -129,9 +170,8 @@ class ModelRunner:
             grid = [(frames, merge, segment // merge)]
             pixels = torch.randn(frames * segment, self.model.geometry.patch_dim, device=self.device)
             elapsed = time_ms(lambda: self.model.encode_patches(pixels, grid), self.device)
-            points.append((frames * segment, max(elapsed - self.cost.attention_ms_per_token2 * frames * segment**2, 0.0)))
-        self.cost.eager_base_points = sorted(dict(points).items())
-        return self.cost
+            points.append((frames * segment, max(elapsed - attention_ms_per_token2 * frames * segment**2, 0.0)))
+        return sorted(dict(points).items())
 
     def _time_padded(self, budget: int, slots: int, segments: int) -> tuple[float, int]:
         """Time of a padded window of `segments` equal segments, and their length."""
@@ -166,15 +206,17 @@ class ModelRunner:
             slots = self.capacities.fitting_slots(sequences)
             shape = None if window.budget is None or slots is None else (window.budget, slots)
             square = sum(shapes[i].tokens ** 2 // shapes[i].sequences for i in window.items)
-            if shape is not None and (not self.use_graphs or self.cost.prefer_padded(
-                    shape, window.tokens, square, window.padding)):
+            captured = shape is not None and (self.graphs is None or self.graphs.has(shape))  # (no graphs: eager over the buffers)
+            if captured and (not self.use_graphs or self.cost.prefer_padded(shape, window.tokens, square,
+                                                                              window.padding)):
                 first_rows = self._run_static(window, shape, grids, pixel_values, pixel_offsets)
                 self.copier.copy(self.window.output[:rows], out[cursor:cursor + rows])
                 self.stats.record_padded(window, sequences, replayed=self.graphs is not None)
             else:
                 first_rows = self._run_eager(window, grids, pixel_values, pixel_offsets, out[cursor:cursor + rows])
                 reason = oversize_reason(shapes[window.items[0]], self.capacities)
-                reason = reason or ("cheaper_than_graph" if shape in self.cost.padded_base_ms else "not_captured")
+                measured = captured and shape in self.cost.padded_base_ms
+                reason = reason or ("cheaper_than_graph" if measured else "not_captured")
                 self.stats.record_eager(window, sequences, reason)
             for index, first in zip(window.items, first_rows):
                 items[index] = ItemOutput(cursor + first, shapes[index].tokens // merge)

@@ -9,14 +9,16 @@ import mmap
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
+import msgspec
 import torch
 
-from vitserve.ipc.messages import MakeSlabs, RunWindow, SlabsMade, WorkerCost, WorkerReady
+from vitserve.ipc.messages import Begin, MakeSlabs, RunWindow, SlabsMade, WorkerCost, WorkerReady, WorkerWarm
 from vitserve.ipc.sealed import SealError, create_sealed
+from vitserve.launch import WorkerSpec
+from vitserve.models import VisionEncoder
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 
 from .capacities import WindowConfig
@@ -29,56 +31,47 @@ from .worker_inputs import TORCH_DTYPES, WorkerInputs, pin_for_cuda
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs, picklable for the spawn start method."""
+def load_for_worker(spec: WorkerSpec) -> VisionEncoder:
+    """The worker's model on its device, with one small forward run: the device's kernels and
+    libraries are set up before the first window, not while it waits."""
+    from vitserve.models import load_model
 
-    worker: int
-    endpoint: str  # the engine's PAIR socket
-    model: str
-    device: str
-    dtype: str | None
-    window: WindowConfig
-    preprocess: PreprocessConfig
-    threads: int | None = None  # torch CPU threads (CPU workers share the host)
-    log_level: int = logging.WARNING
-    heartbeat_s: float = 1.0  # how often the worker's beat thread beats
-    # The cost model this worker measured before a restart (same device, same config): reused, so a
-    # restarted worker is back without measuring it again. None: measure it.
-    cost: WorkerCost | None = None
-    progress: bool = False  # say each start-up phase on stderr (`vitserve serve` does)
-    cache_dir: str | None = None  # where measured cost models are kept between starts; None: nowhere
-    spawned_at: float = 0.0  # time.monotonic() when the engine spawned it (0: unknown)
-    # Where the beats go: the engine's shared double (a multiprocessing RawValue, picklable only
-    # while the process is spawned); None: no heartbeat (a worker run by hand, as tools/ do).
-    beat_at: Any = field(default=None, compare=False, repr=False)
+    device = torch.device(spec.device)
+    model = load_model(spec.model, device=device, dtype=TORCH_DTYPES.get(spec.dtype) if spec.dtype else None)
+    merge = model.geometry.merge_size
+    with torch.inference_mode():
+        model.encode_patches(torch.zeros(merge * merge, model.geometry.patch_dim, device=device), [(1, merge, merge)])
+    return model
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, engine_pid: int):
-        from vitserve.models import load_model
-
+    def __init__(self, spec: WorkerSpec, engine_pid: int, begin: Begin, model: VisionEncoder):
+        """Get ready to serve `model` (load_for_worker's) with `begin`'s settings. `begin.cost`: the
+        cost model this worker measured before a restart (same device, same config), reused."""
         self.spec = spec
         self.engine_pid = engine_pid  # holds the input slabs' descriptors, which the worker opens through /proc
         self.device = torch.device(spec.device)
-        began = time.perf_counter()
-        say = _progress(spec)
-        say(f"loading {spec.model}")
-        model = load_model(spec.model, device=self.device, dtype=TORCH_DTYPES.get(spec.dtype) if spec.dtype else None)
-        self.runner = ModelRunner(model, spec.window)
-        kept = None if spec.cache_dir is None else cost_cache_path(Path(spec.cache_dir), self.runner)
-        known = CostModel.from_message(spec.cost) if spec.cost is not None else read_cost(kept, self.runner)
+        self.began = time.perf_counter()
+        self.say = start_progress(spec, max(spec.spawned_at, begin.sent_at))
+        self.preprocess = msgspec.convert(begin.preprocess, PreprocessConfig)
+        self.runner = ModelRunner(model, msgspec.convert(begin.window, WindowConfig))
+        self._kept = None if begin.cache_dir is None else cost_cache_path(Path(begin.cache_dir), self.runner)
+        known = CostModel.from_message(begin.cost) if begin.cost is not None else read_cost(self._kept, self.runner)
+        self._measuring = known is None
         graphs = len(self.runner.padded_shapes()) if self.runner.use_graphs else 0
-        say(f"loaded; {f'capturing {graphs} graphs, then ' if graphs else ''}"
-            f"{'reusing the cost model measured before' if known else 'measuring the cost model'}")
-        loaded = time.perf_counter()
-        report = self.runner.capture(progress=False, cost=known)
-        if known is None:
-            write_cost(kept, self.runner.cost)
-        capture_s = time.perf_counter() - began
-        graphs_s = report.seconds if report is not None else 0.0
-        say(f"ready: load {loaded - began:.1f} s, graphs {graphs_s:.1f} s, cost model "
-            f"{time.perf_counter() - loaded - graphs_s:.1f} s")
+        self.loaded = time.perf_counter()
+        # Serve while the graphs are captured (and the cost model measured): eagerly at first, each
+        # window on its graph once that is there. Without graphs there is nothing worth serving
+        # for meanwhile: the cost model is measured (or reused) first.
+        self._warming: Iterator[None] | None = self.runner.warm_up(known)
+        next(self._warming)  # the cost model the engine plans with until the warm-up ends
+        if graphs:
+            self.say(f"serving eagerly while {graphs} graphs are captured"
+                     f"{'' if known else ' and the cost model is measured'}")
+        else:
+            for _ in self._warming:
+                pass
+            self._warmed()
         self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
         self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
         self.inputs = WorkerInputs(self.device, engine_pid)  # the engine's input slabs, as this worker maps them
@@ -86,15 +79,47 @@ class Worker:
         self._last_end: torch.cuda.Event | None = None  # timing event after the last window's copies
         geometry = model.geometry
         self.row_shape = (1 + geometry.num_deepstack, geometry.out_hidden_size)
-        caps, cost = self.runner.capacities, self.runner.cost
+        caps = self.runner.capacities
         self.ready = WorkerReady(
             worker=spec.worker, device=str(self.device), budgets=caps.budgets, max_items=caps.max_items,
             max_sequences=caps.max_sequences, merge_factor=caps.merge_factor,
             out_hidden=geometry.out_hidden_size, num_deepstack=geometry.num_deepstack,
             dtype=str(self.runner.dtype).removeprefix("torch."),
-            cost=WorkerCost(*cost.to_lists()),
-            capture_s=capture_s,
+            cost=self.cost_message(), capture_s=time.perf_counter() - self.began, warming=self.warming,
         )
+
+    @property
+    def warming(self) -> bool:
+        """Graphs still to capture or the cost model still to measure (`warm_step` does the next part)."""
+        return self._warming is not None
+
+    def warm_step(self) -> WorkerWarm | None:
+        """One step of the warm-up (a graph captured, or one timing); the report for the engine
+        once the last one is done."""
+        if self._warming is None:
+            return None
+        try:
+            if next(self._warming, StopIteration) is not StopIteration:
+                return None
+        except Exception as err:  # e.g. out of memory for a graph: serve on with what there is
+            if self.device.type == "cuda" and is_cuda_error(err):
+                raise DeviceFault(f"warming up: {type(err).__name__}: {err}") from err
+            log.exception("warming up failed; windows without a graph run eagerly")
+            return self._warmed(f"{type(err).__name__}: {err}")
+        return self._warmed()
+
+    def _warmed(self, problem: str = "") -> WorkerWarm:
+        self._warming = None
+        if self._measuring and not problem:
+            write_cost(self._kept, self.runner.cost)
+        seconds = time.perf_counter() - self.loaded
+        graphs = len(self.runner.graphs.graphs) if self.runner.graphs else 0
+        self.say(f"warm: {graphs} graphs, cost model {'measured' if self._measuring else 'reused'}; "
+                 f"{seconds:.1f} s after loading{f'; stopped early: {problem}' if problem else ''}")
+        return WorkerWarm(self.spec.worker, self.cost_message(), seconds, problem)
+
+    def cost_message(self) -> WorkerCost:
+        return WorkerCost(*self.runner.cost.to_lists())
 
     def start(self, message: RunWindow) -> Running:
         """Queue the window's work on the device without waiting for it."""
@@ -126,20 +151,21 @@ class Worker:
         pieces = self.inputs.on_device(message.items)  # each item's array on the device, in the window's order
         raw = [i for i, item in enumerate(message.items) if item.kind != "patches"]
         if raw:
-            patches = preprocess_batch([pieces[i] for i in raw], self.spec.preprocess, device=self.device)
+            patches = preprocess_batch([pieces[i] for i in raw], self.preprocess, device=self.device)
             done = [tuple(g) for g in patches.grid_thw.tolist()]
             if done != [grids[i] for i in raw]:
                 raise RuntimeError(f"preprocessing gave grids {done}, the engine planned {[grids[i] for i in raw]}")
             for i, part in zip(raw, patches.pixel_values.split([t * h * w for t, h, w in done])):
                 pieces[i] = part
-        pixel_values = torch.cat(pieces)  # (tokens, patch_dim) in the window's order
+        pixel_values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (tokens, patch_dim) in the window's order
         rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
         out = self._slot(message, rows)
-        return self.runner.encode(pixel_values, grids, out=out, wait=False)
+        result = self.runner.encode(pixel_values, grids, out=out, wait=False)
+        self._clear_rest(message, out.numel() * out.element_size())  # while the device works
+        return result
 
     def _slot(self, message: RunWindow, rows: int) -> torch.Tensor:
-        """The leased run as the runner's output tensor (rows, 1 + deepstack, out_hidden), with the
-        rest of the run cleared: no reader of this window can see an earlier window's rows there."""
+        """The leased run as the runner's output tensor (rows, 1 + deepstack, out_hidden)."""
         mapping = self.slabs.get(message.slab)
         if mapping is None:
             raise RuntimeError(f"slab {message.slab} is not one of this worker's ({sorted(self.slabs)})")
@@ -148,11 +174,16 @@ class Worker:
         if not (0 <= message.offset and used <= message.run_bytes and message.offset + message.run_bytes <= len(mapping)):
             raise RuntimeError(f"{rows} rows ({used} bytes) at {message.offset} do not fit the run of "
                                f"{message.run_bytes} bytes in slab {message.slab} of {len(mapping)}")
-        if message.run_bytes > used:  # the host clears it while the device computes the rows (a disjoint range)
-            torch.frombuffer(mapping, dtype=torch.uint8, count=message.run_bytes - used,
-                             offset=message.offset + used).zero_()
         flat = torch.frombuffer(mapping, dtype=self.runner.dtype, count=count, offset=message.offset)
         return flat.view(rows, *self.row_shape)
+
+    def _clear_rest(self, message: RunWindow, used: int) -> None:
+        """Clear what the window's rows leave of its run: no reader of this window can see an earlier
+        window's rows there. The host does it after the window's device work is queued (the device
+        writes only the rows before it), so it delays nothing."""
+        if message.run_bytes > used:
+            torch.frombuffer(self.slabs[message.slab], dtype=torch.uint8, count=message.run_bytes - used,
+                             offset=message.offset + used).zero_()
 
     def make_slabs(self, message: MakeSlabs) -> SlabsMade:
         """Make and seal the output slabs: mapped writable here (and page-locked for the device's
@@ -181,10 +212,11 @@ class Worker:
         self._slab_descriptors.clear()
 
 
-def _progress(spec: WorkerSpec):
+def start_progress(spec: WorkerSpec, since: float):
     """A function that says a start-up phase on stderr (when the spec asks for it), with the time since
-    the engine spawned the process (CLOCK_MONOTONIC is one clock for the whole host)."""
-    began = spec.spawned_at or time.monotonic()
+    `since`: when the engine spawned the process or, for a standby, told it to begin (CLOCK_MONOTONIC
+    is one clock for the whole host)."""
+    began = since or time.monotonic()
 
     def say(message: str) -> None:
         if spec.progress:
