@@ -251,6 +251,8 @@ def test_a_dead_standby_is_replaced_by_a_fresh_process_at_the_restart(model):
             await until(lambda: len(_spawned_children()) == 2, what="the standby process")
             (standby,) = _spawned_children() - {worker}
             os.kill(standby, signal.SIGKILL)
+            # Noticed while it loads (no longer counted), or found gone at the restart:
+            await until(lambda: engine.stats()["standby_loading"] == 0, what="the dead standby not counted")
             os.kill(worker, signal.SIGKILL)
             await until(lambda: engine.stats()["worker_restarts"] == 1, what="the restart")
             (now,) = engine.health().worker_pids

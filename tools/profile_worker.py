@@ -18,17 +18,19 @@ import os
 import time
 from collections import deque
 
+import msgspec
 import torch
 
 from vitserve.bench.workloads import make_requests
 from vitserve.engine.admission import admit
 from vitserve.engine.outputs_layout import predictor
 from vitserve.ipc.input_slabs import InputSlab, aligned, input_slab_name
-from vitserve.ipc.messages import MakeSlabs, MapInputs, RunWindow, WindowItem
+from vitserve.ipc.messages import Begin, MakeSlabs, MapInputs, RunWindow, WindowItem
 from vitserve.ipc.slabs import slab_plan
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import WindowConfig
-from vitserve.workers.process import Worker, WorkerSpec
+from vitserve.launch import WorkerSpec
+from vitserve.workers.worker import Worker, load_for_worker
 
 
 def form_windows(items, capacities, count: int) -> list[list]:
@@ -54,14 +56,16 @@ def main() -> None:
     parser.add_argument("--extra-budgets", default="784")
     args = parser.parse_args()
     extra = tuple(int(b) for b in args.extra_budgets.split(",")) if args.extra_budgets else ()
-    spec = WorkerSpec(0, "ipc:///unused", args.model, args.device, None, WindowConfig(extra_budgets=extra),
-                      PreprocessConfig())
-    worker = Worker(spec, os.getpid())  # this process holds the input slab, as the engine does
+    spec = WorkerSpec(0, "ipc:///unused", args.model, args.device, None)
+    preprocess = PreprocessConfig()
+    begin = Begin(msgspec.to_builtins(WindowConfig(extra_budgets=extra)), msgspec.to_builtins(preprocess))
+    # This process holds the input slab, as the engine does.
+    worker = Worker(spec, os.getpid(), begin, load_for_worker(spec))
     while worker.warming:  # every graph captured, the cost model final
         worker.warm_step()
     caps = worker.runner.capacities
     predict = predictor(worker.cost_message(), caps)
-    items = [admit(array, spec.preprocess, 2 * caps.max_budget) for request in
+    items = [admit(array, preprocess, 2 * caps.max_budget) for request in
              make_requests(args.workload, 4 * args.windows) for array in request]
     windows = form_windows(items, caps, args.windows)
     row_bytes = worker.row_shape[0] * worker.row_shape[1] * worker.runner.dtype.itemsize
@@ -88,7 +92,7 @@ def main() -> None:
 
     predicted = [predict(sum(i.tokens for i in w), sum(i.sequences for i in w),
                          sum(i.tokens ** 2 // i.sequences for i in w)) for w in windows]
-    patches = [preprocess_batch([i.array for i in w], spec.preprocess, device=worker.device) for w in windows]
+    patches = [preprocess_batch([i.array for i in w], preprocess, device=worker.device) for w in windows]
 
     def sync() -> None:
         if worker.device.type == "cuda":

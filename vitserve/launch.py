@@ -70,7 +70,10 @@ class EarlyWorkers:
         beat aside), or None; a process started for other settings is stopped."""
         entry = self.started.pop(expected.worker, None)
         if entry is not None and entry[0] != expected:
+            logging.getLogger(__name__).warning("the worker process started early for %s does not match the "
+                                                "engine's settings (%s): starting another", entry[0], expected)
             entry[1].kill()
+            entry[1].join()  # gone before its socket path is bound again
             return None
         return entry
 
@@ -78,6 +81,7 @@ class EarlyWorkers:
         """Stop the processes the engine did not adopt (the directory is the engine's now)."""
         for _, process, _ in self.started.values():
             process.kill()
+            process.join()
         self.started.clear()
 
     def discard(self) -> None:

@@ -34,15 +34,16 @@ class Job:
     kind: str = ""  # empty: counted only in the total
 
 
-async def until_settled(stats: Callable[[], Any], poll_s: float = 0.05) -> None:
+async def until_settled(stats: Callable[[], Any], timeout_s: float = 600.0, poll_s: float = 0.05) -> None:
     """Until the engine runs at full speed: every worker's graphs captured, every standby process
-    loaded (`stats`: a client's stats, or an embedded engine's)."""
-    while True:
-        counts = stats()
-        counts = await counts if inspect.isawaitable(counts) else counts
-        if not counts.get("workers_warming") and not counts.get("standby_loading"):
-            return
-        await asyncio.sleep(poll_s)
+    loaded (`stats`: a client's stats, or an embedded engine's). TimeoutError after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            counts = stats()
+            counts = await counts if inspect.isawaitable(counts) else counts
+            if not counts.get("workers_warming") and not counts.get("standby_loading"):
+                return
+            await asyncio.sleep(poll_s)
 
 
 def jobs_of(requests: Sequence[Sequence[np.ndarray]], deadline_ms: float | None) -> list[Job]:

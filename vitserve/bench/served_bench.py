@@ -37,6 +37,7 @@ from .workloads import make_requests
 SATURATION_TOKENS = 32768  # patch tokens of the requests the runner takes at once
 REQUEST_POOL = 32  # distinct requests per workload, sent round-robin
 MEASURE_S = 6.0  # each side runs about this long per workload
+RESTART_TIMEOUT_S = 600.0
 
 
 def _runner_images_per_s(runner: ModelRunner, requests: list, config: PreprocessConfig) -> float:
@@ -117,8 +118,9 @@ async def _restart(endpoint: str, item) -> dict:
         killed = time.perf_counter()
         (await client.encode([item])).release()
         serving_s = time.perf_counter() - killed
-        while (stats := await client.stats())["worker_restarts"] < 1 or stats["workers_warming"]:
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(RESTART_TIMEOUT_S):  # (served again, so restarted: warm soon)
+            while (stats := await client.stats())["worker_restarts"] < 1 or stats["workers_warming"]:
+                await asyncio.sleep(0.05)
         return {"restart_serving_s": serving_s, "restart_warm_s": time.perf_counter() - killed}
 
 

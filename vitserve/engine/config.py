@@ -91,7 +91,7 @@ class EngineConfig:
             raise ValueError(f"worker_heartbeat_s must be at least {MIN_HEARTBEAT_S} s (faster beats only cost CPU), "
                              f"got {self.worker_heartbeat_s!r}")
         check_seconds("drain_timeout_s", self.drain_timeout_s, "0: fail what is pending at once", zero_ok=True)
-        check_seconds("startup_timeout_s", self.startup_timeout_s, "how long a worker may take to load and capture")
+        check_seconds("startup_timeout_s", self.startup_timeout_s, "how long a worker may take to load the model")
 
     def worker_threads(self, device: str) -> int | None:
         """Torch threads of the worker on `device`: None (torch's default) for accelerators. CPU

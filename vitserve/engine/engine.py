@@ -60,8 +60,8 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         self._restarting: set[int] = set()
         self._warming: set[int] = set()  # workers serving while they capture graphs (WorkerWarm ends it)
         self._costs: dict[int, WorkerCost] = {}  # worker -> its latest cost model (a restart reuses it)
-        # worker -> (epoch, process waiting to replace it, the task that notes when it has loaded)
-        self._standby: dict[int, tuple[int, WorkerHandle, asyncio.Task]] = {}
+        # worker -> (the process waiting to replace it, the task that notes when it has loaded)
+        self._standby: dict[int, tuple[WorkerHandle, asyncio.Task]] = {}
         self._standby_loaded: set[int] = set()
         self._hung: set[int] = set()  # workers whose heartbeat stopped, until they are back
         self._pending: dict[int, Pending] = {}
@@ -104,11 +104,12 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
                                    config.clients.max_input_arenas, self._send_to_worker, self._mapping_workers)
         self._context = zmq.Context()
         self._socket_dir = self._early.socket_dir if self._early is not None else tempfile.mkdtemp(prefix="vitserve-")
-        self._handles = [self._spawn(worker, 0) for worker in range(len(config.devices))]
-        if self._early is not None:
-            self._early.discard_unadopted()
         self._epochs = dict.fromkeys(range(len(config.devices)), 0)
         try:
+            for worker in range(len(config.devices)):
+                self._handles.append(self._spawn(worker, 0))
+            if self._early is not None:
+                self._early.discard_unadopted()
             readies = await asyncio.gather(*(h.start(config.startup_timeout_s, self._begin(h.worker))
                                              for h in self._handles))
             self._setup(readies)
@@ -120,6 +121,8 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
             for handle in self._handles:
                 self.inputs.map_all(handle.worker)
         except BaseException:
+            if self._early is not None:
+                self._early.discard_unadopted()
             await self.close()
             raise
         loop = asyncio.get_running_loop()
@@ -132,7 +135,8 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
             task.add_done_callback(self._loop_ended)
         self.started = True
         for handle in self._handles:
-            self._prepare_standby(handle.worker)
+            if handle.worker not in self._warming:  # (else once it is warm)
+                self._prepare_standby(handle.worker)
 
     def _loop_ended(self, task: asyncio.Task) -> None:
         """A loop task that fails says why, and every request ends (none may hang)."""
@@ -153,9 +157,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
                                     self.config.item_token_limit)
         states = []
         for ready in readies:
-            self._costs[ready.worker] = ready.cost
-            if ready.warming:
-                self._warming.add(ready.worker)
+            self._worker_started(ready)
             states.append(WorkerState(ready.worker, predictor(ready.cost, self.capacities),
                                       free_rows=self.layout.slots * self.layout.slot_rows,
                                       row_granularity=self.layout.slot_rows))
@@ -190,11 +192,15 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        standby = [handle for _, handle, _ in self._standby.values()]
-        for _, _, watch in self._standby.values():
-            watch.cancel()
+        standby = list(self._standby.values())
         self._standby.clear()
-        await asyncio.gather(*(h.stop() for h in [*self._handles, *standby]), return_exceptions=True)
+        self._standby_loaded.clear()
+        for _, watch in standby:
+            watch.cancel()
+        # Standby processes hold nothing to finish: killed, not asked to stop (one still loading
+        # would not read the request for a while).
+        await asyncio.gather(*(h.stop() for h in self._handles), *(h.close() for h, _ in standby),
+                             *(watch for _, watch in standby), return_exceptions=True)
         for pool in self._all_pools():
             pool.close()
         if self.inputs is not None:

@@ -35,11 +35,13 @@ RESTART_BACKOFF_S = 1.0  # wait before another start attempt, times the attempts
 
 
 class WorkerRestarts:
-    def _spawn(self, worker: int, epoch: int) -> WorkerHandle:
+    def _spawn(self, worker: int, epoch: int, standby: bool = False) -> WorkerHandle:
         """A handle for worker `worker` in `epoch`: the process started early for it (epoch 0 of
-        `vitserve serve`), or one to spawn."""
+        `vitserve serve`), or one to spawn. A standby's socket has a path of its own: one closed
+        (its process gone) cannot take a fresh process's path with it."""
         config, device = self.config, self.config.devices[worker]
-        spec = WorkerSpec(worker=worker, endpoint=worker_endpoint(self._socket_dir, worker, epoch), model=config.model,
+        endpoint = worker_endpoint(self._socket_dir, worker, epoch) + ("-standby" if standby else "")
+        spec = WorkerSpec(worker=worker, endpoint=endpoint, model=config.model,
                           device=device, dtype=config.dtype, threads=config.worker_threads(device),
                           log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s,
                           progress=config.progress)
@@ -53,20 +55,25 @@ class WorkerRestarts:
                      self._costs.get(worker))
 
     def _prepare_standby(self, worker: int) -> None:
-        """Start the process that will replace `worker` if it is lost (standby_workers): it imports,
-        makes its device context and waits, for the next epoch."""
+        """Start the process that will replace `worker` if it is lost (standby_workers): it loads
+        the model and waits, for the next epoch. Called once the worker is warm: its loading would
+        disturb the worker's graph capture and cost measurement. A standby is only a head start:
+        one that cannot be started is logged, and a restart spawns a process as it would without."""
         if not self.config.standby(self.config.devices[worker]) or self._closing or worker in self._standby:
             return
-        epoch = self._epochs[worker] + 1
-        handle = self._spawn(worker, epoch)
-        handle.spawn()
+        try:
+            handle = self._spawn(worker, self._epochs[worker] + 1, standby=True)
+            handle.spawn()
+        except Exception:
+            log.exception("starting a standby process for worker %d failed", worker)
+            return
         watch = asyncio.get_running_loop().create_task(self._watch_standby(worker, handle),
                                                        name=f"vitserve-standby-{worker}")
-        self._standby[worker] = (epoch, handle, watch)
+        self._standby[worker] = (handle, watch)
 
     async def _watch_standby(self, worker: int, handle: WorkerHandle) -> None:
         """Note when the standby has loaded its model (the stats count those still loading); one that
-        cannot load is stopped (a restart then starts a fresh process)."""
+        cannot load, or exits, is closed (a restart then spawns a fresh process)."""
         try:
             problem = await handle.loaded()
         except Exception as err:  # e.g. an unreadable message: not a standby to count on
@@ -75,34 +82,46 @@ class WorkerRestarts:
             self._standby_loaded.add(worker)
             return
         log.error("the standby process of worker %d could not load the model: %s", worker, problem)
-        if self._standby.get(worker, (None, None))[1] is handle:
-            del self._standby[worker]
-        await handle.close()
+        try:
+            await handle.close()
+        finally:
+            if self._standby.get(worker, (None,))[0] is handle:
+                del self._standby[worker]
 
-    async def _take_standby(self, worker: int, epoch: int) -> WorkerHandle | None:
-        """The standby process for `worker` in `epoch`, if one waits alive (one that died is closed)."""
+    def _take_standby(self, worker: int) -> WorkerHandle | None:
+        """The standby process of `worker` if one waits alive (its epoch is the one after the current
+        one, as a restart's first attempt's); one that is gone is closed."""
         waiting = self._standby.pop(worker, None)
         self._standby_loaded.discard(worker)
         if waiting is None:
             return None
-        standby_epoch, handle, watch = waiting
-        watch.cancel()  # start() reads its socket from now on
-        await asyncio.gather(watch, return_exceptions=True)
-        if standby_epoch == epoch and handle.alive():
+        handle, watch = waiting
+        watch.cancel()  # start() reads its socket from now on (the watch reads nothing once cancelled)
+        if handle.alive():
             return handle
         log.warning("the standby process of worker %d is gone (exit code %s): starting a new one", worker,
                     handle.process.exitcode if handle.process is not None else None)
-        await handle.close()
+        self._tasks.append(asyncio.get_running_loop().create_task(handle.close()))
         return None
 
     def _worker_warm(self, worker: int, warm: WorkerWarm) -> None:
-        """The worker captured every graph and has its final cost model: plan with it."""
+        """The worker captured every graph and has its final cost model: plan with it (and keep it for
+        a restart, unless the warm-up stopped early: then it may be the provisional one)."""
         self._warming.discard(worker)
-        self._costs[worker] = warm.cost
+        if not warm.problem:
+            self._costs[worker] = warm.cost
         self.scheduler.worker_warm(worker, predictor(warm.cost, self.capacities))
         if warm.problem:
             log.warning("worker %d stopped warming up early (%s): windows without a graph run eagerly",
                         worker, warm.problem)
+        self._prepare_standby(worker)
+
+    def _worker_started(self, ready: WorkerReady) -> None:
+        """Note a worker's cost model (final unless it is warming) and whether it warms up."""
+        if ready.warming:
+            self._warming.add(ready.worker)
+        else:
+            self._costs[ready.worker] = ready.cost
 
     async def _new_pool(self, handle: WorkerHandle, epoch: int) -> SlabPool:
         """The pool of the worker's output slabs, which the worker makes (it alone writes them)."""
@@ -197,7 +216,7 @@ class WorkerRestarts:
         await old.close()
         for attempt in range(1, self.config.worker_restarts + 1):
             epoch += 1  # every attempt gets its own socket and, if it starts, slabs of its own
-            handle = await self._take_standby(worker, epoch) or self._spawn(worker, epoch)
+            handle = (self._take_standby(worker) if attempt == 1 else None) or self._spawn(worker, epoch)
             self._handles[worker] = handle
             try:
                 ready = await handle.start(self.config.startup_timeout_s, self._begin(worker))  # the cost model kept
@@ -211,9 +230,7 @@ class WorkerRestarts:
                 continue
             self._epochs[worker] = epoch
             self._pools[worker] = pool
-            self._costs[worker] = ready.cost
-            if ready.warming:
-                self._warming.add(worker)
+            self._worker_started(ready)
             loop = asyncio.get_running_loop()
             self.scheduler.worker_back(worker, predictor(ready.cost, self.capacities),
                                        self.layout.slots * self.layout.slot_rows, loop.time())
@@ -224,9 +241,10 @@ class WorkerRestarts:
             receive.add_done_callback(self._loop_ended)
             self._tasks.append(receive)
             log.warning("worker %d is back (epoch %d) %.1f s after it was told to begin%s", worker, epoch,
-                        ready.capture_s, "; capturing graphs while it serves" if ready.warming else "")
+                        ready.ready_s, "; capturing graphs while it serves" if ready.warming else "")
             self._poke.set()
-            self._prepare_standby(worker)
+            if not ready.warming:  # (else once it is warm)
+                self._prepare_standby(worker)
             return True
         return False
 

@@ -83,7 +83,7 @@ async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task,
     config, ready = engine.config, engine.ready
     frontend.engine_started()
     print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "
-          f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, capture {ready.capture_s:.1f} s, "
+          f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, worker ready {ready.ready_s:.1f} s after Begin, "
           f"started in {time.perf_counter() - began:.1f} s", flush=True)
     failed = asyncio.get_running_loop().create_task(engine.stopped.wait())
     await asyncio.wait({task, signalled, failed}, return_when=asyncio.FIRST_COMPLETED)

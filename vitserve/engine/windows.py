@@ -55,7 +55,7 @@ class WindowTraffic:
         """Send the windows the scheduler would send now, at the end of a burst of requests from
         the frontend, instead of a loop turn later in the dispatch loop (which still runs: it
         re-arms its alarm, and deals with a failing poll)."""
-        if self.scheduler is None or not self._poke.is_set():
+        if not self.started or self._closing or not self._poke.is_set():
             return
         try:
             dispatches = self._poll(asyncio.get_running_loop().time())

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 STARTUP_POLL_S = 0.2  # how often start-up checks that the process is still alive
+SEND_RETRY_S = 0.01  # how often Begin is offered again to a process that has not connected yet
 
 
 class WorkerStartError(RuntimeError):
@@ -49,7 +50,6 @@ class WorkerHandle:
         socket.bind(spec.endpoint)
         self.socket = BurstSocket(socket)
         self.ready: WorkerReady | None = None
-        self.begun_at = 0.0  # time.monotonic() when it was told to begin
         self._encoder = msgspec.msgpack.Encoder()
         self._codec = Codec(FromWorker)
 
@@ -62,10 +62,14 @@ class WorkerHandle:
         """Have the process (spawned now unless it was before) get ready with `begin`'s settings,
         and wait for its handshake; raise WorkerStartError saying what failed."""
         self.spawn()
-        self.begun_at = time.monotonic()
-        await self.send(msgspec.structs.replace(begin, sent_at=self.begun_at), [])
         where = f"worker {self.worker} ({self.spec.model} on {self.spec.device})"
         deadline = asyncio.get_running_loop().time() + timeout_s
+        # The PAIR socket takes the message once the process has connected: until then, keep
+        # checking that it is alive (one that died before it connected would never take it).
+        begin = self._encoder.encode(msgspec.structs.replace(begin, sent_at=time.monotonic()))
+        while not self.socket.send_now([begin]):
+            self._check_starting(where, deadline, timeout_s)
+            await asyncio.sleep(SEND_RETRY_S)
         while True:
             try:
                 message = self.decode(await self.socket.receive_one(STARTUP_POLL_S))
@@ -74,13 +78,7 @@ class WorkerHandle:
                 continue
             except asyncio.TimeoutError:
                 pass
-            if not self.process.is_alive():
-                raise WorkerStartError(f"{where} exited with code {self.process.exitcode} before it was ready; "
-                                       f"see its log above")
-            if asyncio.get_running_loop().time() > deadline:
-                self.kill()
-                raise WorkerStartError(f"{where} was not ready within {timeout_s:.0f} s (loading the model); "
-                                       f"raise startup_timeout_s or check the device")
+            self._check_starting(where, deadline, timeout_s)
         match message:
             case WorkerReady():
                 self.ready = message
@@ -91,10 +89,26 @@ class WorkerHandle:
         self.kill()
         raise WorkerStartError(f"{where} sent {type(message).__name__} instead of its readiness report")
 
+    def _check_starting(self, where: str, deadline: float, timeout_s: float) -> None:
+        """WorkerStartError when the starting process has exited or is past the deadline (loop time)."""
+        if not self.process.is_alive():
+            raise WorkerStartError(f"{where} exited with code {self.process.exitcode} before it was ready; "
+                                   f"see its log above")
+        if asyncio.get_running_loop().time() > deadline:
+            self.kill()
+            raise WorkerStartError(f"{where} was not ready within {timeout_s:.0f} s (loading the model); "
+                                   f"raise startup_timeout_s or check the device")
+
     async def loaded(self) -> str:
-        """Wait until the process has loaded its model (a standby, before `start`): "" or the problem."""
+        """Wait until the process has loaded its model (a standby, before `start`): "" or the problem
+        (also when the process has exited)."""
         while True:
-            message = self.decode(await self.socket.receive_one())
+            try:
+                message = self.decode(await self.socket.receive_one(STARTUP_POLL_S))
+            except asyncio.TimeoutError:
+                if not self.alive():
+                    return f"exited with code {self.process.exitcode}"
+                continue
             if isinstance(message, WorkerLoaded):
                 return message.problem
 

@@ -222,7 +222,7 @@ class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
     num_deepstack: int
     dtype: str
     cost: WorkerCost  # final, or (while warming) what the engine plans with until WorkerWarm
-    capture_s: float  # from the start of loading to this report
+    ready_s: float  # from Begin to this report (the model was loaded before)
     warming: bool = False  # graphs are still being captured (or the cost model measured): WorkerWarm follows
 
 

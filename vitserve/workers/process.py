@@ -74,7 +74,7 @@ def worker_main(spec: WorkerSpec) -> None:
     encoder = msgspec.msgpack.Encoder()
     model, problem = None, None
     try:
-        model = load(spec)
+        model = load_with_progress(spec)
     except Exception as err:  # said again once the engine asks (it raises it at start-up)
         log.exception("loading the model failed")
         problem = f"{type(err).__name__}: {err}"
@@ -101,7 +101,7 @@ def worker_main(spec: WorkerSpec) -> None:
     context.term()
 
 
-def load(spec: WorkerSpec):
+def load_with_progress(spec: WorkerSpec):
     """The spec's model, ready on its device (worker.load_for_worker), with progress lines."""
     say = start_progress(spec, spec.spawned_at)
     say(f"loading {spec.model}")
@@ -161,8 +161,9 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
     while True:
         while running and running[0].finished():
             reply_oldest()
-        if worker.warming and (len(running) >= MAX_RUNNING or worker.started - stepped_at >= WARM_STEP_EVERY
-                               or not running and not socket.poll(0)):
+        # (Only once it has its output slabs: the engine waits for SlabsMade after WorkerReady.)
+        if worker.warming and worker.slabs and (len(running) >= MAX_RUNNING or worker.started - stepped_at >= WARM_STEP_EVERY
+                                                or not running and not socket.poll(0)):
             stepped_at = worker.started
             if (warm := worker.warm_step()) is not None:
                 socket.send(encoder.encode(warm))

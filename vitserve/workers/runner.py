@@ -99,7 +99,7 @@ class ModelRunner:
         began = time.perf_counter()
         if cost is not None:
             self.cost = cost
-        else:
+        elif self.graphs is not None:  # (without graphs nothing is served before the measurement)
             self.cost = CostModel(eager_base_points=self._eager_points(attention_ms_per_token2=0.0))
         yield
         if self.graphs is not None:

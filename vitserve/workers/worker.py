@@ -55,8 +55,8 @@ class Worker:
         self.say = start_progress(spec, max(spec.spawned_at, begin.sent_at))
         self.preprocess = msgspec.convert(begin.preprocess, PreprocessConfig)
         self.runner = ModelRunner(model, msgspec.convert(begin.window, WindowConfig))
-        self._kept = None if begin.cache_dir is None else cost_cache_path(Path(begin.cache_dir), self.runner)
-        known = CostModel.from_message(begin.cost) if begin.cost is not None else read_cost(self._kept, self.runner)
+        self._cost_path = None if begin.cache_dir is None else cost_cache_path(Path(begin.cache_dir), self.runner)
+        known = CostModel.from_message(begin.cost) if begin.cost is not None else read_cost(self._cost_path, self.runner)
         self._measuring = known is None
         graphs = len(self.runner.padded_shapes()) if self.runner.use_graphs else 0
         self.loaded = time.perf_counter()
@@ -85,7 +85,7 @@ class Worker:
             max_sequences=caps.max_sequences, merge_factor=caps.merge_factor,
             out_hidden=geometry.out_hidden_size, num_deepstack=geometry.num_deepstack,
             dtype=str(self.runner.dtype).removeprefix("torch."),
-            cost=self.cost_message(), capture_s=time.perf_counter() - self.began, warming=self.warming,
+            cost=self.cost_message(), ready_s=time.perf_counter() - self.began, warming=self.warming,
         )
 
     @property
@@ -111,7 +111,7 @@ class Worker:
     def _warmed(self, problem: str = "") -> WorkerWarm:
         self._warming = None
         if self._measuring and not problem:
-            write_cost(self._kept, self.runner.cost)
+            write_cost(self._cost_path, self.runner.cost)
         seconds = time.perf_counter() - self.loaded
         graphs = len(self.runner.graphs.graphs) if self.runner.graphs else 0
         self.say(f"warm: {graphs} graphs, cost model {'measured' if self._measuring else 'reused'}; "
