@@ -113,9 +113,12 @@ class Worker:
         if self._measuring and not problem:
             write_cost(self._cost_path, self.runner.cost)
         seconds = time.perf_counter() - self.loaded
-        graphs = len(self.runner.graphs.graphs) if self.runner.graphs else 0
-        self.say(f"warm: {graphs} graphs, cost model {'measured' if self._measuring else 'reused'}; "
-                 f"{seconds:.1f} s after loading{f'; stopped early: {problem}' if problem else ''}")
+        cost = f"cost model {'measured' if self._measuring else 'reused'}"
+        if self.runner.graphs is None:  # (no warm-up to speak of: said before the first window)
+            self.say(f"{cost} ({seconds:.1f} s)")
+        else:
+            self.say(f"warm: {len(self.runner.graphs.graphs)} graphs, {cost}; {seconds:.1f} s after loading"
+                     f"{f'; stopped early: {problem}' if problem else ''}")
         return WorkerWarm(self.spec.worker, self.cost_message(), seconds, problem)
 
     def cost_message(self) -> WorkerCost:
