@@ -140,6 +140,8 @@ def test_results_are_bit_equal_through_an_arena_frames_and_tcp(tmp_path):
 
     async def ipc_run(endpoint: str) -> tuple[list, list, dict]:
         async with AsyncClient(endpoint) as first, AsyncClient(endpoint) as second:
+            # (connect() waits for the arena's answer: the first client's requests go through its arena)
+            assert first._arena._regions is not None and second._arena._regions is None
             through_arena = await encoded(first, request)
             through_frames = await encoded(second, request)  # max_input_arenas=1: this one sends frames
             return through_arena, through_frames, await stats(first)

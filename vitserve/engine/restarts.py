@@ -114,6 +114,8 @@ class WorkerRestarts:
         if warm.problem:
             log.warning("worker %d stopped warming up early (%s): windows without a graph run eagerly",
                         worker, warm.problem)
+        else:
+            log.info("worker %d is warm %.1f s after it was told to begin", worker, warm.seconds)
         self._prepare_standby(worker)
 
     def _worker_started(self, ready: WorkerReady) -> None:

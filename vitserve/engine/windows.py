@@ -40,11 +40,7 @@ class WindowTraffic:
                 if failed_polls > MAX_FAILED_POLLS or not self._fail_queue_head(err):
                     raise  # the engine cannot go on: _loop_ended fails everything and says so
                 dispatches = []
-            for dispatch in dispatches:
-                try:
-                    self._send(dispatch)
-                except Exception as err:  # contained to the requests of this window
-                    self._window_broke(dispatch, err)
+            self._send_all(dispatches)
             wakeup = self.scheduler.wakeup
             alarm = None if wakeup is None else loop.call_at(wakeup, self._poke.set)  # cheaper than wait_for
             await self._poke.wait()
@@ -59,12 +55,15 @@ class WindowTraffic:
             return
         try:
             dispatches = self._poll(asyncio.get_running_loop().time())
-        except Exception:
+        except Exception:  # the dispatch loop's poll meets it again (the poke stays set) and deals with it
             return
+        self._send_all(dispatches)
+
+    def _send_all(self, dispatches: list[Dispatch]) -> None:
         for dispatch in dispatches:
             try:
                 self._send(dispatch)
-            except Exception as err:
+            except Exception as err:  # contained to the requests of this window
                 self._window_broke(dispatch, err)
 
     def _poll(self, now: float) -> list[Dispatch]:

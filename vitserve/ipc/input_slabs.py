@@ -160,7 +160,3 @@ class Regions:
     def _add_free(self, start: int, length: int) -> None:
         bisect.insort(self._free_starts, start)
         self._free[start] = length
-
-    @property
-    def taken(self) -> int:
-        return len(self._used)

@@ -231,7 +231,7 @@ class WorkerWarm(msgspec.Struct, frozen=True, tag="worker_warm"):
 
     worker: int
     cost: WorkerCost
-    seconds: float  # the warm-up's length, after loading
+    seconds: float  # from Begin to the end of the warm-up
     problem: str = ""  # why it stopped early (then windows without a graph keep running eagerly)
 
 

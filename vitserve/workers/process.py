@@ -152,10 +152,13 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
     codec = Codec(ToWorker)
     running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
 
-    def reply_oldest() -> None:
-        socket.send(encoder.encode(running.popleft().reply()))
+    def send_retired() -> None:  # input slabs dropped before the oldest window still running
         for slab in worker.inputs.retire(running[0].sequence if running else None):
             socket.send(encoder.encode(InputsDropped(slab)))
+
+    def reply_oldest() -> None:
+        socket.send(encoder.encode(running.popleft().reply()))
+        send_retired()
 
     stepped_at = 0  # worker.started at the last warm-up step
     while True:
@@ -190,8 +193,7 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
             case DropInputs(slab=slab):
                 worker.inputs.drop(slab, worker.started)
                 if not running:
-                    for slab in worker.inputs.retire(None):
-                        socket.send(encoder.encode(InputsDropped(slab)))
+                    send_retired()
             case MakeSlabs():
                 socket.send(encoder.encode(worker.make_slabs(message)))
     while running:

@@ -215,8 +215,9 @@ class ModelRunner:
             else:
                 first_rows = self._run_eager(window, grids, pixel_values, pixel_offsets, out[cursor:cursor + rows])
                 reason = oversize_reason(shapes[window.items[0]], self.capacities)
-                measured = captured and shape in self.cost.padded_base_ms
-                reason = reason or ("cheaper_than_graph" if measured else "not_captured")
+                if not reason:
+                    measured = captured and shape in self.cost.padded_base_ms
+                    reason = "cheaper_than_graph" if measured else "not_measured" if captured else "not_captured"
                 self.stats.record_eager(window, sequences, reason)
             for index, first in zip(window.items, first_rows):
                 items[index] = ItemOutput(cursor + first, shapes[index].tokens // merge)

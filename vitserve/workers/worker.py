@@ -49,7 +49,6 @@ class Worker:
         """Get ready to serve `model` (load_for_worker's) with `begin`'s settings. `begin.cost`: the
         cost model this worker measured before a restart (same device, same config), reused."""
         self.spec = spec
-        self.engine_pid = engine_pid  # holds the input slabs' descriptors, which the worker opens through /proc
         self.device = torch.device(spec.device)
         self.began = time.perf_counter()
         self.say = start_progress(spec, max(spec.spawned_at, begin.sent_at))
@@ -59,7 +58,6 @@ class Worker:
         known = CostModel.from_message(begin.cost) if begin.cost is not None else read_cost(self._cost_path, self.runner)
         self._measuring = known is None
         graphs = len(self.runner.padded_shapes()) if self.runner.use_graphs else 0
-        self.loaded = time.perf_counter()
         # Serve while the graphs are captured (and the cost model measured): eagerly at first, each
         # window on its graph once that is there. Without graphs there is nothing worth serving
         # for meanwhile: the cost model is measured (or reused) first.
@@ -74,7 +72,9 @@ class Worker:
             self._warmed()
         self.slabs: dict[str, mmap.mmap] = {}  # made when the engine asks, after the handshake
         self._slab_descriptors: list[int] = []  # kept open: the engine opens its own copies through /proc
-        self.inputs = WorkerInputs(self.device, engine_pid)  # the engine's input slabs, as this worker maps them
+        # The engine's input slabs, as this worker maps them (the engine holds their descriptors, which the
+        # worker opens through /proc/<engine_pid>).
+        self.inputs = WorkerInputs(self.device, engine_pid)
         self.started = 0  # windows started so far (each one's sequence)
         self._last_end: torch.cuda.Event | None = None  # timing event after the last window's copies
         geometry = model.geometry
@@ -112,12 +112,12 @@ class Worker:
         self._warming = None
         if self._measuring and not problem:
             write_cost(self._cost_path, self.runner.cost)
-        seconds = time.perf_counter() - self.loaded
+        seconds = time.perf_counter() - self.began
         cost = f"cost model {'measured' if self._measuring else 'reused'}"
         if self.runner.graphs is None:  # (no warm-up to speak of: said before the first window)
             self.say(f"{cost} ({seconds:.1f} s)")
         else:
-            self.say(f"warm: {len(self.runner.graphs.graphs)} graphs, {cost}; {seconds:.1f} s after loading"
+            self.say(f"warm: {len(self.runner.graphs.graphs)} graphs, {cost}; {seconds:.1f} s after Begin"
                      f"{f'; stopped early: {problem}' if problem else ''}")
         return WorkerWarm(self.spec.worker, self.cost_message(), seconds, problem)
 
