@@ -47,6 +47,9 @@ def add_serve_parser(commands) -> None:
                        help="input bytes of all unfinished requests together; past it: overloaded")
     serve.add_argument("--cache-dir", help="where measured cost models are kept between starts (default "
                        "$XDG_CACHE_HOME/vitserve or ~/.cache/vitserve; 'none': measure at every start)")
+    serve.add_argument("--standby-workers", action=argparse.BooleanOptionalAction,
+                       help="keep a loaded spare process per worker so a restart skips loading the model "
+                       "(default: on for GPUs, off for CPUs; it costs the model's memory once more)")
     serve.add_argument("--input-slab-bytes", type=int, help="shared memory that inputs received as frames are copied "
                        "into for the workers (default: 1 GiB, within --max-request-bytes and --max-queued-bytes)")
     _add_client_limit_arguments(serve)
@@ -88,7 +91,7 @@ def _run_serve(args: argparse.Namespace, early) -> int:
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
                               max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
-                              clients=_client_limits(args), progress=True, **_cache_dir(args))
+                              standby_workers=args.standby_workers, clients=_client_limits(args), progress=True, **_cache_dir(args))
         socket_mode = parse_socket_mode(args.socket_mode)
         endpoint = args.endpoint or default_endpoint()
         keys = _server_keys(args)

@@ -146,16 +146,22 @@ class AsyncClient(ClientLink):
                 arena.give(placed[0])
             raise
         try:
-            left = None if limit is None else max(limit - (self._loop.time() - began), 0.0)
-            if not (await asyncio.wait((future,), timeout=left))[0]:
-                self._give_up(request_id)
-                raise EngineError("deadline_exceeded", f"no reply within {limit:.1f} s (the deadline plus "
-                                                       f"{REPLY_MARGIN_S:g} s, or timeout_s): the request was cancelled")
-            reply, reply_frames = future.result()
+            # Awaited directly (one wake-up of this task when the reply comes); a timeout or the
+            # caller's cancel cancels the future unless the reply has set it already.
+            try:
+                async with asyncio.timeout_at(None if limit is None else began + limit):
+                    reply, reply_frames = await future
+            except TimeoutError:
+                if future.cancelled():
+                    self._give_up(request_id)
+                    raise EngineError("deadline_exceeded", f"no reply within {limit:.1f} s (the deadline plus "
+                                                           f"{REPLY_MARGIN_S:g} s, or timeout_s): the request was "
+                                                           f"cancelled") from None
+                reply, reply_frames = future.result()  # it came as time ran out
         except asyncio.CancelledError:  # the caller gave up: the engine drops the request (or its result)
             if future.done() and not future.cancelled() and future.exception() is None:  # a reply came meanwhile
                 self._unwanted(request_id, future.result()[0])
-            elif request_id in self._waiting and not future.done():  # no reply yet (`_dispatch` takes a late one)
+            elif request_id in self._waiting:  # no reply yet (`_dispatch` takes a late one)
                 self._give_up(request_id)
             raise
         finally:

@@ -24,7 +24,7 @@ class WorkerSpec:
     """What a worker process needs to load its model: picklable for the spawn start method."""
 
     worker: int
-    endpoint: str  # the engine's PAIR socket
+    endpoint: str  # the path of the engine's end of the link (ipc/link.py)
     model: str
     device: str
     dtype: str | None
@@ -39,7 +39,7 @@ class WorkerSpec:
 
 
 def worker_endpoint(socket_dir: str, worker: int, epoch: int) -> str:
-    return f"ipc://{socket_dir}/worker-{worker}-e{epoch}"
+    return f"{socket_dir}/worker-{worker}-e{epoch}"
 
 
 def spawn(spec: WorkerSpec, target) -> tuple[WorkerSpec, multiprocessing.process.BaseProcess]:

@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from typing import Sequence
 
-import zmq
 
 from vitserve.ipc.messages import WorkerCost, WorkerReady
 from vitserve.ipc.slab_maps import SlabReader
@@ -87,7 +86,6 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         self.started = False  # start() has finished: workers ready, pools made, loops running
         self._draining = False  # no new requests; those admitted finish
         self._closing = False
-        self._context: zmq.Context | None = None
         self._socket_dir: str | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -102,7 +100,6 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         config = self.config
         self.inputs = EngineInputs(self._instance, config.input_slab_size, config.clients.input_arena_bytes,
                                    config.clients.max_input_arenas, self._send_to_worker, self._mapping_workers)
-        self._context = zmq.Context()
         self._socket_dir = self._early.socket_dir if self._early is not None else tempfile.mkdtemp(prefix="vitserve-")
         self._epochs = dict.fromkeys(range(len(config.devices)), 0)
         try:
@@ -206,14 +203,11 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         if self.inputs is not None:
             self.inputs.close()
         self._reader.close()
-        if self._context is not None:
-            self._context.term()
-            self._context = None
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _send_to_worker(self, worker: int, message) -> bool:
-        return self._handles[worker].send_now(message, [])
+        return self._handles[worker].send_now(message)
 
     def _mapping_workers(self) -> list[int]:
         """Workers that map input slabs now: started, and not lost (one starting maps them all when ready)."""

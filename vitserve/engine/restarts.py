@@ -46,7 +46,7 @@ class WorkerRestarts:
                           log_level=logging.getLogger().level, heartbeat_s=config.worker_heartbeat_s,
                           progress=config.progress)
         started = self._early.take(spec) if self._early is not None and epoch == 0 else None
-        return WorkerHandle(spec, self._context, started)
+        return WorkerHandle(spec, started)
 
     def _begin(self, worker: int) -> Begin:
         """What the worker gets ready with: the settings, and its cost model if one was measured."""

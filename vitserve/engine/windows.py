@@ -146,14 +146,14 @@ class WindowTraffic:
                                            admitted.array.shape))
         handle = self._handles[dispatch.worker]
         if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset,
-                                         slot.count * pool.slot_bytes), []):
-            self._worker_died(handle)  # no peer on the socket: the process is gone
+                                         slot.count * pool.slot_bytes)):
+            self._worker_died(handle)  # the link is broken: the process is gone
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
         # The process's end wakes the loop at once (a restart starts without waiting for a poll).
         sentinel = handle.process.sentinel
-        loop.add_reader(sentinel, handle.socket.interrupt)
+        loop.add_reader(sentinel, handle.link.interrupt)
         try:
             await self._receive_from(handle)
         finally:

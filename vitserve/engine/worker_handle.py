@@ -11,10 +11,9 @@ import time
 
 import msgspec
 import msgspec.structs
-import zmq
 
-from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import Codec, ProtocolError
+from vitserve.ipc.link import EngineLink, LinkError
 from vitserve.ipc.messages import (
     Begin, FromWorker, MakeSlabs, Shutdown, SlabsMade, WorkerLoaded, WorkerReady, WorkerStartFailed,
 )
@@ -36,7 +35,7 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerHandle:
-    def __init__(self, spec: WorkerSpec, context: zmq.Context, started=None):
+    def __init__(self, spec: WorkerSpec, started=None):
         """`started`: (spec, process, heartbeat) of a process already spawned for `spec` (launch.py's
         early workers), adopted instead of spawning one."""
         if started is not None:
@@ -45,10 +44,7 @@ class WorkerHandle:
             self.heartbeat = Heartbeat(spec.heartbeat_s)  # one per process: a restart starts afresh
             self.spec, self.process = dataclasses.replace(spec, beat_at=self.heartbeat.beat_at), None
         self.worker = spec.worker
-        socket = context.socket(zmq.PAIR)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(spec.endpoint)
-        self.socket = BurstSocket(socket)
+        self.link = EngineLink(spec.endpoint)
         self.ready: WorkerReady | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._codec = Codec(FromWorker)
@@ -64,15 +60,15 @@ class WorkerHandle:
         self.spawn()
         where = f"worker {self.worker} ({self.spec.model} on {self.spec.device})"
         deadline = asyncio.get_running_loop().time() + timeout_s
-        # The PAIR socket takes the message once the process has connected: until then, keep
-        # checking that it is alive (one that died before it connected would never take it).
+        # The link takes the message once the process has connected: until then, keep checking
+        # that it is alive (one that died before it connected never will).
         begin = self._encoder.encode(msgspec.structs.replace(begin, sent_at=time.monotonic()))
-        while not self.socket.send_now([begin]):
+        while not self.link.send_now(begin):
             self._check_starting(where, deadline, timeout_s)
             await asyncio.sleep(SEND_RETRY_S)
         while True:
             try:
-                message = self.decode(await self.socket.receive_one(STARTUP_POLL_S))
+                message = self.decode(await self.link.receive_one(STARTUP_POLL_S))
                 if not isinstance(message, WorkerLoaded):  # (loaded: what the standby watch waits for)
                     break
                 continue
@@ -104,7 +100,7 @@ class WorkerHandle:
         (also when the process has exited)."""
         while True:
             try:
-                message = self.decode(await self.socket.receive_one(STARTUP_POLL_S))
+                message = self.decode(await self.link.receive_one(STARTUP_POLL_S))
             except asyncio.TimeoutError:
                 if not self.alive():
                     return f"exited with code {self.process.exitcode}"
@@ -117,9 +113,9 @@ class WorkerHandle:
         descriptors of them, opened through /proc (the worker is ours: same user, same pid namespace).
         WorkerStartError saying what failed."""
         where = f"worker {self.worker} ({self.spec.device})"
-        await self.send(MakeSlabs(plan), [])
+        await self.send(MakeSlabs(plan))
         try:
-            message = self.decode(await self.socket.receive_one(timeout_s))
+            message = self.decode(await self.link.receive_one(timeout_s))
         except asyncio.TimeoutError:
             raise WorkerStartError(f"{where} did not make its output slabs within {timeout_s:.0f} s") from None
         if not isinstance(message, SlabsMade):
@@ -136,22 +132,20 @@ class WorkerHandle:
             raise WorkerStartError(f"{where}: {err}") from None
         return descriptors
 
-    async def send(self, message: msgspec.Struct, frames: list) -> None:
-        await self.socket.send([self._encoder.encode(message), *frames])
+    async def send(self, message: msgspec.Struct) -> None:
+        await self.link.send(self._encoder.encode(message))
 
-    def send_now(self, message: msgspec.Struct, frames: list) -> bool:
-        """Send without waiting; False when the worker's end of the socket is gone (a PAIR socket
-        without a peer would block forever; the engine keeps far fewer messages in flight than
-        its high-water mark, so a full queue means a dead peer)."""
-        return self.socket.send_now([self._encoder.encode(message), *frames])
+    def send_now(self, message: msgspec.Struct) -> bool:
+        """Send without waiting; False when the worker's end of the link is gone."""
+        return self.link.send_now(self._encoder.encode(message))
 
     async def receive(self, timeout_s: float) -> list[msgspec.Struct]:
         """The messages that have arrived (at least one), or none after `timeout_s`."""
-        return [self.decode(frames) for frames in await self.socket.receive(timeout_s)]
+        return [self.decode(message) for message in await self.link.receive(timeout_s)]
 
-    def decode(self, frames: list) -> msgspec.Struct:
+    def decode(self, message: bytes) -> msgspec.Struct:
         try:
-            message, _ = self._codec.decode(frames)
+            message, _ = self._codec.decode([message])
         except ProtocolError as err:  # our own worker: a bug, not a client's fault
             raise RuntimeError(f"worker {self.worker} sent an unreadable message: {err}") from None
         return message
@@ -162,17 +156,17 @@ class WorkerHandle:
     async def stop(self, timeout_s: float = 10.0) -> None:
         if self.alive():
             try:
-                await asyncio.wait_for(self.send(Shutdown(), []), 1.0)
+                await asyncio.wait_for(self.send(Shutdown()), 1.0)
                 await asyncio.to_thread(self.process.join, timeout_s)
-            except (asyncio.TimeoutError, zmq.ZMQError):
+            except (asyncio.TimeoutError, LinkError):
                 pass
         await self.close()
 
     async def close(self) -> None:
-        """Kill the process if it still runs and close the socket."""
+        """Kill the process if it still runs and close the link."""
         if self.alive():
             await asyncio.to_thread(self.kill)
-        self.socket.close()
+        self.link.close()
 
     def kill(self, wait: bool = True) -> None:
         """SIGKILL (which ends a stopped process too); without `wait`, the process is reaped later

@@ -7,7 +7,7 @@ Each window arrives as one message naming where its items lie in the engine's in
 output rows go to. The items go to the device in one asynchronous copy per run of adjacent
 items, raw images and videos are preprocessed there, and the runner's single output copy lands
 in the slot, which the engine's clients read in place. The process talks to the engine over one
-ZeroMQ PAIR socket, and a thread of its own writes heartbeats into shared memory, which the
+Unix socket (ipc/link.py), and a thread of its own writes heartbeats into shared memory, which the
 engine watches for a hung worker (engine/liveness.py).
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 
 import msgspec
 import torch
-import zmq
 
 from vitserve.ipc.codec import Codec
+from vitserve.ipc.link import LinkError, WorkerLink
 from vitserve.ipc.messages import (
     Begin, DropInputs, InputsDropped, MakeSlabs, MapInputs, RunWindow, Shutdown, ToWorker, WorkerLoaded,
     WorkerStartFailed,
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # the GPU runs the current one. (The engine keeps a matching number in flight per worker.)
 MAX_RUNNING = 2
 # While windows run on the device, the loop sleeps this long between checks for a new window and
-# for the oldest one's completion (ZeroMQ polls in whole milliseconds). Blocking on the oldest
+# for the oldest one's completion (poll() waits in whole milliseconds). Blocking on the oldest
 # instead would leave a window that arrives meanwhile unprepared until the device is idle: a
 # bubble of host work in every window. Spinning instead (no sleep; and 2 ms of spinning before an
 # idle worker blocks) cost 10 to 20 % of the served throughput on the H200 (GPU busy 94 % instead
@@ -66,11 +66,16 @@ def worker_main(spec: WorkerSpec) -> None:
     logging.basicConfig(level=spec.log_level, format=f"worker {spec.worker}: %(levelname)s %(message)s")
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    context = zmq.Context()
-    socket = context.socket(zmq.PAIR)
-    socket.setsockopt(zmq.LINGER, 1000)
-    socket.setsockopt(zmq.RECONNECT_IVL, 10)  # started before the engine binds: connect as soon as it does
-    socket.connect(spec.endpoint)
+    link = WorkerLink(spec.endpoint, engine_pid)  # (connects at the first send: the engine may not listen yet)
+    try:
+        serve_engine(spec, link, engine_pid)
+    except LinkError as err:  # the engine is gone (or closed the link): nothing left to serve
+        log.error("%s: exiting", err)
+    finally:
+        link.close()
+
+
+def serve_engine(spec: WorkerSpec, link: WorkerLink, engine_pid: int) -> None:
     encoder = msgspec.msgpack.Encoder()
     model, problem = None, None
     try:
@@ -78,27 +83,26 @@ def worker_main(spec: WorkerSpec) -> None:
     except Exception as err:  # said again once the engine asks (it raises it at start-up)
         log.exception("loading the model failed")
         problem = f"{type(err).__name__}: {err}"
-    socket.send(encoder.encode(WorkerLoaded(spec.worker, problem or "")))
+    link.send(encoder.encode(WorkerLoaded(spec.worker, problem or "")))
     worker = None
-    begin = wait_to_begin(socket, engine_pid)
+    begin = wait_to_begin(link, engine_pid)
     try:
         if begin is not None and problem is None:
             worker = Worker(spec, engine_pid, begin, model)
-            socket.send(encoder.encode(worker.ready))
+            link.send(encoder.encode(worker.ready))
     except Exception as err:
         log.exception("start-up failed")
         problem = f"{type(err).__name__}: {err}"
     if begin is not None and worker is None:
-        socket.send(encoder.encode(WorkerStartFailed(spec.worker, problem)))
+        link.send(encoder.encode(WorkerStartFailed(spec.worker, problem)))
     if worker is not None:
         try:
-            serve_windows(worker, socket, encoder, engine_pid)
+            serve_windows(worker, link, encoder, engine_pid)
         except DeviceFault as fault:  # no reply: the engine retries the window on a fresh worker
             log.error("device fault, exiting: %s", fault)
             os._exit(EXIT_DEVICE_FAULT)
-        worker.close()
-    socket.close()
-    context.term()
+        finally:
+            worker.close()
 
 
 def load_with_progress(spec: WorkerSpec):
@@ -111,17 +115,17 @@ def load_with_progress(spec: WorkerSpec):
     return model
 
 
-def wait_to_begin(socket: zmq.Socket, engine_pid: int) -> Begin | None:
+def wait_to_begin(link: WorkerLink, engine_pid: int) -> Begin | None:
     """The engine's Begin; None when it says Shutdown instead or is gone. A standby process waits
     here, its model loaded, until it replaces a lost worker."""
     codec = Codec(ToWorker)
     while True:
-        if not socket.poll(ORPHAN_CHECK_MS):
+        if not link.poll(ORPHAN_CHECK_MS):
             if os.getppid() != engine_pid:
                 log.error("the engine (pid %d) is gone: exiting", engine_pid)
                 return None
             continue
-        message, _ = codec.decode(socket.recv_multipart(copy=False))
+        message, _ = codec.decode([link.receive()])
         match message:
             case Begin():
                 return message
@@ -147,17 +151,17 @@ def start_heartbeat(beat_at: Any, period_s: float) -> None:
     threading.Thread(target=beat, name="vitserve-heartbeat", daemon=True).start()
 
 
-def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.Encoder, engine_pid: int) -> None:
+def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Encoder, engine_pid: int) -> None:
     """Run the engine's windows until it says Shutdown (or is gone)."""
     codec = Codec(ToWorker)
     running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
 
     def send_retired() -> None:  # input slabs dropped before the oldest window still running
         for slab in worker.inputs.retire(running[0].sequence if running else None):
-            socket.send(encoder.encode(InputsDropped(slab)))
+            link.send(encoder.encode(InputsDropped(slab)))
 
     def reply_oldest() -> None:
-        socket.send(encoder.encode(running.popleft().reply()))
+        link.send(encoder.encode(running.popleft().reply()))
         send_retired()
 
     stepped_at = 0  # worker.started at the last warm-up step
@@ -166,23 +170,23 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
             reply_oldest()
         # (Only once it has its output slabs: the engine waits for SlabsMade after WorkerReady.)
         if worker.warming and worker.slabs and (len(running) >= MAX_RUNNING or worker.started - stepped_at >= WARM_STEP_EVERY
-                                                or not running and not socket.poll(0)):
+                                                or not running and not link.poll(0)):
             stepped_at = worker.started
             if (warm := worker.warm_step()) is not None:
-                socket.send(encoder.encode(warm))
+                link.send(encoder.encode(warm))
             continue
         if len(running) >= MAX_RUNNING:
             reply_oldest()  # full: wait for the oldest
             continue
-        if running and not socket.poll(0):
+        if running and not link.poll(0):
             time.sleep(RUNNING_POLL_S)  # nothing new yet: check the oldest again shortly
             continue
-        if not running and not socket.poll(ORPHAN_CHECK_MS):
+        if not running and not link.poll(ORPHAN_CHECK_MS):
             if os.getppid() != engine_pid:
                 log.error("the engine (pid %d) is gone: exiting", engine_pid)
                 return
             continue
-        message, _ = codec.decode(socket.recv_multipart(copy=False))
+        message, _ = codec.decode([link.receive()])
         match message:
             case Shutdown():
                 break
@@ -195,6 +199,6 @@ def serve_windows(worker: Worker, socket: zmq.Socket, encoder: msgspec.msgpack.E
                 if not running:
                     send_retired()
             case MakeSlabs():
-                socket.send(encoder.encode(worker.make_slabs(message)))
+                link.send(encoder.encode(worker.make_slabs(message)))
     while running:
-        socket.send(encoder.encode(running.popleft().reply()))
+        link.send(encoder.encode(running.popleft().reply()))
