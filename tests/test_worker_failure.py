@@ -177,3 +177,20 @@ def test_a_restarted_worker_reuses_its_measured_cost_model(model):
                 torch.testing.assert_close(after.items[0].embeddings, expected, rtol=0, atol=0)
 
     asyncio.run(run())
+
+
+def test_a_worker_exits_at_once_when_its_engine_is_killed(tmp_path):
+    """The end of the engine's link is the worker's signal to go: no orphan keeps its device."""
+    import psutil
+    from served import served
+
+    from vitserve import Client
+
+    endpoint = f"ipc://{tmp_path}/engine"
+    with served(endpoint, "--min-budget", "64", "--max-budget", "256") as process:
+        with Client(endpoint) as client:
+            worker = psutil.Process(client.health().worker_pids[0])
+        process.kill()  # SIGKILL: the engine cannot say Shutdown
+        process.wait(10)
+        worker.wait(10)  # (psutil.TimeoutExpired if it lingers)
+        assert "the engine closed its end of the link: exiting" in process.stderr.read()

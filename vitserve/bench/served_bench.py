@@ -1,9 +1,15 @@
 """`vitserve bench --served`: the runner alone against the served engine, same workloads, one run.
 
 Runner: the worker's own path in one process, with nothing around it. Raw uint8 items wait in
-page-locked host memory; requests go in groups of about SATURATION_TOKENS patch tokens, each
-uploaded, preprocessed on the device and encoded (graphs), rows copied to page-locked memory,
-back to back with one synchronisation at the end.
+page-locked host memory; requests go in groups, each uploaded, preprocessed on the device and
+encoded, rows copied to page-locked memory, back to back with one synchronisation at the end.
+The baseline's groups are what the engine sends its worker at saturation: whole requests up to
+the largest budget, one window's worth, preprocessed together (as the worker does per window).
+A second runner figure takes groups of BATCH_TOKENS patch tokens: preprocessing batched over
+several windows, and the runner packing windows from more items; the ratio against it is
+reported too (the engine never preprocesses more than a window at once). The runner stays loaded
+beside the server, and each workload's runner baseline is the mean of one measurement right
+before its served run and one right after.
 Served: `vitserve serve` on the same device (defaults and the budget flags given), one client over
 ipc:// keeping `concurrency` requests outstanding. Per workload: images/s of both and their ratio,
 the served p50/p99, the share of wall time the device was busy with windows (the worker's CUDA
@@ -34,19 +40,19 @@ from .overhead import run_loop, start_server, stop_server
 from .report import write
 from .workloads import make_requests
 
-SATURATION_TOKENS = 32768  # patch tokens of the requests the runner takes at once
+BATCH_TOKENS = 32768  # patch tokens of the requests the runner takes at once for its batched figure
 REQUEST_POOL = 32  # distinct requests per workload, sent round-robin
 MEASURE_S = 6.0  # each side runs about this long per workload
 RESTART_TIMEOUT_S = 600.0
 
 
-def _runner_images_per_s(runner: ModelRunner, requests: list, config: PreprocessConfig) -> float:
+def _runner_images_per_s(runner: ModelRunner, requests: list, config: PreprocessConfig, group_tokens: int) -> float:
     device = runner.device
     pinned = [[torch.from_numpy(item).pin_memory() for item in request] for request in requests]
     tokens = [sum(admit(item, config, 1 << 30).tokens for item in request) for request in requests]
     groups, group, used = [], [], 0
     for request, count in zip(pinned, tokens):
-        if group and used + count > SATURATION_TOKENS:
+        if group and used + count > group_tokens:
             groups.append(group)
             group, used = [], 0
         group += request
@@ -132,9 +138,7 @@ def run_served_bench(model: str, device: str, window, names: list[str], concurre
     began = time.perf_counter()
     runner.capture(progress=False)
     capture_s = time.perf_counter() - began
-    runner_rates = {name: _runner_images_per_s(runner, requests, config) for name, requests in workloads.items()}
-    del runner
-    torch.cuda.empty_cache()
+    largest = runner.capacities.max_budget
     folder = tempfile.mkdtemp(prefix="vitserve-served-")
     endpoint = f"ipc://{folder}/engine"
     began = time.perf_counter()
@@ -144,12 +148,21 @@ def run_served_bench(model: str, device: str, window, names: list[str], concurre
     try:
         run_loop(_until_settled(endpoint))
         warm_s = time.perf_counter() - began
+        # Each workload's runner figures right before and after its served run (the runner and the
+        # server share the device, each idle while the other runs): a device that slows down as it
+        # heats up under minutes of load slows both sides alike.
         for name, requests in workloads.items():
+            batched = _runner_images_per_s(runner, requests, config, BATCH_TOKENS)
+            before = _runner_images_per_s(runner, requests, config, largest)
             images_per_request = sum(map(len, requests)) / len(requests)
-            total = max(4 * concurrency, int(runner_rates[name] * MEASURE_S / images_per_request))
+            total = max(4 * concurrency, int(before * MEASURE_S / images_per_request))
             served = run_loop(_served(endpoint, requests, total, concurrency))
-            rows.append({"workload": name, "runner_images_per_s": runner_rates[name], **served,
-                         "ratio": served["images_per_s"] / runner_rates[name]})
+            after = _runner_images_per_s(runner, requests, config, largest)
+            runner_rate = (before + after) / 2
+            rows.append({"workload": name, "runner_images_per_s": runner_rate, "runner_before_after": [before, after],
+                         "runner_batched_images_per_s": batched, **served,
+                         "ratio": served["images_per_s"] / runner_rate,
+                         "ratio_batched": served["images_per_s"] / batched})
         restart = run_loop(_restart(endpoint, next(iter(workloads.values()))[0][0]))
     finally:
         stop_server(server, folder)
@@ -165,12 +178,14 @@ def served_table(result: dict) -> str:
              f"serve start to ready {result['serve_start_s']:.1f} s, to warm (every graph captured) "
              f"{result['serve_warm_s']:.1f} s; after a SIGKILL of the worker, a request served in "
              f"{result['restart_serving_s']:.2f} s, warm again in {result['restart_warm_s']:.1f} s; "
-             f"serve {' '.join(result['serve_flags'])}",
-             f"{'workload':<11} {'runner img/s':>12} {'served img/s':>12} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'GPU busy':>8} {'engine CPU ms/req':>17} {'items/window':>12}"]
+             f"serve {' '.join(result['serve_flags'])}; runner: windows up to the largest budget "
+             f"(batched: groups of {BATCH_TOKENS} tokens)",
+             f"{'workload':<11} {'runner img/s':>12} {'served img/s':>12} {'ratio':>6} {'batched img/s':>13} "
+             f"{'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} {'GPU busy':>8} {'engine CPU ms/req':>17} {'items/window':>12}"]
     for r in result["rows"]:
         lines.append(f"{r['workload']:<11} {r['runner_images_per_s']:12.1f} {r['images_per_s']:12.1f} "
-                     f"{r['ratio']:6.2f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {100 * r['gpu_busy']:7.1f}% "
+                     f"{r['ratio']:6.2f} {r['runner_batched_images_per_s']:13.1f} {r['ratio_batched']:6.2f} "
+                     f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {100 * r['gpu_busy']:7.1f}% "
                      f"{r['engine_cpu_ms_per_request']:17.3f} {r['items_per_window']:12.1f}" + (f"  errors {r['errors']}" if r["errors"] else ""))
     return "\n".join(lines)
 

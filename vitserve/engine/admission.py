@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vitserve.preprocess import PreprocessConfig, PreprocessError, plan_image, plan_video
-from vitserve.preprocess.validate import as_frames
+from vitserve.preprocess.validate import check_frames
 
 ItemKind = Literal["image", "video", "patches"]
 
@@ -46,26 +46,28 @@ class AdmittedItem:
         return self.grid[0]
 
 
-def admit(item: Any, config: PreprocessConfig, token_limit: int, label: str = "item") -> AdmittedItem:
-    """One input: a uint8 image H×W×3 or video T×H×W×3, or a (pixel_values, grid_thw) pair."""
+def admit(item: Any, config: PreprocessConfig, token_limit: int, label: str = "item",
+          slab: tuple[str, int] = ("", -1)) -> AdmittedItem:
+    """One input: a uint8 image H×W×3 or video T×H×W×3, or a (pixel_values, grid_thw) pair;
+    `slab`: the input slab and offset its array already lies at, if it does."""
     if isinstance(item, tuple) and len(item) == 2:
-        admitted = _admit_patches(*item, config=config, label=label)
+        admitted = _admit_patches(*item, config=config, label=label, slab=slab)
     else:
         try:
-            frames, kind = as_frames(item, config, label=label)
-            _, height, width, _ = frames.shape
-            plan = plan_video(frames.shape[0], height, width, config) if kind == "video" else plan_image(height, width, config)
+            (frames, height, width), kind = check_frames(item, config, label=label)
+            plan = plan_video(frames, height, width, config) if kind == "video" else plan_image(height, width, config)
         except PreprocessError as err:
             raise AdmissionError("invalid_input", str(err)) from None
         array = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
-        admitted = AdmittedItem(kind, array, (plan.grid_t, plan.grid_h, plan.grid_w))
+        admitted = AdmittedItem(kind, array, (plan.grid_t, plan.grid_h, plan.grid_w), *slab)
     if admitted.tokens > token_limit:
         raise AdmissionError("too_large", f"{label} has {admitted.tokens} patch tokens, over the engine's limit of "
                                           f"{token_limit} per item: send a smaller image or fewer frames")
     return admitted
 
 
-def _admit_patches(pixel_values: Any, grid_thw: Any, *, config: PreprocessConfig, label: str) -> AdmittedItem:
+def _admit_patches(pixel_values: Any, grid_thw: Any, *, config: PreprocessConfig, label: str,
+                   slab: tuple[str, int]) -> AdmittedItem:
     def invalid(problem: str) -> AdmissionError:
         return AdmissionError("invalid_input", f"{label} (patches): {problem}")
 
@@ -92,4 +94,4 @@ def _admit_patches(pixel_values: Any, grid_thw: Any, *, config: PreprocessConfig
                       f"[{t * h * w}, {patch_dim}]")
     if not np.isfinite(values).all():
         raise invalid("pixel_values contains NaN or Inf")
-    return AdmittedItem("patches", values, (t, h, w))
+    return AdmittedItem("patches", values, (t, h, w), *slab)

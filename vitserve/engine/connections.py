@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from vitserve.ipc.burst import POLLIN
 from vitserve.log_limits import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,9 @@ class Connections:
     def take_events(self) -> list[Connection]:
         """Apply the connection events that have arrived; returns the connections that closed."""
         events = []
-        while True:
-            try:
-                events.append(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return self.apply(events)
+        while self.monitor.get(zmq.EVENTS) & POLLIN:  # (cheaper than a receive that raises zmq.Again)
+            events.append(self.monitor.recv_multipart(zmq.NOBLOCK))
+        return self.apply(events)
 
     def apply(self, events: list[list]) -> list[Connection]:
         """Apply monitor events (each a message of the monitor socket); returns the connections that closed."""

@@ -8,7 +8,7 @@ the pending requests.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,14 +59,12 @@ class RequestIntake:
         (an arena's, as the frontend found it), or ("", -1) when it is to be copied into one."""
         if not items:
             raise EngineError("invalid_input", "a request needs at least one item")
+        places = slabs if slabs is not None else [("", -1)] * len(items)
         try:
-            admitted = [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}")
-                        for i, item in enumerate(items)]
+            admitted = [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}", place)
+                        for i, (item, place) in enumerate(zip(items, places))]
         except AdmissionError as err:
             raise EngineError(err.code, err.message) from None
-        if slabs is not None:
-            admitted = [item if not slab else replace(item, slab=slab, offset=offset)
-                        for item, (slab, offset) in zip(admitted, slabs)]
         size = sum(item.array.nbytes for item in admitted)
         if size > self.config.max_request_bytes:
             raise EngineError("too_large", f"the request's inputs take {size} bytes, over the engine's "

@@ -26,6 +26,15 @@ def as_frames(
     `kind=None` takes the kind from the rank (3: image, 4: video). The tensor shares memory
     with the input where it can (numpy arrays are wrapped, not copied).
     """
+    (frames, height, width), kind = check_frames(item, config, kind=kind, label=label)
+    return _to_tensor(item).reshape(frames, height, width, 3), kind
+
+
+def check_frames(
+    item: object, config: PreprocessConfig, *, kind: Kind | None = None, label: str = "input"
+) -> tuple[tuple[int, int, int], Kind]:
+    """Validate `item` as `as_frames` does: its (frames, H, W) and kind, or PreprocessError. No
+    tensor is made (the engine's admission only plans the item)."""
     if not isinstance(item, (np.ndarray, torch.Tensor)):
         raise PreprocessError(
             f"{label} must be a numpy array or torch tensor of uint8 RGB pixels, got {type(item).__name__}"
@@ -73,7 +82,7 @@ def as_frames(
         check_aspect_ratio(height, width)
     except PreprocessError as error:
         raise PreprocessError(f"{label}: {error}") from None
-    return _to_tensor(item).reshape(frames, height, width, 3), kind
+    return (frames, height, width), kind
 
 
 def _to_tensor(item: np.ndarray | torch.Tensor) -> torch.Tensor:

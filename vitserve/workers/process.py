@@ -13,6 +13,7 @@ engine watches for a hung worker (engine/liveness.py).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -49,12 +50,16 @@ MAX_RUNNING = 2
 # idle worker blocks) cost 10 to 20 % of the served throughput on the H200 (GPU busy 94 % instead
 # of 98 to 99 %): the spinning thread slows the engine's and the client's on the shared cores.
 RUNNING_POLL_S = 100e-6
+# Linux lets a sleep overrun by the thread's timer slack (50 µs by default), which would add half
+# again to each poll; the worker's main thread asks for 1 µs (prctl PR_SET_TIMERSLACK).
+PR_SET_TIMERSLACK, TIMER_SLACK_NS = 29, 1000
 # While warming up (workers/worker.py), a step runs when the worker is idle, when its in-flight
 # queue is full, and at the latest after this many windows, so a steady stream of windows that
 # never leaves it idle or full still lets the warm-up end.
 WARM_STEP_EVERY = 4
 ORPHAN_CHECK_MS = 1000  # an idle worker checks this often that the engine that started it still runs
 EXIT_DEVICE_FAULT = 3  # exit code after a CUDA error: the context is unusable, the engine restarts us
+EXIT_ENGINE_GONE = 4  # exit code when the engine's end of the link closed without a Shutdown
 
 
 
@@ -71,8 +76,10 @@ def worker_main(spec: WorkerSpec) -> None:
         serve_engine(spec, link, engine_pid)
     except LinkError as err:  # the engine is gone (or closed the link): nothing left to serve
         log.error("%s: exiting", err)
-    finally:
-        link.close()
+        # At once: an orphan must not hold its device's memory for the seconds an interpreter with
+        # torch takes to shut down (the kernel frees what the process holds).
+        os._exit(EXIT_ENGINE_GONE)
+    link.close()
 
 
 def serve_engine(spec: WorkerSpec, link: WorkerLink, engine_pid: int) -> None:
@@ -151,8 +158,16 @@ def start_heartbeat(beat_at: Any, period_s: float) -> None:
     threading.Thread(target=beat, name="vitserve-heartbeat", daemon=True).start()
 
 
+def _tight_sleeps() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, TIMER_SLACK_NS, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: sleeps keep their usual slack
+        pass
+
+
 def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Encoder, engine_pid: int) -> None:
     """Run the engine's windows until it says Shutdown (or is gone)."""
+    _tight_sleeps()
     codec = Codec(ToWorker)
     running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
 
