@@ -7,9 +7,12 @@ The baseline's groups are what the engine sends its worker at saturation: whole 
 the largest budget, one window's worth, preprocessed together (as the worker does per window).
 A second runner figure takes groups of BATCH_TOKENS patch tokens: preprocessing batched over
 several windows, and the runner packing windows from more items; the ratio against it is
-reported too (the engine never preprocesses more than a window at once). The runner stays loaded
-beside the server, and each workload's runner baseline is the mean of one measurement right
-before its served run and one right after.
+reported too (the engine never preprocesses more than a window at once).
+The runner stays loaded beside the server and they take turns on the device, a slice of about
+SLICE_S each, ROUNDS served slices per workload between ROUNDS + 1 runner slices: a device runs
+a minute of load slower than its first seconds (on the H200, the runner alone went from 60 to
+50-54 videos/s after 12 s of video-448), and turns expose both sides to the same conditions.
+The ratio is the served rate over the mean of the runner's slices; each slice's rate is kept.
 Served: `vitserve serve` on the same device (defaults and the budget flags given), one client over
 ipc:// keeping `concurrency` requests outstanding. Per workload: images/s of both and their ratio,
 the served p50/p99, the share of wall time the device was busy with windows (the worker's CUDA
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,20 +40,23 @@ from vitserve.models import load_model
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import ModelRunner
 
-from .load import closed_loop, jobs_of, until_settled
+from .load import LoadResult, closed_loop, jobs_of, until_settled
 from .overhead import run_loop, start_server, stop_server
 from .report import write
 from .workloads import make_requests
 
 BATCH_TOKENS = 32768  # patch tokens of the requests the runner takes at once for its batched figure
 REQUEST_POOL = 32  # distinct requests per workload, sent round-robin
-MEASURE_S = 6.0  # each side runs about this long per workload
+ROUNDS = 3  # served slices per workload, each between two runner slices
+SLICE_S = 3.0  # each slice runs about this long
 RESTART_TIMEOUT_S = 600.0
 
 
-def _runner_images_per_s(runner: ModelRunner, requests: list, config: PreprocessConfig, group_tokens: int) -> float:
+def _runner_images_per_s(runner: ModelRunner, requests: list, config: PreprocessConfig, group_tokens: int,
+                         seconds: float) -> float:
     device = runner.device
-    pinned = [[torch.from_numpy(item).pin_memory() for item in request] for request in requests]
+    cuda = device.type == "cuda"
+    pinned = [[_pinned(torch.from_numpy(item), cuda) for item in request] for request in requests]
     tokens = [sum(admit(item, config, 1 << 30).tokens for item in request) for request in requests]
     groups, group, used = [], [], 0
     for request, count in zip(pinned, tokens):
@@ -59,7 +67,7 @@ def _runner_images_per_s(runner: ModelRunner, requests: list, config: Preprocess
         used += count
     groups.append(group)
     rows = max(sum(admit(i.numpy(), config, 1 << 30).tokens for i in g) for g in groups) // runner.capacities.merge_factor
-    out = torch.empty((rows, *runner.window.output.shape[1:]), dtype=runner.dtype, pin_memory=True)
+    out = torch.empty((rows, *runner.window.output.shape[1:]), dtype=runner.dtype, pin_memory=cuda)
 
     def one_pass() -> int:
         for items in groups:
@@ -70,12 +78,21 @@ def _runner_images_per_s(runner: ModelRunner, requests: list, config: Preprocess
         return sum(len(items) for items in groups)
 
     one_pass()  # warm-up
-    torch.cuda.synchronize(device)
+    _synchronize(device)
     images, began = 0, time.perf_counter()
-    while time.perf_counter() - began < MEASURE_S:
+    while time.perf_counter() - began < seconds:
         images += one_pass()
-        torch.cuda.synchronize(device)
+        _synchronize(device)
     return images / (time.perf_counter() - began)
+
+
+def _pinned(tensor: torch.Tensor, cuda: bool) -> torch.Tensor:
+    return tensor.pin_memory() if cuda else tensor
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -84,7 +101,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def _served(endpoint: str, requests: list, total: int, concurrency: int) -> dict:
+@dataclass
+class ServedSlice:
+    result: LoadResult
+    gpu_busy_ms: float
+    engine_cpu_s: float
+    items: int
+    windows: int
+
+
+async def _served(endpoint: str, requests: list, total: int, concurrency: int, warm_up: bool) -> ServedSlice:
     from vitserve.client import AsyncClient
 
     async with AsyncClient(endpoint) as client:
@@ -92,18 +118,27 @@ async def _served(endpoint: str, requests: list, total: int, concurrency: int) -
             return client.encode(items, deadline_ms, priority)
 
         jobs = jobs_of(requests, None)
-        await closed_loop(encode, jobs, 2 * concurrency, concurrency)  # warm-up
+        if warm_up:
+            await closed_loop(encode, jobs, 2 * concurrency, concurrency)
         pid = (await client.health()).pid
         before, cpu_before = await client.stats(), _cpu_seconds(pid)
         result = await closed_loop(encode, jobs, total, concurrency)
         after, cpu_after = await client.stats(), _cpu_seconds(pid)
-    row = result.row()
+    return ServedSlice(result, after["gpu_busy_ms"] - before["gpu_busy_ms"], cpu_after - cpu_before,
+                       int(after["items_sent"] - before["items_sent"]), int(after["windows_sent"] - before["windows_sent"]))
+
+
+def _served_row(slices: list[ServedSlice]) -> dict:
+    """The slices' figures together: their requests, over the time they ran."""
+    merged, seconds = LoadResult("served"), sum(piece.result.seconds for piece in slices)
+    for piece in slices:
+        merged.merge(piece.result)
+    row = merged.ended(seconds).row()
     return {"images_per_s": row["images_per_s"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
-            "errors": row["errors"], "requests": total,
-            "gpu_busy": (after["gpu_busy_ms"] - before["gpu_busy_ms"]) / (result.seconds * 1e3),
-            "engine_cpu_ms_per_request": (cpu_after - cpu_before) * 1e3 / total,
-            "items_per_window": (after["items_sent"] - before["items_sent"])
-            / max(after["windows_sent"] - before["windows_sent"], 1)}
+            "errors": row["errors"], "requests": merged.sent,
+            "gpu_busy": sum(piece.gpu_busy_ms for piece in slices) / (seconds * 1e3),
+            "engine_cpu_ms_per_request": sum(piece.engine_cpu_s for piece in slices) * 1e3 / max(merged.sent, 1),
+            "items_per_window": sum(piece.items for piece in slices) / max(sum(piece.windows for piece in slices), 1)}
 
 
 async def _until_settled(endpoint: str) -> None:
@@ -131,7 +166,7 @@ async def _restart(endpoint: str, item) -> dict:
 
 
 def run_served_bench(model: str, device: str, window, names: list[str], concurrency: int,
-                     serve_arguments: list[str]) -> dict:
+                     serve_arguments: list[str], rounds: int = ROUNDS, slice_s: float = SLICE_S) -> dict:
     config = PreprocessConfig()
     workloads = {name: make_requests(name, REQUEST_POOL) for name in names}
     runner = ModelRunner(load_model(model, device=torch.device(device)), window)
@@ -148,25 +183,26 @@ def run_served_bench(model: str, device: str, window, names: list[str], concurre
     try:
         run_loop(_until_settled(endpoint))
         warm_s = time.perf_counter() - began
-        # Each workload's runner figures right before and after its served run (the runner and the
-        # server share the device, each idle while the other runs): a device that slows down as it
-        # heats up under minutes of load slows both sides alike.
         for name, requests in workloads.items():
-            batched = _runner_images_per_s(runner, requests, config, BATCH_TOKENS)
-            before = _runner_images_per_s(runner, requests, config, largest)
+            batched = _runner_images_per_s(runner, requests, config, BATCH_TOKENS, slice_s)
+            runner_rates, slices = [], []
             images_per_request = sum(map(len, requests)) / len(requests)
-            total = max(4 * concurrency, int(before * MEASURE_S / images_per_request))
-            served = run_loop(_served(endpoint, requests, total, concurrency))
-            after = _runner_images_per_s(runner, requests, config, largest)
-            runner_rate = (before + after) / 2
-            rows.append({"workload": name, "runner_images_per_s": runner_rate, "runner_before_after": [before, after],
+            for turn in range(rounds):
+                runner_rates.append(_runner_images_per_s(runner, requests, config, largest, slice_s))
+                total = max(2 * concurrency, int(runner_rates[0] * slice_s / images_per_request))
+                slices.append(run_loop(_served(endpoint, requests, total, concurrency, warm_up=turn == 0)))
+            runner_rates.append(_runner_images_per_s(runner, requests, config, largest, slice_s))
+            served, runner_rate = _served_row(slices), sum(runner_rates) / len(runner_rates)
+            rows.append({"workload": name, "runner_images_per_s": runner_rate, "runner_slices": runner_rates,
+                         "served_slices": [piece.result.images / piece.result.seconds for piece in slices],
                          "runner_batched_images_per_s": batched, **served,
                          "ratio": served["images_per_s"] / runner_rate,
                          "ratio_batched": served["images_per_s"] / batched})
         restart = run_loop(_restart(endpoint, next(iter(workloads.values()))[0][0]))
     finally:
         stop_server(server, folder)
-    return {"model": model, "device": torch.cuda.get_device_name(device), "concurrency": concurrency,
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "CPU"
+    return {"model": model, "device": name, "concurrency": concurrency, "rounds": rounds,
             "serve_flags": serve_arguments,
             "runner_capture_s": capture_s, "serve_start_s": start_s, "serve_warm_s": warm_s, **restart,
             "rows": rows}
@@ -178,8 +214,8 @@ def served_table(result: dict) -> str:
              f"serve start to ready {result['serve_start_s']:.1f} s, to warm (every graph captured) "
              f"{result['serve_warm_s']:.1f} s; after a SIGKILL of the worker, a request served in "
              f"{result['restart_serving_s']:.2f} s, warm again in {result['restart_warm_s']:.1f} s; "
-             f"serve {' '.join(result['serve_flags'])}; runner: windows up to the largest budget "
-             f"(batched: groups of {BATCH_TOKENS} tokens)",
+             f"serve {' '.join(result['serve_flags'])}; runner: windows up to the largest budget, taking turns with "
+             f"the server ({result['rounds']} served slices) (batched: groups of {BATCH_TOKENS} tokens)",
              f"{'workload':<11} {'runner img/s':>12} {'served img/s':>12} {'ratio':>6} {'batched img/s':>13} "
              f"{'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} {'GPU busy':>8} {'engine CPU ms/req':>17} {'items/window':>12}"]
     for r in result["rows"]:
