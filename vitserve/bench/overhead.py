@@ -9,11 +9,14 @@ processed image isolates the engine's own costs from the model's):
 - runner: the worker's own work for the image in this process (preprocessing on the device,
   the runner's encode and its output copy), one at a time and synchronised;
 - engine: the request through `vitserve serve` (a subprocess) and `AsyncClient`, released
-  after each reply.
+  after each reply;
+- embedded: the request through an `Engine` in this process (`await engine.encode(...)`, the same
+  window settings, other settings their defaults): no client socket, the worker process alike.
 
 Latency is the median of sequential requests; throughput is requests per second with many
 requests outstanding (the client pipelines them). The added latency is
-engine - raw - runner: the frontend, the scheduler, the worker's messages and shared memory.
+engine - raw - runner: the frontend, the scheduler, the worker's messages and shared memory;
+the embedded engine's is embedded - runner.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class Overhead:
     added_p50_ms: float  # engine - raw - runner
     raw_rps: float
     engine_rps: float
+    embedded_p50_ms: float
+    embedded_rps: float
+    embedded_added_p50_ms: float  # embedded - runner
 
 
 def _echo(endpoint: str, ready) -> None:
@@ -172,6 +178,22 @@ async def _engine(endpoint: str, item, requests: int, concurrency: int) -> tuple
         return p50, rps, sequential["worker_ms"]
 
 
+async def _embedded(model: str, devices: str, window, item, requests: int, concurrency: int) -> tuple[float, float]:
+    """Median sequential latency and pipelined requests per second of an engine in this process."""
+    from vitserve.engine import Engine, EngineConfig
+
+    from .load import until_settled
+
+    async with Engine(EngineConfig(model=model, devices=tuple(devices.split(",")), window=window)) as engine:
+        async def send_and_wait() -> None:
+            (await engine.encode([item])).release()
+
+        await until_settled(engine.stats)
+        for _ in range(50):  # warm-up, as for the served engine
+            await send_and_wait()
+        return await _time(send_and_wait, requests, concurrency)
+
+
 def _runner_p50_ms(model: str, device: str, window, item, threads: int | None, samples: int = 100) -> float:
     """The worker's own work for one item: preprocess on the device (raw images), encode, copy out;
     synchronised; with the worker's torch threads."""
@@ -253,8 +275,10 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
         engine_p50, engine_rps, worker_ms = run_loop(_engine(engine_endpoint, item, requests, concurrency))
     finally:
         stop_server(server, folder)
+    embedded_p50, embedded_rps = run_loop(_embedded(model, devices, window, item, requests, concurrency))
     return Overhead(describe(item), requests, concurrency, raw_p50, runner_p50, engine_p50, worker_ms,
-                    engine_p50 - raw_p50 - runner_p50, raw_rps, engine_rps)
+                    engine_p50 - raw_p50 - runner_p50, raw_rps, engine_rps, embedded_p50, embedded_rps,
+                    embedded_p50 - runner_p50)
 
 
 def run_loop(coroutine):
@@ -275,8 +299,10 @@ def overhead_table(result: Overhead) -> str:
         f"{'engine':<8} {result.engine_p50_ms:>8.3f} {result.engine_rps:>9.0f}   vitserve serve + AsyncClient",
         f"{'worker':<8} {result.worker_mean_ms:>8.3f} {'':>9}   mean per window in the worker process "
         f"(receipt to reply), sequential requests",
+        f"{'embedded':<8} {result.embedded_p50_ms:>8.3f} {result.embedded_rps:>9.0f}   Engine in this process",
         f"added p50 (engine - raw - runner): {result.added_p50_ms * 1e3:.0f} µs; "
-        f"engine throughput {result.engine_rps / result.raw_rps:.2f}x raw",
+        f"engine throughput {result.engine_rps / result.raw_rps:.2f}x raw; "
+        f"embedded engine added (embedded - runner): {result.embedded_added_p50_ms * 1e3:.0f} µs",
     ])
 
 

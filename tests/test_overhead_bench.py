@@ -1,0 +1,23 @@
+"""`vitserve bench --overhead` end to end on the CPU (tiny model, an already-processed 2x2 image):
+every baseline and both engines are measured in one run, and the added latencies are the
+differences the report names. (Its figures are for the GPU machine; speed is not checked here.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from vitserve.bench.overhead import as_dict, make_item, overhead_table, run_overhead
+from vitserve.workers import WindowConfig
+
+
+def test_the_served_and_the_embedded_engine_are_measured_against_the_same_baselines():
+    result = run_overhead("random:tiny", "cpu", WindowConfig(min_budget=64, max_budget=256), make_item(None, (2, 2)),
+                          requests=40, concurrency=4, serve_arguments=["--min-budget", "64", "--max-budget", "256"])
+    figures = as_dict(result)
+    for name in ("raw_p50_ms", "runner_p50_ms", "engine_p50_ms", "embedded_p50_ms", "worker_mean_ms",
+                 "raw_rps", "engine_rps", "embedded_rps"):
+        assert figures[name] > 0, name
+    assert result.added_p50_ms == pytest.approx(result.engine_p50_ms - result.raw_p50_ms - result.runner_p50_ms)
+    assert result.embedded_added_p50_ms == pytest.approx(result.embedded_p50_ms - result.runner_p50_ms)
+    table = overhead_table(result)
+    assert "embedded" in table and "processed image, grid 1x2x2" in table
