@@ -60,9 +60,7 @@ def _serve_arguments(args: argparse.Namespace, window) -> list[str]:
 def _served(args: argparse.Namespace, window) -> int:
     from .served_bench import run_served_bench, served_table, write_served
 
-    device = args.devices.split(",")[0]
-    if not device.startswith("cuda"):
-        return fail(f"--served compares CUDA graphs with the served engine: give a CUDA device, not {device!r}")
+    device = args.devices.split(",")[0]  # (one device: the runner's and the served engine's)
     result = run_served_bench(args.model, device, window, args.workloads.split(","), args.concurrency,
                               _serve_arguments(args, window))
     print(served_table(result))
@@ -119,12 +117,13 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                       help="deadline-aware vs immediate vs max-delay flushing on the same Poisson arrivals, "
                            "interleaved on one embedded engine on --devices (--duration of arrivals per policy)")
     load.add_argument("--overhead", action="store_true",
-                      help="single-image requests through `vitserve serve` on --devices against a raw ZeroMQ round "
-                           "trip and the runner alone, in one run (--requests, --concurrency, --image-side)")
+                      help="single-image requests through `vitserve serve` on --devices and through an engine in this "
+                           "process, against a raw ZeroMQ round trip and the runner alone, in one run (--requests, "
+                           "--concurrency, --image-side)")
     load.add_argument("--served", action="store_true",
                       help="the runner alone (raw items, preprocessing on the device) against `vitserve serve` on the "
-                           "first of --devices, per workload: throughput and ratio, p50/p99, GPU busy share, engine "
-                           "CPU per request (--concurrency outstanding)")
+                           "first of --devices, taking turns on it, per workload: throughput and ratio, p50/p99, GPU "
+                           "busy share, engine CPU per request (--concurrency outstanding)")
     load.add_argument("--serve-flags", default="", help="more flags for the `vitserve serve` that --served and "
                                                           "--overhead start, e.g. \"--output-windows 32\"")
     load.add_argument("--image-side", type=int, default=448, help="with --overhead: the square image's side")
