@@ -91,7 +91,8 @@ def _run_serve(args: argparse.Namespace, early) -> int:
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
                               max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
-                              standby_workers=args.standby_workers, clients=_client_limits(args), progress=True, **_cache_dir(args))
+                              standby_workers=args.standby_workers, clients=_client_limits(args), progress=True,
+                              **_cache_dir(args))
         socket_mode = parse_socket_mode(args.socket_mode)
         endpoint = args.endpoint or default_endpoint()
         keys = _server_keys(args)

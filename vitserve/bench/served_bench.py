@@ -125,7 +125,8 @@ async def _served(endpoint: str, requests: list, total: int, concurrency: int, w
         result = await closed_loop(encode, jobs, total, concurrency)
         after, cpu_after = await client.stats(), _cpu_seconds(pid)
     return ServedSlice(result, after["gpu_busy_ms"] - before["gpu_busy_ms"], cpu_after - cpu_before,
-                       int(after["items_sent"] - before["items_sent"]), int(after["windows_sent"] - before["windows_sent"]))
+                       int(after["items_sent"] - before["items_sent"]),
+                       int(after["windows_sent"] - before["windows_sent"]))
 
 
 def _served_row(slices: list[ServedSlice]) -> dict:

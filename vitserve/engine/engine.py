@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from typing import Sequence
 
-
 from vitserve.ipc.messages import WorkerCost, WorkerReady
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabPool, Slot
