@@ -33,7 +33,7 @@ async def connected(tmp_path) -> tuple[AsyncClient, zmq.Socket]:
 
 REPLIES = {
     "error": Error(1, "overloaded", "the queue is full"),
-    "result": Result(1, [OutputRef((4, 1, 8), "float32", slab="vitserve-1-w0-e0-0", epoch=0, offset=0)]),
+    "result": Result(1, [OutputRef((4, 1, 8), "float32", "image", (1, 4, 4), slab="vitserve-1-w0-e0-0", epoch=0, offset=0)]),
 }
 
 

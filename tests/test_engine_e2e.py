@@ -44,23 +44,29 @@ def inputs() -> list:
 
 @pytest.fixture(scope="module")
 def expected() -> list:
+    """Each input's (eager output, kind, the processor's grid (t, h, w))."""
     model = load_model("random:tiny")
     outputs = []
     for item in inputs():
         if isinstance(item, tuple):
-            pixel_values, grid = item
+            (pixel_values, grid), kind = item, "patches"
         else:
-            patches = preprocess_video(item) if item.ndim == 4 else preprocess_image(item)
-            pixel_values, grid = patches
-        outputs.append(model.encode_patches(pixel_values, grid))
+            kind = "video" if item.ndim == 4 else "image"
+            pixel_values, grid = preprocess_video(item) if kind == "video" else preprocess_image(item)
+        outputs.append((model.encode_patches(pixel_values, grid), kind, tuple(int(x) for x in grid.reshape(-1))))
     return outputs
 
 
 def check(result, indices: list[int], expected: list) -> None:
+    """The same rows as the model's eager path, and each item's kind and grid: what a decoder needs
+    to lay out its placeholders (rows = t * h * w / merge²)."""
     assert len(result.items) == len(indices)
     for item, index in zip(result.items, indices):
-        torch.testing.assert_close(item.embeddings, expected[index].embeddings, **TOLERANCE)
-        torch.testing.assert_close(item.deepstack, expected[index].deepstack, **TOLERANCE)
+        output, kind, grid = expected[index]
+        torch.testing.assert_close(item.embeddings, output.embeddings, **TOLERANCE)
+        torch.testing.assert_close(item.deepstack, output.deepstack, **TOLERANCE)
+        assert (item.kind, item.grid) == (kind, grid)
+        assert item.embeddings.shape[0] == grid[0] * grid[1] * grid[2] // 4
 
 
 @pytest.fixture(scope="module", params=["ipc", "tcp"])

@@ -125,7 +125,7 @@ class ClientRequests:
                         f"read and release them", 100.0)
             return
         frames = [np.array(self.engine.read(ref)) for ref in refs]
-        inline = [OutputRef(ref.shape, ref.dtype, frame=i) for i, ref in enumerate(refs)]
+        inline = [OutputRef(ref.shape, ref.dtype, ref.kind, ref.grid, frame=i) for i, ref in enumerate(refs)]
         self.engine.release(key)
         if self._send(connection, Result(message.id, inline), frames):
             connection.inline[message.id] = size

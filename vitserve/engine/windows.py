@@ -202,8 +202,9 @@ class WindowTraffic:
                 continue
             admitted = pending.items[item.index]
             pending.outputs[item.index] = OutputRef(
-                shape=(admitted.tokens // merge, *self.layout.row_shape), dtype=self.ready.dtype, slab=slot.slab,
-                epoch=slot.epoch, offset=slot.offset + first_row * self.layout.row_bytes)
+                shape=(admitted.tokens // merge, *self.layout.row_shape), dtype=self.ready.dtype, kind=admitted.kind,
+                grid=admitted.grid, slab=slot.slab, epoch=slot.epoch,
+                offset=slot.offset + first_row * self.layout.row_bytes)
         for key in {item.request.key for item in dispatch.items}:
             pending = self._pending.get(key)
             if pending is None:  # failed or cancelled while the window ran: its reference goes now

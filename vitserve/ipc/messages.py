@@ -18,7 +18,8 @@ import msgspec
 # element counts are bounded. 4: slabs are sealed memory files, their descriptors passed over the
 # slab channel (not files opened by name); hello names no process (results belong to the connection).
 # 5: inputs may lie in the client's input arena (ArrayRef.offset), which the welcome offers.
-PROTOCOL_VERSION = 5
+# 6: each output names its item's kind and patch grid.
+PROTOCOL_VERSION = 6
 # Element counts are checked while decoding, before anything is built: a header of millions of
 # items or ids is refused at the cost of reading its length.
 MAX_ITEMS_PER_REQUEST = 4096
@@ -59,10 +60,14 @@ Item = Union[ImageItem, VideoItem, PatchItem]
 
 
 class OutputRef(msgspec.Struct, frozen=True):
-    """One item's output rows: (rows, 1 + deepstack, out_hidden), row r = embedding then deepstack."""
+    """One item's output rows: (rows, 1 + deepstack, out_hidden), row r = embedding then deepstack;
+    and what the item was: its kind and its patch grid (t, h, w), as a decoder lays out its
+    placeholders (rows = t * h * w / merge²)."""
 
     shape: tuple[int, int, int]
     dtype: str
+    kind: Literal["image", "video", "patches"]
+    grid: tuple[int, int, int]
     slab: str = ""  # shared-memory slab file name; empty when the bytes came inline
     epoch: int = 0
     offset: int = 0  # bytes into the slab

@@ -25,6 +25,8 @@ from .slabs import numpy_dtype
 class EncodedItem:
     embeddings: torch.Tensor  # (rows, out_hidden): what the language model consumes
     deepstack: torch.Tensor  # (num_deepstack, rows, out_hidden)
+    kind: str  # "image", "video" or "patches" (sent already processed)
+    grid: tuple[int, int, int]  # (t, h, w) in patches, as the processor's grid_thw: rows = t * h * w / merge²
 
 
 class Encoded:
@@ -89,7 +91,7 @@ def encoded_from_refs(refs: Sequence[OutputRef], reader: SlabReader, release: Ca
             rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
         if output_device is not None:
             rows = rows.to(output_device, copy=True)
-        items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1)))
+        items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1), ref.kind, tuple(ref.grid)))
     if output_device is not None and release is not None:
         release()
         release = None
