@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from vitserve.ipc.link import MAX_MESSAGE_BYTES, EngineLink, LinkError, WorkerLink
+from vitserve.ipc.link import MAX_MESSAGE_BYTES, EngineLink, LinkError
+from vitserve.ipc.worker_link import WorkerLink
 
 
 def run(coroutine, timeout_s: float = 30.0):
@@ -43,23 +44,25 @@ async def receive_all(link: EngineLink, count: int) -> list[bytes]:
     return got
 
 
+async def echoed(path: str, messages: list[bytes], listen_after_s: float = 0.0) -> list[bytes]:
+    """The engine's side against `echo_worker`: listen (after a while), take the hello, send every
+    message at once, and gather what comes back."""
+    await asyncio.sleep(listen_after_s)
+    link = EngineLink(path)
+    try:
+        assert await link.receive_one(10.0) == b"hello"
+        for message in messages:
+            assert link.send_now(message)
+        return await receive_all(link, len(messages))
+    finally:
+        link.close()
+
+
 def test_a_worker_started_before_the_engine_listens_connects_and_messages_keep_their_order(tmp_path):
     path = str(tmp_path / "worker-0-e0")
     messages = [b"%d" % i * (i % 7 + 1) for i in range(500)] + [b"", bytes(range(256)) * 4]
     worker = echo_worker(path, len(messages))  # tries to connect before there is anything to connect to
-
-    async def engine() -> list[bytes]:
-        await asyncio.sleep(0.1)
-        link = EngineLink(path)
-        try:
-            assert await link.receive_one(10.0) == b"hello"
-            for message in messages:
-                assert link.send_now(message)
-            return await receive_all(link, len(messages))
-        finally:
-            link.close()
-
-    assert run(engine()) == messages
+    assert run(echoed(path, messages, listen_after_s=0.1)) == messages
     worker.join(10)
     assert not os.path.exists(path)  # close removes the socket file
 
@@ -69,18 +72,7 @@ def test_messages_larger_than_the_socket_buffer_arrive_whole(tmp_path):
     path = str(tmp_path / "link")
     big = [os.urandom(3 << 20), b"after", os.urandom(1 << 20)]
     worker = echo_worker(path, len(big))
-
-    async def engine() -> list[bytes]:
-        link = EngineLink(path)
-        try:
-            assert await link.receive_one(10.0) == b"hello"
-            for message in big:
-                assert link.send_now(message)
-            return await receive_all(link, len(big))
-        finally:
-            link.close()
-
-    assert run(engine()) == big
+    assert run(echoed(path, big)) == big
     worker.join(10)
 
 

@@ -137,7 +137,7 @@ def traced_worker_main(folder: str, spec) -> None:
 
 # -- the client ------------------------------------------------------------------------------
 def start_server(endpoint: str, folder: str, args: argparse.Namespace, extra: list[str]) -> subprocess.Popen:
-    """`vitserve serve` traced, once ready (as vitserve.bench.overhead.start_server does it);
+    """`vitserve serve` traced, once ready (as vitserve.bench.server_process.start_server does it);
     `python -c`, not this script, so that spawn does not import the script again in the worker."""
     code = f"import sys; sys.path.insert(0, {TOOLS_DIR!r}); import trace_hops; " \
            f"trace_hops.serve_traced(sys.argv[1], sys.argv[2:])"
@@ -257,7 +257,8 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if args.requests <= args.skip:
         parser.error("--requests must be more than --skip")
-    from vitserve.bench.overhead import make_item, run_loop
+    from vitserve.bench.overhead import make_item
+    from vitserve.bench.server_process import run_loop
 
     image = make_item(args.image_side, None)
     with tempfile.TemporaryDirectory(prefix="vitserve-trace-") as folder:  # the endpoint and the events

@@ -28,13 +28,13 @@ import zmq
 from vitserve.checks import check_seconds
 from vitserve.client_arena import ClientArena
 from vitserve.client_link import HEARTBEAT_S, LINK_EVENTS, ClientLink
+from vitserve.client_releases import ClientReleases
 from vitserve.engine.errors import EngineError
 from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    Cancel, Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Release, Result, Stats, StatsQuery, VideoItem,
-    Welcome,
+    Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Result, Stats, StatsQuery, VideoItem, Welcome,
 )
 from vitserve.ipc.endpoints import split_endpoint
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
@@ -51,7 +51,7 @@ def _no_slabs(slab: str) -> int:
     raise SlabError(f"a reference to slab {slab} reached a tcp:// client, which can only take results inline")
 
 
-class AsyncClient(ClientLink):
+class AsyncClient(ClientLink, ClientReleases):
     def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
                  timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
                  curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
@@ -190,11 +190,6 @@ class AsyncClient(ClientLink):
         self._arena_asked = asyncio.ensure_future(self._arena.open())
         self._ready.set()
 
-    def _give_up(self, request_id: int) -> None:
-        """Stop waiting for a request: the engine cancels it, and a result that comes anyway is released."""
-        self._cancelled.add(request_id)
-        self._send_control(Cancel(request_id))
-
     async def stats(self) -> dict[str, float]:
         """The engine's counters: requests, results, errors, queued items, open requests, leased slots..."""
         return dict((await self._query(StatsQuery(), Stats)).values)
@@ -213,35 +208,6 @@ class AsyncClient(ClientLink):
             self._queries[reply_type].remove(future)
             raise
         return await future
-
-    def _releaser(self, request_id: int):
-        loop, generation = self._loop, self._generation
-
-        def release() -> None:  # may run in any thread, from garbage collection
-            try:
-                loop.call_soon_threadsafe(self._send_release, request_id, generation)
-            except RuntimeError:
-                pass  # the client's loop is closed; the engine frees the slots when the client goes
-
-        return release
-
-    def _send_release(self, request_id: int, generation: int | None = None) -> None:
-        if generation is not None and generation != self._generation:
-            return  # held on a connection since lost: the engine released it then
-        if not self._releases:
-            self._loop.call_soon(self._flush_releases)
-        self._releases.append(request_id)
-
-    def _flush_releases(self) -> None:
-        ids, self._releases = self._releases, []
-        self._send_control(Release(ids))
-
-    def _send_control(self, message: Cancel | Release | list) -> None:
-        """Small messages that must not wait (or frames already encoded): queued by ZeroMQ, or sent
-        as soon as it has room (they are lost only with the socket or its connection)."""
-        frames = message if isinstance(message, list) else self._codec.encode(message)
-        if not self._socket.socket.closed and not self._socket.send_now(frames):
-            asyncio.ensure_future(self._socket.send(frames))
 
     async def _receive(self) -> None:
         while True:
@@ -280,11 +246,6 @@ class AsyncClient(ClientLink):
                     waiting.set_result((message, []))
         elif len(self.stray_replies) < 100:
             self.stray_replies.append(repr(message)[:300])
-
-    def _unwanted(self, request_id: int, reply: Result | Error) -> None:
-        """The reply to a request given up on: a result that finished before the cancel is released."""
-        if isinstance(reply, Result):  # an inline one is released too: its bytes were received
-            self._send_release(request_id)
 
     async def close(self) -> None:
         tasks = [task for task in (self._receiver, self._watcher, self._arena_asked) if task is not None]

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +35,8 @@ import zmq.asyncio
 from vitserve.ipc.codec import array_ref, client_codec
 from vitserve.ipc.messages import Encode, ImageItem, PatchItem
 
-SERVER_START_TIMEOUT_S = 600.0
+from .server_process import run_loop, start_server, stop_server
+
 PATCH_DIM = 3 * 2 * 16 * 16  # channels x temporal patch x patch²: the Qwen3-VL patch
 
 
@@ -230,27 +228,6 @@ def _runner_p50_ms(model: str, device: str, window, item, threads: int | None, s
     return statistics.median(latencies[10:])
 
 
-def start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--model", model, "--devices", devices,
-               "--endpoint", endpoint, *extra]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    for line in server.stdout:
-        if line.startswith("vitserve ready"):
-            return server
-        if time.monotonic() > deadline:
-            break
-    server.kill()
-    raise RuntimeError(f"`vitserve serve` did not become ready (exit code {server.wait()}); see its log above")
-
-
-def stop_server(server: subprocess.Popen, folder: str) -> None:
-    """Stop a server that `start_server` started, and remove the folder of its endpoint."""
-    server.terminate()
-    server.wait(60)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def run_overhead(model: str, devices: str, window, item, requests: int, concurrency: int,
                  serve_arguments: list[str]) -> Overhead:
     folder = tempfile.mkdtemp(prefix="vitserve-overhead-")
@@ -279,14 +256,6 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
     return Overhead(describe(item), requests, concurrency, raw_p50, runner_p50, engine_p50, worker_ms,
                     engine_p50 - raw_p50 - runner_p50, raw_rps, engine_rps, embedded_p50, embedded_rps,
                     embedded_p50 - runner_p50)
-
-
-def run_loop(coroutine):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 
 
 def overhead_table(result: Overhead) -> str:

@@ -41,7 +41,7 @@ from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import ModelRunner
 
 from .load import LoadResult, closed_loop, jobs_of, until_settled
-from .overhead import run_loop, start_server, stop_server
+from .server_process import run_loop, start_server, stop_server
 from .report import write
 from .workloads import make_requests
 

@@ -8,7 +8,7 @@ than the message: a round trip with the engine's asyncio loop on one end took 11
 ZeroMQ PAIR socket and 32 µs through this link (2-core CI machine).
 
 The engine listens (`EngineLink`, asyncio, never blocking) and the worker connects (`WorkerLink`,
-blocking). A worker may start before the engine listens (`vitserve serve` spawns its GPU workers
+blocking: worker_link.py). A worker may start before the engine listens (`vitserve serve` spawns its GPU workers
 first) and keeps trying. One peer per link; the end of the stream is the end of the peer.
 """
 
@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import socket
 import struct
-import time
 from collections import deque
 
 LENGTH = struct.Struct("<I")  # each message's byte count, before it
 MAX_MESSAGE_BYTES = 64 << 20  # far above any header; a larger length means a corrupt stream
 RECEIVE_BYTES = 1 << 20  # read at most this much per call
-CONNECT_RETRY_S = 0.01  # a worker started before the engine listens tries again this often
 
 
 class LinkError(ConnectionError):
     pass
 
 
-def _split(buffer: bytearray, messages: deque) -> None:
+def split_messages(buffer: bytearray, messages: deque) -> None:
     """Move the complete messages at the front of `buffer` into `messages`."""
     start = 0
     while len(buffer) - start >= LENGTH.size:
@@ -114,7 +111,7 @@ class EngineLink:
         if data:
             self._buffer += data
             try:
-                _split(self._buffer, self._messages)
+                split_messages(self._buffer, self._messages)
             except LinkError:
                 self._end()
         else:
@@ -240,74 +237,3 @@ class EngineLink:
             os.unlink(self.path)
         except OSError:
             pass
-
-
-class WorkerLink:
-    """The worker's end: blocking; connects to the engine's `path` on first use."""
-
-    def __init__(self, path: str, engine_pid: int):
-        self.path = path
-        self.engine_pid = engine_pid  # while it connects: give up once the engine is gone
-        self._socket: socket.socket | None = None
-        self._poller = select.poll()
-        self._buffer = bytearray()
-        self._messages: deque[bytes] = deque()
-        self._ended = False
-
-    def _connect(self) -> socket.socket:
-        while self._socket is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.path)
-            except (FileNotFoundError, ConnectionRefusedError):  # the engine does not listen yet
-                sock.close()
-                if os.getppid() != self.engine_pid:
-                    raise LinkError(f"the engine (pid {self.engine_pid}) is gone") from None
-                time.sleep(CONNECT_RETRY_S)
-                continue
-            self._socket = sock
-            self._poller.register(sock, select.POLLIN)
-        return self._socket
-
-    def send(self, message: bytes) -> None:
-        """LinkError when the engine's end is gone."""
-        try:
-            self._connect().sendall(LENGTH.pack(len(message)) + message)
-        except OSError as err:
-            raise LinkError(f"the engine's end of the link is gone ({err})") from None
-
-    def poll(self, timeout_ms: int) -> bool:
-        """Whether a message is there or arriving (its first bytes: `receive` waits for the rest),
-        or the end of the stream, within `timeout_ms`."""
-        if self._messages or self._ended:
-            return True
-        self._connect()
-        if not self._poller.poll(timeout_ms):
-            return False
-        self._read()
-        return True
-
-    def _read(self) -> None:
-        try:
-            data = self._socket.recv(RECEIVE_BYTES)
-        except OSError:
-            data = b""
-        if not data:
-            self._ended = True
-            return
-        self._buffer += data
-        _split(self._buffer, self._messages)
-
-    def receive(self) -> bytes:
-        """The next message, waiting for it; LinkError once the engine's end is closed."""
-        self._connect()
-        while not self._messages:
-            if self._ended:
-                raise LinkError("the engine closed its end of the link")
-            self._read()
-        return self._messages.popleft()
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None

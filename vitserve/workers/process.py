@@ -25,7 +25,8 @@ import msgspec
 import torch
 
 from vitserve.ipc.codec import Codec
-from vitserve.ipc.link import LinkError, WorkerLink
+from vitserve.ipc.link import LinkError
+from vitserve.ipc.worker_link import WorkerLink
 from vitserve.ipc.messages import (
     Begin, DropInputs, InputsDropped, MakeSlabs, MapInputs, RunWindow, Shutdown, ToWorker, WorkerLoaded,
     WorkerStartFailed,

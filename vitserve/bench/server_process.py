@@ -1,0 +1,41 @@
+"""A `vitserve serve` process for the benches (overhead.py, served_bench.py), and the event loop
+they drive their clients with."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+
+SERVER_START_TIMEOUT_S = 600.0
+
+
+def start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "vitserve.cli", "serve", "--model", model, "--devices", devices,
+               "--endpoint", endpoint, *extra]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    for line in server.stdout:
+        if line.startswith("vitserve ready"):
+            return server
+        if time.monotonic() > deadline:
+            break
+    server.kill()
+    raise RuntimeError(f"`vitserve serve` did not become ready (exit code {server.wait()}); see its log above")
+
+
+def stop_server(server: subprocess.Popen, folder: str) -> None:
+    """Stop a server that `start_server` started, and remove the folder of its endpoint."""
+    server.terminate()
+    server.wait(60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_loop(coroutine):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
