@@ -58,15 +58,16 @@ def _runner_images_per_s(runner: ModelRunner, requests: list, config: Preprocess
     cuda = device.type == "cuda"
     pinned = [[_pinned(torch.from_numpy(item), cuda) for item in request] for request in requests]
     tokens = [sum(admit(item, config, 1 << 30).tokens for item in request) for request in requests]
-    groups, group, used = [], [], 0
+    groups, group, used, most = [], [], 0, 0
     for request, count in zip(pinned, tokens):
         if group and used + count > group_tokens:
             groups.append(group)
             group, used = [], 0
         group += request
         used += count
+        most = max(most, used)
     groups.append(group)
-    rows = max(sum(admit(i.numpy(), config, 1 << 30).tokens for i in g) for g in groups) // runner.capacities.merge_factor
+    rows = most // runner.capacities.merge_factor  # of the largest group
     out = torch.empty((rows, *runner.window.output.shape[1:]), dtype=runner.dtype, pin_memory=cuda)
 
     def one_pass() -> int:

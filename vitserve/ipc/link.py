@@ -185,10 +185,10 @@ class EngineLink:
         no worker has connected yet or its end is gone."""
         if self._ended or not self._connected():
             return False
-        if self._outbox:
-            self._outbox += LENGTH.pack(len(message)) + message
-            return True
         data = LENGTH.pack(len(message)) + message
+        if self._outbox:  # behind what waits already
+            self._outbox += data
+            return True
         try:
             sent = self._peer.send(data)
         except (BlockingIOError, InterruptedError):
