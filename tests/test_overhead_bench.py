@@ -12,12 +12,13 @@ from vitserve.workers import WindowConfig
 
 def test_the_served_and_the_embedded_engine_are_measured_against_the_same_baselines():
     result = run_overhead("random:tiny", "cpu", WindowConfig(min_budget=64, max_budget=256), make_item(None, (2, 2)),
-                          requests=40, concurrency=4, serve_arguments=["--min-budget", "64", "--max-budget", "256"])
+                          requests=40, concurrency=4, serve_arguments=["--min-budget", "64", "--max-budget", "256"], rounds=2)
     figures = as_dict(result)
     for name in ("raw_p50_ms", "runner_p50_ms", "engine_p50_ms", "embedded_p50_ms", "worker_mean_ms",
                  "raw_rps", "engine_rps", "embedded_rps"):
         assert figures[name] > 0, name
     assert result.added_p50_ms == pytest.approx(result.engine_p50_ms - result.raw_p50_ms - result.runner_p50_ms)
     assert result.embedded_added_p50_ms == pytest.approx(result.embedded_p50_ms - result.runner_p50_ms)
+    assert result.rounds == 2
     table = overhead_table(result)
     assert "embedded" in table and "processed image, grid 1x2x2" in table

@@ -1,7 +1,7 @@
 """`vitserve bench --overhead`: what the engine adds to a request, against baselines measured in
 the same run.
 
-Three measurements of a request of one image (raw pixels, or already processed: a small
+Four measurements of a request of one image (raw pixels, or already processed: a small
 processed image isolates the engine's own costs from the model's):
 
 - raw: a ZeroMQ round trip of the very same frames (the Encode header and the pixels) to an
@@ -13,7 +13,10 @@ processed image isolates the engine's own costs from the model's):
 - embedded: the request through an `Engine` in this process (`await engine.encode(...)`, the same
   window settings, other settings their defaults): no client socket, the worker process alike.
 
-Latency is the median of sequential requests; throughput is requests per second with many
+All four are alive at once and take turns (raw, runner, engine, embedded; `rounds` times), so a
+drift of the device's clocks or the host's load during the run weighs on each of them alike: the
+differences are what the engine adds, not when each was measured. Latency is the median of
+sequential requests; throughput is requests per second with many
 requests outstanding (the client pipelines them). The added latency is
 engine - raw - runner: the frontend, the scheduler, the worker's messages and shared memory;
 the embedded engine's is embedded - runner.
@@ -26,6 +29,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,6 +42,7 @@ from vitserve.ipc.messages import Encode, ImageItem, PatchItem
 from .server_process import run_loop, start_server, stop_server
 
 PATCH_DIM = 3 * 2 * 16 * 16  # channels x temporal patch x patch²: the Qwen3-VL patch
+ROUNDS = 5  # turns each latency takes; each turn is requests / ROUNDS sequential requests
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Overhead:
     item: str  # what one request carries
     requests: int
     concurrency: int
+    rounds: int  # turns each latency took, in the same order every round
     raw_p50_ms: float
     runner_p50_ms: float
     engine_p50_ms: float
@@ -73,15 +79,18 @@ def _echo(endpoint: str, ready) -> None:
     context.term()
 
 
-async def _time(send_and_wait, requests: int, concurrency: int, after_sequential=None) -> tuple[float, float]:
-    """Median sequential latency (ms) and pipelined requests per second."""
+async def _sequential(send_and_wait, count: int) -> list[float]:
+    """Latencies (ms) of `count` requests one after another."""
     latencies = []
-    for _ in range(max(requests // 10, 20)):
+    for _ in range(count):
         began = time.perf_counter()
         await send_and_wait()
         latencies.append((time.perf_counter() - began) * 1e3)
-    if after_sequential is not None:
-        await after_sequential()
+    return latencies
+
+
+async def _throughput(send_and_wait, requests: int, concurrency: int) -> float:
+    """Requests per second with `concurrency` of them outstanding."""
     left = iter(range(requests))
 
     async def lane() -> None:
@@ -90,7 +99,7 @@ async def _time(send_and_wait, requests: int, concurrency: int, after_sequential
 
     began = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
-    return statistics.median(latencies), requests / (time.perf_counter() - began)
+    return requests / (time.perf_counter() - began)
 
 
 def make_item(image_side: int | None, grid: tuple[int, int] | None):
@@ -117,7 +126,9 @@ def _wire_item(item):
     return ImageItem(array_ref(item, 0)), item
 
 
-async def _raw(endpoint: str, item, requests: int, concurrency: int) -> tuple[float, float]:
+@asynccontextmanager
+async def _raw(endpoint: str, item):
+    """The raw baseline's request: the item's Encode frames to the echo process and its reply back."""
     context = zmq.asyncio.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -142,7 +153,7 @@ async def _raw(endpoint: str, item, requests: int, concurrency: int) -> tuple[fl
 
     receiver = asyncio.ensure_future(receive())
     try:
-        return await _time(send_and_wait, requests, concurrency)
+        yield send_and_wait
     finally:
         receiver.cancel()
         await socket.send_multipart([b"stop"])
@@ -150,86 +161,94 @@ async def _raw(endpoint: str, item, requests: int, concurrency: int) -> tuple[fl
         context.term()
 
 
-async def _engine(endpoint: str, item, requests: int, concurrency: int) -> tuple[float, float, float]:
-    """Median sequential latency, pipelined requests per second, and the mean time the worker
-    spent per window during the sequential requests."""
+class _InProcessRunner:
+    """The worker's own work for one item, in this process: preprocess on the device (raw images),
+    encode, copy out; synchronised; with the worker's torch threads."""
+
+    def __init__(self, model: str, device: str, window, item, threads: int | None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        from vitserve.models import load_model
+        from vitserve.workers import ModelRunner
+
+        self.item, self.device = item, torch.device(device)
+        self.runner = ModelRunner(load_model(model, device=self.device), window)
+        self.runner.capture(progress=False)
+        rows = self._patches()[0].shape[0] // self.runner.capacities.merge_factor
+        geometry = self.runner.model.geometry
+        self.out = torch.empty(rows, 1 + geometry.num_deepstack, geometry.out_hidden_size, dtype=self.runner.dtype,
+                               pin_memory=self.device.type == "cuda")  # (rows, 1 + deepstack, out_hidden)
+
+    def _patches(self):
+        import torch
+
+        from vitserve.preprocess import PreprocessConfig, preprocess_batch
+
+        if isinstance(self.item, tuple):
+            return torch.from_numpy(self.item[0]).to(self.device), [self.item[1]]
+        processed = preprocess_batch([self.item], PreprocessConfig(), device=self.device)
+        return processed.pixel_values, [tuple(g) for g in processed.grid_thw.tolist()]
+
+    async def __call__(self) -> None:
+        self.runner.encode(*self._patches(), out=self.out, wait=True)
+
+    def close(self) -> None:
+        import torch
+
+        del self.runner
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+async def _measure(model: str, devices: str, window, item, requests: int, concurrency: int, raw_endpoint: str,
+                   engine_endpoint: str, rounds: int) -> Overhead:
+    """Every measurement against every other, taking turns: the four latencies are medians over
+    `rounds` turns each (a drift of the device's or the host's speed during the run weighs on all
+    of them alike); then the three throughputs."""
     from vitserve.client import AsyncClient
-
-    from .load import until_settled
-
-    async with AsyncClient(endpoint) as client:
-        async def send_and_wait() -> None:
-            (await client.encode([item])).release()
-
-        await until_settled(client.stats)  # graphs captured, standby loaded: full speed
-        for _ in range(50):  # warm-up: first windows, slab mappings
-            await send_and_wait()
-        before = await client.stats()
-        sequential = {}
-
-        async def note_worker_time() -> None:
-            after = await client.stats()
-            windows = after["windows_sent"] - before["windows_sent"]
-            sequential["worker_ms"] = (after["worker_ms"] - before["worker_ms"]) / max(windows, 1)
-
-        p50, rps = await _time(send_and_wait, requests, concurrency, note_worker_time)
-        return p50, rps, sequential["worker_ms"]
-
-
-async def _embedded(model: str, devices: str, window, item, requests: int, concurrency: int) -> tuple[float, float]:
-    """Median sequential latency and pipelined requests per second of an engine in this process."""
     from vitserve.engine import Engine, EngineConfig
 
     from .load import until_settled
 
-    async with Engine(EngineConfig(model=model, devices=tuple(devices.split(",")), window=window)) as engine:
-        async def send_and_wait() -> None:
+    config = EngineConfig(model=model, devices=tuple(devices.split(",")), window=window)
+    device = config.devices[0]
+    runner = _InProcessRunner(model, device, window, item, config.worker_threads(device))
+    async with AsyncExitStack() as stack:
+        stack.callback(runner.close)
+        raw = await stack.enter_async_context(_raw(raw_endpoint, item))
+        client = await stack.enter_async_context(AsyncClient(engine_endpoint))
+        engine = await stack.enter_async_context(Engine(config))
+
+        async def served() -> None:
+            (await client.encode([item])).release()
+
+        async def embedded() -> None:
             (await engine.encode([item])).release()
 
+        await until_settled(client.stats)  # graphs captured, standby loaded: full speed
         await until_settled(engine.stats)
-        for _ in range(50):  # warm-up, as for the served engine
-            await send_and_wait()
-        return await _time(send_and_wait, requests, concurrency)
-
-
-def _runner_p50_ms(model: str, device: str, window, item, threads: int | None, samples: int = 100) -> float:
-    """The worker's own work for one item: preprocess on the device (raw images), encode, copy out;
-    synchronised; with the worker's torch threads."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    from vitserve.models import load_model
-    from vitserve.preprocess import PreprocessConfig, preprocess_batch
-    from vitserve.workers import ModelRunner
-
-    torch_device = torch.device(device)
-    runner = ModelRunner(load_model(model, device=torch_device), window)
-    runner.capture(progress=False)
-
-    def patches() -> tuple[torch.Tensor, list]:
-        if isinstance(item, tuple):
-            return torch.from_numpy(item[0]).to(torch_device), [item[1]]
-        processed = preprocess_batch([item], PreprocessConfig(), device=torch_device)
-        return processed.pixel_values, [tuple(g) for g in processed.grid_thw.tolist()]
-
-    rows = patches()[0].shape[0] // runner.capacities.merge_factor
-    geometry = runner.model.geometry
-    out = torch.empty(rows, 1 + geometry.num_deepstack, geometry.out_hidden_size, dtype=runner.dtype,
-                      pin_memory=torch_device.type == "cuda")
-    latencies = []
-    for _ in range(samples + 10):
-        began = time.perf_counter()
-        runner.encode(*patches(), out=out, wait=True)
-        latencies.append((time.perf_counter() - began) * 1e3)
-    del runner
-    if torch_device.type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(latencies[10:])
+        turns = {"raw": raw, "runner": runner, "engine": served, "embedded": embedded}
+        latencies: dict[str, list[float]] = {name: [] for name in turns}
+        for send_and_wait in turns.values():
+            await _sequential(send_and_wait, 50)  # warm-up: first windows, slab mappings
+        before = await client.stats()
+        per_turn = max(requests // rounds, 20)
+        for _ in range(rounds):
+            for name, send_and_wait in turns.items():
+                latencies[name] += await _sequential(send_and_wait, per_turn)
+        after = await client.stats()
+        worker_ms = (after["worker_ms"] - before["worker_ms"]) / max(after["windows_sent"] - before["windows_sent"], 1)
+        rps = {name: await _throughput(turns[name], requests, concurrency) for name in ("raw", "engine", "embedded")}
+    p50 = {name: statistics.median(values) for name, values in latencies.items()}
+    return Overhead(describe(item), requests, concurrency, rounds, p50["raw"], p50["runner"], p50["engine"], worker_ms,
+                    p50["engine"] - p50["raw"] - p50["runner"], rps["raw"], rps["engine"], p50["embedded"],
+                    rps["embedded"], p50["embedded"] - p50["runner"])
 
 
 def run_overhead(model: str, devices: str, window, item, requests: int, concurrency: int,
-                 serve_arguments: list[str]) -> Overhead:
+                 serve_arguments: list[str], rounds: int = ROUNDS) -> Overhead:
     folder = tempfile.mkdtemp(prefix="vitserve-overhead-")
     raw_endpoint, engine_endpoint = f"ipc://{folder}/raw", f"ipc://{folder}/engine"
     spawn = multiprocessing.get_context("spawn")
@@ -238,29 +257,21 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
     echo.start()
     ready.wait(60)
     try:
-        raw_p50, raw_rps = run_loop(_raw(raw_endpoint, item, requests, concurrency))
+        server = start_server(engine_endpoint, model, devices, serve_arguments)
+        try:
+            return run_loop(_measure(model, devices, window, item, requests, concurrency, raw_endpoint,
+                                     engine_endpoint, rounds))
+        finally:
+            stop_server(server, folder)
     finally:
         echo.join(5)
         echo.kill()
-    from vitserve.engine import EngineConfig
-
-    device = devices.split(",")[0]
-    threads = EngineConfig(devices=tuple(devices.split(","))).worker_threads(device)
-    runner_p50 = _runner_p50_ms(model, device, window, item, threads)
-    server = start_server(engine_endpoint, model, devices, serve_arguments)
-    try:
-        engine_p50, engine_rps, worker_ms = run_loop(_engine(engine_endpoint, item, requests, concurrency))
-    finally:
-        stop_server(server, folder)
-    embedded_p50, embedded_rps = run_loop(_embedded(model, devices, window, item, requests, concurrency))
-    return Overhead(describe(item), requests, concurrency, raw_p50, runner_p50, engine_p50, worker_ms,
-                    engine_p50 - raw_p50 - runner_p50, raw_rps, engine_rps, embedded_p50, embedded_rps,
-                    embedded_p50 - runner_p50)
 
 
 def overhead_table(result: Overhead) -> str:
     return "\n".join([
-        f"requests of one {result.item}; latency: median of sequential requests; "
+        f"requests of one {result.item}; latency: median of sequential requests, the four taking "
+        f"{result.rounds} turns each; "
         f"throughput: {result.requests} requests, {result.concurrency} outstanding",
         f"{'':<8} {'p50 ms':>8} {'req/s':>9}",
         f"{'raw':<8} {result.raw_p50_ms:>8.3f} {result.raw_rps:>9.0f}   ZeroMQ round trip of the same frames",
