@@ -12,9 +12,10 @@ import zmq
 
 from vitserve import AsyncClient
 from vitserve.ipc.codec import server_codec
-from vitserve.ipc.messages import PROTOCOL_VERSION, Error, OutputRef, Result, Welcome
+from vitserve.ipc.messages import PROTOCOL_VERSION, Error, OutputRef, Result, ServedModel, Welcome
 
 SERVER = server_codec()  # the engine's side: encodes replies, decodes what the client sent
+STAND_IN = ServedModel("stand-in", "qwen3_vl", "", "float32", 8, 0, (64,), 128, {})
 
 
 async def connected(tmp_path) -> tuple[AsyncClient, zmq.Socket]:
@@ -26,7 +27,7 @@ async def connected(tmp_path) -> tuple[AsyncClient, zmq.Socket]:
     client = AsyncClient(endpoint)
     connecting = asyncio.ensure_future(client.connect(10))
     identity, *_ = await asyncio.to_thread(router.recv_multipart)
-    router.send_multipart([identity, *SERVER.encode(Welcome(PROTOCOL_VERSION, "stand-in", 8, 0, "float32", [64]))])
+    router.send_multipart([identity, *SERVER.encode(Welcome(PROTOCOL_VERSION, STAND_IN))])
     await connecting
     return client, router
 

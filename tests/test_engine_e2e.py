@@ -26,10 +26,12 @@ from vitserve import Engine, EngineConfig
 from vitserve import AsyncClient, Client
 from vitserve.engine import EngineError
 from vitserve.models import load_model
-from vitserve.preprocess import preprocess_image, preprocess_video
+from vitserve.preprocess import PreprocessConfig, preprocess_image, preprocess_video
 from vitserve.workers import WindowConfig
+from vitserve.workers.capacities import derive_budgets
 
 WINDOW = WindowConfig(min_budget=64, max_budget=2048)
+BUDGETS = derive_budgets(WINDOW.min_budget, WINDOW.max_budget, 4)  # (merge² = 4)
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)  # float32; windows pack items differently than one eager call
 
 
@@ -55,6 +57,16 @@ def expected() -> list:
             pixel_values, grid = preprocess_video(item) if kind == "video" else preprocess_image(item)
         outputs.append((model.encode_patches(pixel_values, grid), kind, tuple(int(x) for x in grid.reshape(-1))))
     return outputs
+
+
+def check_model(model, budgets: tuple[int, ...]) -> None:
+    """The served model as a client or an embedded engine sees it: what it is (type, the fingerprint
+    of the very weights loaded), its outputs and the settings a caller builds prompts with."""
+    assert (model.source, model.model_type, model.dtype) == ("random:tiny", "qwen3_vl", "float32")
+    assert model.fingerprint == load_model("random:tiny").weights_fingerprint and len(model.fingerprint) == 32
+    assert (model.out_hidden, model.num_deepstack, model.budgets) == (128, 2, budgets)
+    assert model.item_token_limit == 2 * budgets[-1]  # the default: twice the largest budget
+    assert PreprocessConfig(**model.preprocess) == PreprocessConfig()  # (rebuilt from its fields)
 
 
 def check(result, indices: list[int], expected: list) -> None:
@@ -88,7 +100,7 @@ def server(request, tmp_path_factory):
 def test_client_results_equal_encode_patches(server, expected):
     endpoint, _ = server
     with Client(endpoint) as client:
-        assert client.welcome.model == "random:tiny" and client.welcome.num_deepstack == 2
+        check_model(client.model, BUDGETS)
         with client.encode(inputs()) as result:
             check(result, list(range(5)), expected)
         with client.encode([inputs()[1]], deadline_ms=60_000, priority=3) as result:
@@ -132,6 +144,7 @@ def test_errors_come_back_with_codes(server, expected):
 def test_embedded_engine_gives_the_same_results_and_cleans_up(expected):
     async def run() -> tuple[int, dict]:
         async with Engine(EngineConfig(window=WINDOW)) as engine:
+            check_model(engine.model, BUDGETS)
             with await engine.encode(inputs()) as result:
                 check(result, list(range(5)), expected)
             results = await asyncio.gather(*(engine.encode([inputs()[i % 5]]) for i in range(40)))

@@ -29,6 +29,7 @@ from vitserve.ipc.messages import (
     PatchItem,
     Release,
     Result,
+    ServedModel,
     Stats,
     StatsQuery,
     VideoItem,
@@ -71,8 +72,10 @@ def _client_messages() -> list[tuple[msgspec.Struct, list[np.ndarray]]]:
 def _server_messages() -> list[tuple[msgspec.Struct, list[np.ndarray]]]:
     rows = np.arange(3 * 4 * 8, dtype=np.float32).reshape(3, 4, 8)
     return [
-        (Welcome(version=1, model="qwen3-vl-2b", out_hidden=2048, num_deepstack=3, dtype="bfloat16",
-                 budgets=(1024, 4096, 16384)), []),
+        (Welcome(version=1, model=ServedModel(
+            source="random:qwen3-vl-2b", model_type="qwen3_vl", fingerprint="0f" * 16, dtype="bfloat16", out_hidden=2048,
+            num_deepstack=3, budgets=(1024, 4096, 16384), item_token_limit=32768,
+            preprocess={"patch_size": 16, "image_mean": [0.5, 0.5, 0.5]})), []),
         (Result(id=5, outputs=[OutputRef((64, 4, 2048), "bfloat16", "image", (1, 16, 16), slab="vitserve-0-1", epoch=3,
                                          offset=4096),
                                OutputRef((16, 4, 2048), "bfloat16", "video", (2, 4, 8), slab="vitserve-0-1", epoch=3,

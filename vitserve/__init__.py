@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from vitserve.client import AsyncClient
 
         return AsyncClient
+    if name == "ServedModel":
+        from vitserve.ipc.messages import ServedModel
+
+        return ServedModel
     if name == "Client":
         from vitserve.sync_client import Client
 

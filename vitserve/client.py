@@ -34,7 +34,8 @@ from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Result, Stats, StatsQuery, VideoItem, Welcome,
+    Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Result, ServedModel, Stats, StatsQuery, VideoItem,
+    Welcome,
 )
 from vitserve.ipc.endpoints import split_endpoint
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
@@ -181,6 +182,14 @@ class AsyncClient(ClientLink, ClientReleases):
                 except (SlabError, OSError, ValueError):  # e.g. the slab channel out of reach: rows go back at once
                     release()
                     raise
+
+    @property
+    def model(self) -> ServedModel:
+        """The engine's model (after `connect`): its type, the fingerprint of its vision weights, dtype,
+        outputs, limits and preprocessing settings."""
+        if self.welcome is None:
+            raise RuntimeError("not connected yet: `await client.connect()` (or `async with AsyncClient(...)`) first")
+        return self.welcome.model
 
     def _welcomed(self, welcome: Welcome) -> None:
         """A connection is ready: requests may go, into its own input arena (the last one's is gone)."""

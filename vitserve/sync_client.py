@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from vitserve.client import TIMEOUT_S, AsyncClient
 from vitserve.client_link import HEARTBEAT_S
-from vitserve.ipc.messages import Health
+from vitserve.ipc.messages import Health, ServedModel
 from vitserve.ipc.outputs import Encoded
 
 
@@ -26,6 +26,12 @@ class Client:
         self._client = AsyncClient(endpoint, inline=inline, name=name, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
                                    curve_secret_key=curve_secret_key, curve_server_key=curve_server_key)
         self.welcome = self._call(self._client.connect())
+
+    @property
+    def model(self) -> ServedModel:
+        """The engine's model: its type, the fingerprint of its vision weights, dtype, outputs, limits
+        and preprocessing settings."""
+        return self.welcome.model
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

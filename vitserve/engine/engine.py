@@ -19,7 +19,9 @@ import shutil
 import tempfile
 from typing import Sequence
 
-from vitserve.ipc.messages import WorkerCost, WorkerReady
+import msgspec
+
+from vitserve.ipc.messages import ServedModel, WorkerCost, WorkerReady
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabPool, Slot
 from vitserve.launch import EarlyWorkers
@@ -50,6 +52,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         self._instance = next(_INSTANCES)
         self.capacities: Capacities | None = None
         self.ready: WorkerReady | None = None
+        self.model: ServedModel | None = None  # what it serves, once started (a client's welcome says it too)
         self.scheduler: Scheduler | None = None
         self._handles: list[WorkerHandle] = []
         self._pools: dict[int, SlabPool] = {}  # worker -> the pool of its current epoch
@@ -147,8 +150,12 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
             self._fail(key, "worker_failed", f"the engine failed internally ({task.exception()!r})")
 
     def _setup(self, readies: Sequence[WorkerReady]) -> None:
-        self.ready = readies[0]
+        self.ready = ready = readies[0]
         self.capacities = agreed_capacities(readies)
+        config = self.config
+        self.model = ServedModel(config.model, ready.model_type, ready.fingerprint, ready.dtype, ready.out_hidden,
+                                 ready.num_deepstack, self.capacities.budgets, config.item_token_limit,
+                                 msgspec.to_builtins(config.preprocess))
         self.layout = output_layout(self.ready, self.capacities, self.config.output_windows,
                                     self.config.item_token_limit)
         states = []

@@ -236,10 +236,7 @@ class Frontend(ClientRequests):
         if self.slab_channel is not None and self.limits.input_arena_bytes and not connection.input_token:
             connection.input_token = secrets.token_hex(16)
             self._input_tokens[connection.input_token] = connection
-        ready = self.engine.ready
-        self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.config.model, ready.out_hidden,
-                                       ready.num_deepstack, ready.dtype, self.engine.capacities.budgets,
-                                       connection.input_token))
+        self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.model, connection.input_token))
 
     def _arena(self, token: str) -> tuple[str, int]:
         """The input arena of the connection whose welcome gave `token` (made on its first ask)."""

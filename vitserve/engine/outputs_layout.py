@@ -36,13 +36,23 @@ class OutputLayout:
 
 
 def agreed_capacities(readies: Sequence[WorkerReady]) -> Capacities:
-    """The capacities every worker reported; they must agree (same model and window config)."""
+    """The capacities every worker reported; they must agree (same model and window config), and
+    so must the model they serve: its outputs and weights."""
     first = readies[0]
     shape = (first.budgets, first.max_items, first.max_sequences, first.merge_factor)
+    model = _served(first)
     for ready in readies[1:]:
         if (ready.budgets, ready.max_items, ready.max_sequences, ready.merge_factor) != shape:
             raise RuntimeError(f"workers disagree on capacities: {first} vs {ready}")
+        if _served(ready) != model:
+            raise RuntimeError(f"workers {first.worker} and {ready.worker} serve different models (model type, "
+                               f"weights' fingerprint, outputs): {model} vs {_served(ready)}; did the checkpoint "
+                               "change on disk while the engine ran?")
     return Capacities(*shape)
+
+
+def _served(ready: WorkerReady) -> tuple:
+    return ready.model_type, ready.fingerprint, ready.dtype, ready.out_hidden, ready.num_deepstack
 
 
 def output_layout(ready: WorkerReady, capacities: Capacities, output_windows: int, item_token_limit: int) -> OutputLayout:

@@ -18,8 +18,9 @@ import msgspec
 # element counts are bounded. 4: slabs are sealed memory files, their descriptors passed over the
 # slab channel (not files opened by name); hello names no process (results belong to the connection).
 # 5: inputs may lie in the client's input arena (ArrayRef.offset), which the welcome offers.
-# 6: each output names its item's kind and patch grid.
-PROTOCOL_VERSION = 6
+# 6: each output names its item's kind and patch grid. 7: the welcome describes the served model
+# (its type, weights' fingerprint and preprocessing).
+PROTOCOL_VERSION = 7
 # Element counts are checked while decoding, before anything is built: a header of millions of
 # items or ids is refused at the cost of reading its length.
 MAX_ITEMS_PER_REQUEST = 4096
@@ -113,13 +114,24 @@ class HealthQuery(msgspec.Struct, frozen=True, tag="health"):
 # -- server to client -------------------------------------------------------------------------
 
 
-class Welcome(msgspec.Struct, frozen=True, tag="welcome"):
-    version: int
-    model: str
+class ServedModel(msgspec.Struct, frozen=True):
+    """The model behind an engine: whether it is the tower a decoder was trained with, and what a
+    caller needs to build the decoder's prompt without preprocessing again."""
+
+    source: str  # the engine's --model: a checkpoint directory or a random: preset
+    model_type: str  # Hugging Face's model_type of the checkpoint, e.g. "qwen3_vl"
+    fingerprint: str  # of the vision weights as stored (vitserve.models.fingerprint)
+    dtype: str  # of the output rows, e.g. "bfloat16"
     out_hidden: int
     num_deepstack: int
-    dtype: str
-    budgets: tuple[int, ...]
+    budgets: tuple[int, ...]  # the windows' token budgets
+    item_token_limit: int  # the most patch tokens one item may have
+    preprocess: dict[str, Any]  # the PreprocessConfig in force (vitserve.preprocess), as its fields
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome"):
+    version: int
+    model: ServedModel
     input_token: str = ""  # claims this connection's input arena over the slab channel; empty: none offered
 
 
@@ -226,6 +238,8 @@ class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
     out_hidden: int
     num_deepstack: int
     dtype: str
+    model_type: str
+    fingerprint: str  # of the vision weights (vitserve.models.fingerprint)
     cost: WorkerCost  # final, or (while warming) what the engine plans with until WorkerWarm
     ready_s: float  # from Begin to this report (the model was loaded before)
     warming: bool = False  # graphs are still being captured (or the cost model measured): WorkerWarm follows

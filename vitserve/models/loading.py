@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .fingerprint import TensorDigest, combine, tensor_digest
 from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config
 from .qwen3_vl.config import Qwen3VLVisionConfig
 from .qwen3_vl.model import Qwen3VLVisionTower
@@ -19,6 +21,7 @@ FULL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # config.json of the whole VLM,
 VISION_MODEL_TYPES = ("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe")  # a bare vision tower's config.json
 VISION_PREFIXES = ("model.visual.", "visual.")
 INDEX_FILE = "model.safetensors.index.json"
+HASH_THREADS = 4  # fingerprinting the weights as they are read (models/fingerprint.py)
 
 
 class CheckpointError(ValueError):
@@ -56,7 +59,7 @@ def load_model(
             model = model.to_empty(device="cpu")
         else:
             model = Qwen3VLVisionTower(config)
-        init_random_(model)
+        model.weights_fingerprint = init_random_(model)
         model.to(device=device, dtype=dtype)
     else:
         directory = Path(source)
@@ -65,11 +68,12 @@ def load_model(
                 f"model source {str(source)!r} is neither a checkpoint directory nor a preset "
                 f"({PRESET_PREFIX}<name>, e.g. {PRESET_PREFIX}tiny)"
             )
-        config, bare = read_vision_config(directory)
+        config, bare, model_type = read_vision_config(directory)
         with torch.device("meta"):
             model = Qwen3VLVisionTower(config)
-        state = read_vision_tensors(directory, model, bare, device, dtype)
+        state, model.weights_fingerprint = read_vision_tensors(directory, model, bare, device, dtype)
         model.load_state_dict(state, strict=True, assign=True)
+        model.model_type = model_type
     model.eval().requires_grad_(False)
     model.select_attention(attention)
     log.info("loaded %s: %d layers, hidden %d, out %d, %s on %s, attention %s", source, config.depth,
@@ -77,8 +81,8 @@ def load_model(
     return model
 
 
-def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool]:
-    """The tower's config, and whether the directory holds a bare tower (no VLM around it)."""
+def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool, str]:
+    """The tower's config, whether the directory holds a bare tower (no VLM around it), and its model_type."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json: expected a Hugging Face checkpoint directory")
@@ -107,7 +111,7 @@ def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool]:
             "for a saved bare tower)"
         )
     try:
-        return Qwen3VLVisionConfig.from_hf(vision), bare
+        return Qwen3VLVisionConfig.from_hf(vision), bare, model_type
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
 
@@ -145,8 +149,9 @@ def _open_safetensors(path: Path):
 
 def read_vision_tensors(
     directory: Path, model: Qwen3VLVisionTower, bare: bool, device: torch.device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Memory-map and read only the vision tensors, checking names and shapes against `model`."""
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Memory-map and read only the vision tensors, checking names and shapes against `model`;
+    and their fingerprint (of the tensors as stored)."""
     files = _tensor_files(directory)
     prefixes = ("",) if bare else VISION_PREFIXES
     found = [p for p in prefixes if any(name.startswith(p) for name in files)]
@@ -166,24 +171,28 @@ def read_vision_tensors(
         shown = ", ".join(f"{vision[e]} (in {files[vision[e]]})" for e in extra[:8])
         raise CheckpointError(f"{directory} has {len(extra)} vision tensor(s) the config does not use: {shown}")
     state: dict[str, torch.Tensor] = {}
+    digests: dict[str, Future[TensorDigest]] = {}
     by_file: dict[str, list[str]] = {}
     for short, full in vision.items():
         by_file.setdefault(files[full], []).append(short)
-    for file_name, shorts in sorted(by_file.items()):
-        path = directory / file_name
-        if not path.is_file():
-            raise CheckpointError(f"{directory / INDEX_FILE} names {file_name}, which does not exist")
-        with _open_safetensors(path) as handle:
-            present = set(handle.keys())
-            for short in shorts:
-                full = vision[short]
-                if full not in present:
-                    raise CheckpointError(f"{directory / INDEX_FILE} places {full} in {file_name}, which lacks it")
-                shape = tuple(handle.get_slice(full).get_shape())
-                if shape != expected[short]:
-                    raise CheckpointError(
-                        f"tensor {full} in {file_name} has shape {list(shape)}, but the config "
-                        f"needs {list(expected[short])}"
-                    )
-                state[short] = handle.get_tensor(full).to(device=device, dtype=dtype)
-    return state
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as hashing:  # hashes while the next tensors are read
+        for file_name, shorts in sorted(by_file.items()):
+            path = directory / file_name
+            if not path.is_file():
+                raise CheckpointError(f"{directory / INDEX_FILE} names {file_name}, which does not exist")
+            with _open_safetensors(path) as handle:
+                present = set(handle.keys())
+                for short in shorts:
+                    full = vision[short]
+                    if full not in present:
+                        raise CheckpointError(f"{directory / INDEX_FILE} places {full} in {file_name}, which lacks it")
+                    shape = tuple(handle.get_slice(full).get_shape())
+                    if shape != expected[short]:
+                        raise CheckpointError(
+                            f"tensor {full} in {file_name} has shape {list(shape)}, but the config "
+                            f"needs {list(expected[short])}"
+                        )
+                    stored = handle.get_tensor(full)
+                    digests[short] = hashing.submit(tensor_digest, stored)
+                    state[short] = stored.to(device=device, dtype=dtype)
+    return state, combine({short: digest.result() for short, digest in digests.items()})

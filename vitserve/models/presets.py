@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .fingerprint import TensorDigest, combine, tensor_digest
 from .qwen3_vl.config import Qwen3VLVisionConfig
 
 PRESET_PREFIX = "random:"
@@ -49,11 +50,14 @@ def preset_config(source: str) -> Qwen3VLVisionConfig:
 
 
 @torch.no_grad()
-def init_random_(model: nn.Module, seed: int = PRESET_SEED) -> None:
+def init_random_(model: nn.Module, seed: int = PRESET_SEED) -> str:
     """Seeded weights in the reference's initialisation, drawn on the CPU so every device
     gets the same model. Norms get a small perturbation so that tests exercise them. Each
     parameter has a generator of its own (seeded by `seed` and its index), so they are drawn in
-    parallel threads (torch releases the GIL) and still come out the same on every run."""
+    parallel threads (torch releases the GIL) and still come out the same on every run.
+    Returns the weights' fingerprint (of the float32 values drawn)."""
+    digests: dict[str, TensorDigest] = {}
+
     def fill(indexed: tuple[int, tuple[str, nn.Parameter]]) -> None:
         index, (name, param) = indexed
         generator = torch.Generator().manual_seed(seed * PARAMETER_SEEDS + index)
@@ -64,11 +68,13 @@ def init_random_(model: nn.Module, seed: int = PRESET_SEED) -> None:
             values.mul_(0.02 if name.endswith("bias") else INIT_STD)
         with torch.no_grad():  # per thread: the caller's no_grad does not reach the pool's threads
             param.copy_(values)
+        digests[name] = tensor_digest(values)  # (one key per thread: no lock needed)
 
     parameters = list(enumerate(model.named_parameters()))
     if sum(param.numel() for _, (_, param) in parameters) < LARGE_TOWER_PARAMETERS:
         for indexed in parameters:  # threads would cost more than they save
             fill(indexed)
-        return
-    with ThreadPoolExecutor(max_workers=min(INIT_THREADS, os.cpu_count() or 1)) as pool:
-        list(pool.map(fill, parameters))
+    else:
+        with ThreadPoolExecutor(max_workers=min(INIT_THREADS, os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, parameters))
+    return combine(digests)

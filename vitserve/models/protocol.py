@@ -58,6 +58,8 @@ class VisionEncoder(Protocol):
     """
 
     geometry: EncoderGeometry
+    model_type: str  # Hugging Face's model_type of the checkpoint, e.g. "qwen3_vl"
+    weights_fingerprint: str  # models/fingerprint.py; empty when unknown (a tower built in code)
 
     def item_tokens(self, t: int, h: int, w: int) -> int:
         """Patch tokens of one item with grid (t, h, w)."""

@@ -72,7 +72,7 @@ class Soak:
         self.config = config
         self.endpoint = endpoint
         self.clients = clients
-        self.ledger = Ledger(dtype=clients[0].welcome.dtype)
+        self.ledger = Ledger(dtype=clients[0].model.dtype)
         self.requests = make_requests(config.workload, config.distinct, config.seed)
         self.rng = random.Random(config.seed)
         self.tasks: list[asyncio.Task] = []

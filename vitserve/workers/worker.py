@@ -84,8 +84,8 @@ class Worker:
             worker=spec.worker, device=str(self.device), budgets=caps.budgets, max_items=caps.max_items,
             max_sequences=caps.max_sequences, merge_factor=caps.merge_factor,
             out_hidden=geometry.out_hidden_size, num_deepstack=geometry.num_deepstack,
-            dtype=str(self.runner.dtype).removeprefix("torch."),
-            cost=self.cost_message(), ready_s=time.perf_counter() - self.began, warming=self.warming,
+            dtype=str(self.runner.dtype).removeprefix("torch."), model_type=model.model_type,
+            fingerprint=model.weights_fingerprint, cost=self.cost_message(), ready_s=time.perf_counter() - self.began, warming=self.warming,
         )
 
     @property

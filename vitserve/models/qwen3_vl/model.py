@@ -131,6 +131,8 @@ class Qwen3VLVisionTower(nn.Module):
         )
         self._deepstack_at = {layer: j for j, layer in enumerate(config.deepstack_visual_indexes)}
         self.requested_attention = attention
+        self.model_type = "qwen3_vl"  # the checkpoint's config.json says which (load_model)
+        self.weights_fingerprint = ""  # load_model's (models/fingerprint.py); empty for a tower built in code
         self.attention_backend: str | None = None
         self._attend: AttentionFn | None = None
 
