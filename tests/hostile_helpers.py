@@ -73,9 +73,10 @@ def flood(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """Two connections at most; 1024 output rows per worker (8 windows of 128 rows)."""
+    """Two connections at most; 1024 output rows per worker (8 windows of 128 rows; items up to
+    1024 tokens, so the largest item does not make the slab larger)."""
     endpoint = f"ipc://{tmp_path_factory.mktemp('sock')}/pair.sock"
-    with served(endpoint, *SMALL, "--max-connections", "2", "--output-windows", "8"):
+    with served(endpoint, *SMALL, "--max-connections", "2", "--output-windows", "8", "--max-item-tokens", "1024"):
         yield endpoint
 
 

@@ -33,8 +33,8 @@ def add_serve_parser(commands) -> None:
                        help="results not released this long after delivery are reclaimed (0: never)")
     serve.add_argument("--output-windows", type=int, default=16,
                        help="shared-memory output per worker, in windows of the largest budget")
-    serve.add_argument("--max-item-tokens", type=int, help="largest item in patch tokens (default: twice the largest "
-                       "budget); larger ones get too_large")
+    serve.add_argument("--max-item-tokens", type=int, help="largest item in patch tokens (default: the most the "
+                       "pixel limits give one item, at least twice the largest budget); larger ones get too_large")
     serve.add_argument("--worker-restarts", type=int, default=3,
                        help="start attempts for a worker that died before it is given up (0: never restart)")
     serve.add_argument("--window-timeout-s", type=float, default=60.0,

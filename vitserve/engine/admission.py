@@ -62,7 +62,8 @@ def admit(item: Any, config: PreprocessConfig, token_limit: int, label: str = "i
         admitted = AdmittedItem(kind, array, (plan.grid_t, plan.grid_h, plan.grid_w), *slab)
     if admitted.tokens > token_limit:
         raise AdmissionError("too_large", f"{label} has {admitted.tokens} patch tokens, over the engine's limit of "
-                                          f"{token_limit} per item: send a smaller image or fewer frames")
+                                          f"{token_limit} per item (max_item_tokens, `vitserve serve "
+                                          f"--max-item-tokens`): send a smaller item, or raise the limit")
     return admitted
 
 

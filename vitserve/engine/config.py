@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from vitserve.checks import check_int, check_seconds
 from vitserve.preprocess import PreprocessConfig
+from vitserve.preprocess.geometry import largest_item_tokens
 from vitserve.scheduler import SchedulerConfig
 from vitserve.workers import WindowConfig
 from vitserve.workers.cost_cache import default_cache_dir
@@ -24,7 +26,9 @@ class EngineConfig:
     "cpu"). output_windows: each worker's shared-memory output, in windows of the largest
     budget; a window leases the rows it needs until every request with items in it is released.
     max_item_tokens: the largest single item admitted (items over the largest budget run
-    eagerly); larger ones get `too_large`. max_request_bytes: the input arrays of one request
+    eagerly); larger ones get `too_large`. By default, the most the preprocessing's pixel limits
+    give one item (anything the model's own processor accepts is accepted), and at least twice
+    the largest budget. max_request_bytes: the input arrays of one request
     together (over the wire, a larger frame disconnects its sender before it is read).
     input_slab_bytes: the shared memory that inputs received as frames (tcp:// clients, the
     embedded API) are copied into for the workers, page-locked on GPUs; full: `overloaded`.
@@ -48,7 +52,7 @@ class EngineConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     clients: ClientLimits = field(default_factory=ClientLimits)  # what one client of `serve` may use (limits.py)
     output_windows: int = 16
-    max_item_tokens: int | None = None  # default: twice the largest budget
+    max_item_tokens: int | None = None  # default: the preprocessing's largest item, at least twice the largest budget
     startup_timeout_s: float = 600.0
     cpu_threads_per_worker: int | None = None  # default: the host's cores less two, shared by the CPU workers
     output_device: str | None = None  # embedded engine: copy results to this torch device
@@ -74,7 +78,7 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16 (or None for the default)")
         check_int("output_windows", self.output_windows, 2, "one window fills while clients read another")
         if self.max_item_tokens is not None:
-            check_int("max_item_tokens", self.max_item_tokens, 1, "or None for twice the largest budget")
+            check_int("max_item_tokens", self.max_item_tokens, 1, "or None for the largest item the preprocessing gives")
         if self.cpu_threads_per_worker is not None:
             check_int("cpu_threads_per_worker", self.cpu_threads_per_worker, 1, "or None to share the host's cores")
         check_int("max_request_bytes", self.max_request_bytes, 1, "the input arrays of one request together")
@@ -118,6 +122,6 @@ class EngineConfig:
     def largest_budget(self) -> int:
         return self.window.budgets[-1] if self.window.budgets else self.window.max_budget
 
-    @property
+    @cached_property  # (admission reads it for every item)
     def item_token_limit(self) -> int:
-        return self.max_item_tokens or 2 * self.largest_budget
+        return self.max_item_tokens or max(2 * self.largest_budget, largest_item_tokens(self.preprocess))

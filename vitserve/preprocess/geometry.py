@@ -148,3 +148,31 @@ def plan_video(frames: int, height: int, width: int, config: PreprocessConfig) -
         grid_h=resized_height // config.patch_size,
         grid_w=resized_width // config.patch_size,
     )
+
+
+def largest_item_tokens(config: PreprocessConfig) -> int:
+    """The most patch tokens the resize rules give one item under `config`: an engine that admits
+    this many admits everything the model's processor accepts (within max_video_frames).
+
+    Per frame, a resized size is within one of three bounds. Shrunk to fit: at most the frame's
+    share of max_pixels, unless the short side is clamped up to one factor, when the long side
+    stays within sqrt(share * aspect ratio). Grown to min_pixels: the share of min_pixels plus
+    one factor of rounding on each side. Neither: within the limit already. A clip of N frames
+    has ceil(N / temporal) temporal patches; the bound is taken over every N.
+    """
+    f, patch, ratio = config.factor, config.patch_size, MAX_ASPECT_RATIO
+    edge = math.sqrt(ratio) + 1 / math.sqrt(ratio)  # the most (H + W) / sqrt(H * W) can be
+
+    def frame_pixels(max_share: float, min_share: float) -> float:
+        clamped = f * math.sqrt(max_share * ratio) + f * f
+        grown = min_share + f * edge * math.sqrt(min_share) + f * f
+        return max(max_share, clamped, grown)
+
+    image = frame_pixels(config.image_max_pixels, config.image_min_pixels)
+    temporal = config.temporal_patch_size
+    video = 0.0
+    for frames in range(temporal, max(config.max_video_frames, temporal) + 1):
+        rounded = max(round(frames / temporal) * temporal, temporal)  # the resize rule's frame count
+        share = frame_pixels(config.video_max_pixels / min(frames, rounded), config.video_min_pixels / frames)
+        video = max(video, -(-frames // temporal) * share)
+    return int(max(image, video) // patch**2)
