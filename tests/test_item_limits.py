@@ -64,3 +64,22 @@ def test_an_explicit_limit_refuses_larger_items_and_names_the_setting():
     assert refused.value.code == "too_large"
     small = admit(np.zeros((1000, 1000, 3), np.uint8), config.preprocess, config.item_token_limit)
     assert small.tokens <= 4096
+
+
+@pytest.mark.parametrize("shape", [(1, 250, 3), (2, 2, 1000, 3)], ids=["image 1x250", "clip 2x2x1000"])
+def test_what_the_processor_refuses_is_refused_as_invalid_input(shape):
+    """Past an aspect ratio of 200, Hugging Face's processors raise; admission answers invalid_input."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    item = np.zeros(shape, np.uint8)
+    if len(shape) == 3:
+        processor, arguments = transformers.Qwen2VLImageProcessor(), {"images": item}
+    else:
+        processor, arguments = Qwen3VLVideoProcessor(do_sample_frames=False), {"videos": [item]}
+    with pytest.raises(ValueError):
+        processor(**arguments, return_tensors="pt", input_data_format="channels_last")
+    config = EngineConfig()
+    with pytest.raises(AdmissionError, match="aspect ratio") as refused:
+        admit(item, config.preprocess, config.item_token_limit)
+    assert refused.value.code == "invalid_input"

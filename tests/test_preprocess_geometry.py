@@ -91,3 +91,26 @@ def test_known_image_grids():
 def test_smart_resize_rejects_extreme_aspect_ratio():
     with pytest.raises(PreprocessError, match="aspect ratio"):
         smart_resize_image(1, 201, factor=32, min_pixels=65536, max_pixels=16777216)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.integers(min_value=2, max_value=768), height=sides, width=sides,
+       limits=st.sampled_from([(4096, 25165824), (128 * 32 * 32, 768 * 32 * 32), (16384, 2_000_000)]),
+       frame_tokens=st.sampled_from([768, 256, 64]), cap=st.booleans())
+def test_video_patch_counts_equal_hf_with_and_without_the_per_frame_cap(frames, height, width, limits, frame_tokens,
+                                                                        cap):
+    """Hugging Face's count (the one its processor's resize uses) for clips of two frames or more
+    (HF refuses fewer), under other pixel limits, with the reference per-frame cap on and off."""
+    assume(max(height, width) / min(height, width) <= 200)
+    low, high = limits
+    config = PreprocessConfig(video_min_pixels=low, video_max_pixels=high, video_cap_pixels_per_frame=cap,
+                              video_max_frame_tokens=frame_tokens)
+    hf = video_processing_qwen3_vl.Qwen3VLVideoProcessor(
+        size={"shortest_edge": low, "longest_edge": high}, cap_pixels_per_frame=cap, max_video_tokens=frame_tokens)
+    try:
+        expected = hf.get_num_of_video_patches(frames, height, width)
+    except ValueError:
+        with pytest.raises(PreprocessError, match="aspect ratio"):
+            plan_video(frames, height, width, config)
+        return
+    assert plan_video(frames, height, width, config).num_patches == expected

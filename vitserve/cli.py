@@ -66,7 +66,8 @@ def run_encode(args: argparse.Namespace) -> int:
     for name, array in items:
         try:
             array = read_input(Path(name)) if array is None else array
-            patches = preprocess_video(array) if array.ndim == 4 else preprocess_image(array)
+            patches = (preprocess_video(array, model.preprocess) if array.ndim == 4
+                       else preprocess_image(array, model.preprocess))  # (the checkpoint's own settings)
         except (OSError, PreprocessError) as err:
             print(f"{name}: error: {err}", file=sys.stderr)
             failures += 1

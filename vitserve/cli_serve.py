@@ -52,9 +52,34 @@ def add_serve_parser(commands) -> None:
                        "(default: on for GPUs, off for CPUs; it costs the model's memory once more)")
     serve.add_argument("--input-slab-bytes", type=int, help="shared memory that inputs received as frames are copied "
                        "into for the workers (default: 1 GiB, within --max-request-bytes and --max-queued-bytes)")
+    _add_preprocess_arguments(serve)
     _add_client_limit_arguments(serve)
     _add_security_arguments(serve)
     serve.set_defaults(handler=run_serve)
+
+
+# PreprocessConfig fields that a checkpoint's processor configs give and flags of the same names override
+PREPROCESS_FLAGS = ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels", "max_video_frames",
+                    "video_cap_pixels_per_frame", "video_max_frame_tokens")
+
+
+def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "preprocessing", "by default the checkpoint's preprocessor_config.json and video_preprocessor_config.json "
+        "(the released Qwen3-VL values for a preset); these flags override them")
+    group.add_argument("--image-min-pixels", type=int, help="resized pixels of an image, at least")
+    group.add_argument("--image-max-pixels", type=int, help="resized pixels of an image, at most")
+    group.add_argument("--video-min-pixels", type=int, help="resized pixels of a clip over all its frames, at least")
+    group.add_argument("--video-max-pixels", type=int, help="resized pixels of a clip over all its frames, at most")
+    group.add_argument("--max-video-frames", type=int, help="frames of one video; more are refused (sample them first)")
+    group.add_argument("--video-cap-pixels-per-frame", action=argparse.BooleanOptionalAction,
+                       help="the reference code's per-frame cap (Hugging Face's cap_pixels_per_frame): each frame "
+                       "at most --video-max-frame-tokens merged patches or its share of --video-max-pixels")
+    group.add_argument("--video-max-frame-tokens", type=int, help="with the per-frame cap: merged patches per frame")
+
+
+def preprocess_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in PREPROCESS_FLAGS if getattr(args, name) is not None}
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -78,14 +103,18 @@ def _run_serve(args: argparse.Namespace, early) -> int:
     from vitserve.engine.connections import RESERVED_DESCRIPTORS, SHED_FACTOR, raise_descriptor_limit
     from vitserve.ipc.auth import AuthError
     from vitserve.ipc.endpoints import EndpointError, default_endpoint, parse_socket_mode
+    from vitserve.preprocess.in_force import describe, preprocess_for
     from vitserve.scheduler import SchedulerConfig
 
     try:
         window = window_config(args)
         scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
                                     max_queued_tokens=args.max_queued_tokens)
+        overrides = preprocess_overrides(args)
+        preprocess = preprocess_for(args.model, overrides)
         config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
-                              window=window, scheduler=scheduler, output_windows=args.output_windows,
+                              window=window, scheduler=scheduler, preprocess=preprocess,
+                              output_windows=args.output_windows,
                               max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
                               lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
                               window_timeout_s=args.window_timeout_s or None,
@@ -102,6 +131,8 @@ def _run_serve(args: argparse.Namespace, early) -> int:
             early.discard()
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
+    flags = [f"--{flag.replace('_', '-')}" for flag in PREPROCESS_FLAGS if flag in overrides]
+    print(f"vitserve: {describe(preprocess, args.model, flags)}", file=sys.stderr, flush=True)
     try:
         return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp, early)
     except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable

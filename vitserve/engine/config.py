@@ -9,6 +9,7 @@ from functools import cached_property
 from vitserve.checks import check_int, check_seconds
 from vitserve.preprocess import PreprocessConfig
 from vitserve.preprocess.geometry import largest_item_tokens
+from vitserve.preprocess.in_force import preprocess_for
 from vitserve.scheduler import SchedulerConfig
 from vitserve.workers import WindowConfig
 from vitserve.workers.cost_cache import default_cache_dir
@@ -23,7 +24,9 @@ MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread 
 @dataclass(frozen=True)
 class EngineConfig:
     """model: checkpoint directory or preset. devices: one worker process per entry ("cuda:0",
-    "cpu"). output_windows: each worker's shared-memory output, in windows of the largest
+    "cpu"). preprocess: None reads the checkpoint's preprocessor_config.json and
+    video_preprocessor_config.json (the released Qwen3-VL values for a preset or a directory
+    without them). output_windows: each worker's shared-memory output, in windows of the largest
     budget; a window leases the rows it needs until every request with items in it is released.
     max_item_tokens: the largest single item admitted (items over the largest budget run
     eagerly); larger ones get `too_large`. By default, the most the preprocessing's pixel limits
@@ -49,7 +52,7 @@ class EngineConfig:
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on the CPU
     window: WindowConfig = field(default_factory=WindowConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preprocess: PreprocessConfig | None = None  # None: the checkpoint's processor configs, else the released values
     clients: ClientLimits = field(default_factory=ClientLimits)  # what one client of `serve` may use (limits.py)
     output_windows: int = 16
     max_item_tokens: int | None = None  # default: the preprocessing's largest item, at least twice the largest budget
@@ -70,6 +73,8 @@ class EngineConfig:
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:
+        if self.preprocess is None:  # (a few small JSON files: read now, so that a bad one is refused at once)
+            object.__setattr__(self, "preprocess", preprocess_for(self.model))
         devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
         object.__setattr__(self, "devices", devices)
         if not devices:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vitserve.preprocess.in_force import preprocess_for
+
 from .fingerprint import TensorDigest, combine, tensor_digest
 from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config
 from .qwen3_vl.config import Qwen3VLVisionConfig
@@ -45,6 +47,9 @@ def load_model(
     `model.visual.`, `visual.` or, for a saved bare tower, no prefix) or a preset such as
     `random:qwen3-vl-8b`. `dtype` defaults to bfloat16 on CUDA and float32 elsewhere.
     `attention` picks `flash_attn`, `torch_varlen` or `sdpa` (default: the best available).
+    The tower's `preprocess` is the checkpoint's preprocessing (its preprocessor_config.json and
+    video_preprocessor_config.json; the released values without them or for a preset), for
+    `preprocess_image(image, model.preprocess)`; `weights_fingerprint` identifies its weights.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -74,6 +79,7 @@ def load_model(
         state, model.weights_fingerprint = read_vision_tensors(directory, model, bare, device, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.model_type = model_type
+        model.preprocess = preprocess_for(directory)
     model.eval().requires_grad_(False)
     model.select_attention(attention)
     log.info("loaded %s: %d layers, hidden %d, out %d, %s on %s, attention %s", source, config.depth,

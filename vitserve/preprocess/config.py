@@ -24,9 +24,13 @@ class PreprocessConfig:
     """How images and videos become patches; defaults are the released Qwen3-VL values.
 
     Pixel limits are in resized pixels (images: per image; videos: over all frames), as in
-    the Hugging Face processors' `size` dict. `max_input_pixels` limits the raw H*W of each
-    image or frame and `max_video_frames` the frames of one video: both protect the server
-    from inputs it cannot afford and are vitserve's own, not Hugging Face's.
+    the Hugging Face processors' `size` dict. `video_cap_pixels_per_frame` applies the reference
+    code's (qwen-vl-utils') per-frame cap, as Hugging Face's `cap_pixels_per_frame` does: each
+    frame gets at most `video_max_frame_tokens` merged patches, or its even share of
+    video_max_pixels, and at least 1.05 * video_min_pixels. Frames arrive sampled: the caller picks
+    them (at the checkpoint's fps). `max_input_pixels` limits the raw H*W of each image or frame
+    and `max_video_frames` the frames of one video: both protect the server from inputs it
+    cannot afford.
     """
 
     patch_size: int = 16
@@ -40,6 +44,8 @@ class PreprocessConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_input_pixels: int = 2**27
     max_video_frames: int = 768
+    video_cap_pixels_per_frame: bool = False
+    video_max_frame_tokens: int = 768  # with the cap; Hugging Face's max_video_tokens
 
     def __post_init__(self) -> None:
         for name in (
@@ -52,8 +58,12 @@ class PreprocessConfig:
             "video_max_pixels",
             "max_input_pixels",
             "max_video_frames",
+            "video_max_frame_tokens",
         ):
             _require_positive_int(name, getattr(self, name))
+        if not isinstance(self.video_cap_pixels_per_frame, bool):
+            raise ValueError(f"PreprocessConfig.video_cap_pixels_per_frame must be true or false, "
+                             f"got {self.video_cap_pixels_per_frame!r}")
         for kind in ("image", "video"):
             low, high = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
             if low > high:
@@ -85,8 +95,8 @@ class PreprocessConfig:
 
         Keys understood: size.shortest_edge / size.longest_edge (or min_pixels /
         max_pixels, which win, as in Hugging Face), patch_size, temporal_patch_size,
-        merge_size, image_mean, image_std, and the video file's max_frames. Anything
-        missing keeps its default.
+        merge_size, image_mean, image_std, and the video file's max_frames,
+        cap_pixels_per_frame and max_video_tokens. Anything missing keeps its default.
         """
         root = Path(directory)
         if not root.is_dir():
@@ -118,6 +128,8 @@ class PreprocessConfig:
             "video_min_pixels": video_low,
             "video_max_pixels": video_high,
             "max_video_frames": video_json.get("max_frames"),
+            "video_cap_pixels_per_frame": video_json.get("cap_pixels_per_frame"),
+            "video_max_frame_tokens": video_json.get("max_video_tokens"),
         }
         values.update({key: value for key, value in optional.items() if value is not None})
         known = {field.name for field in fields(cls)}

@@ -125,17 +125,28 @@ def plan_image(height: int, width: int, config: PreprocessConfig) -> ItemPlan:
     )
 
 
+def video_pixel_limit(num_frames: int, config: PreprocessConfig) -> int:
+    """The limit on frames * h * w of a clip: video_max_pixels, or with the per-frame cap (as
+    Hugging Face's cap_pixels_per_frame computes it) the capped share of every frame."""
+    if not config.video_cap_pixels_per_frame:
+        return config.video_max_pixels
+    frame_cap = config.video_max_frame_tokens * config.factor * config.factor
+    per_frame = max(min(frame_cap, config.video_max_pixels // num_frames), int(config.video_min_pixels * 1.05))
+    return per_frame * num_frames
+
+
 def plan_video(frames: int, height: int, width: int, config: PreprocessConfig) -> ItemPlan:
     """A clip shorter than one temporal patch is sized as the padded clip (its last frame repeated)."""
     temporal = config.temporal_patch_size
+    num_frames = max(frames, temporal)
     resized_height, resized_width = smart_resize_video(
-        max(frames, temporal),
+        num_frames,
         height,
         width,
         temporal_factor=temporal,
         factor=config.factor,
         min_pixels=config.video_min_pixels,
-        max_pixels=config.video_max_pixels,
+        max_pixels=video_pixel_limit(num_frames, config),
     )
     return ItemPlan(
         is_video=True,
@@ -173,6 +184,6 @@ def largest_item_tokens(config: PreprocessConfig) -> int:
     video = 0.0
     for frames in range(temporal, max(config.max_video_frames, temporal) + 1):
         rounded = max(round(frames / temporal) * temporal, temporal)  # the resize rule's frame count
-        share = frame_pixels(config.video_max_pixels / min(frames, rounded), config.video_min_pixels / frames)
+        share = frame_pixels(video_pixel_limit(frames, config) / min(frames, rounded), config.video_min_pixels / frames)
         video = max(video, -(-frames // temporal) * share)
     return int(max(image, video) // patch**2)

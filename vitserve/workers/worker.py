@@ -44,6 +44,19 @@ def load_for_worker(spec: WorkerSpec) -> VisionEncoder:
     return model
 
 
+def check_fits(preprocess: PreprocessConfig, model: VisionEncoder) -> None:
+    """The preprocessing must cut the patches the tower takes (a processor config that disagrees
+    with the checkpoint's config.json would give every window the wrong shape)."""
+    geometry = model.geometry
+    wrong = [f"{name} {mine} (the model's: {theirs})" for name, mine, theirs in (
+        ("patch_size", preprocess.patch_size, geometry.patch_size),
+        ("temporal_patch_size", preprocess.temporal_patch_size, geometry.temporal_patch_size),
+        ("merge_size", preprocess.merge_size, geometry.merge_size)) if mine != theirs]
+    if wrong:
+        raise ValueError(f"the preprocessing does not fit the model: {', '.join(wrong)}; make the processor "
+                         "configs agree with config.json's vision_config")
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, engine_pid: int, begin: Begin, model: VisionEncoder):
         """Get ready to serve `model` (load_for_worker's) with `begin`'s settings. `begin.cost`: the
@@ -53,6 +66,7 @@ class Worker:
         self.began = time.perf_counter()
         self.say = start_progress(spec, max(spec.spawned_at, begin.sent_at))
         self.preprocess = msgspec.convert(begin.preprocess, PreprocessConfig)
+        check_fits(self.preprocess, model)
         self.runner = ModelRunner(model, msgspec.convert(begin.window, WindowConfig))
         self._cost_path = None if begin.cache_dir is None else cost_cache_path(Path(begin.cache_dir), self.runner)
         known = CostModel.from_message(begin.cost) if begin.cost is not None else read_cost(self._cost_path, self.runner)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitserve.preprocess.config import PreprocessConfig
+
 from ..add_norm import add_layer_norm
 from ..attention import AttentionFn, head_width, select_attention
 from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
@@ -133,6 +135,7 @@ class Qwen3VLVisionTower(nn.Module):
         self.requested_attention = attention
         self.model_type = "qwen3_vl"  # the checkpoint's config.json says which (load_model)
         self.weights_fingerprint = ""  # load_model's (models/fingerprint.py); empty for a tower built in code
+        self.preprocess = PreprocessConfig()  # load_model gives a checkpoint's own
         self.attention_backend: str | None = None
         self._attend: AttentionFn | None = None
 
