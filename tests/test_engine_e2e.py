@@ -27,6 +27,7 @@ from vitserve import AsyncClient, Client
 from vitserve.engine import EngineError
 from vitserve.models import load_model
 from vitserve.preprocess import PreprocessConfig, preprocess_image, preprocess_video
+from vitserve.preprocess.geometry import largest_item_tokens
 from vitserve.workers import WindowConfig
 from vitserve.workers.capacities import derive_budgets
 
@@ -65,7 +66,7 @@ def check_model(model, budgets: tuple[int, ...]) -> None:
     assert (model.source, model.model_type, model.dtype) == ("random:tiny", "qwen3_vl", "float32")
     assert model.fingerprint == load_model("random:tiny").weights_fingerprint and len(model.fingerprint) == 32
     assert (model.out_hidden, model.num_deepstack, model.budgets) == (128, 2, budgets)
-    assert model.item_token_limit == 2 * budgets[-1]  # the default: twice the largest budget
+    assert model.item_token_limit == max(2 * budgets[-1], largest_item_tokens(PreprocessConfig()))  # the default
     assert PreprocessConfig(**model.preprocess) == PreprocessConfig()  # (rebuilt from its fields)
 
 

@@ -103,7 +103,7 @@ def _run_serve(args: argparse.Namespace, early) -> int:
     from vitserve.engine.connections import RESERVED_DESCRIPTORS, SHED_FACTOR, raise_descriptor_limit
     from vitserve.ipc.auth import AuthError
     from vitserve.ipc.endpoints import EndpointError, default_endpoint, parse_socket_mode
-    from vitserve.preprocess.in_force import describe, preprocess_for
+    from vitserve.preprocess.in_force import preprocess_for
     from vitserve.scheduler import SchedulerConfig
 
     try:
@@ -131,8 +131,6 @@ def _run_serve(args: argparse.Namespace, early) -> int:
             early.discard()
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
-    flags = [f"--{flag.replace('_', '-')}" for flag in PREPROCESS_FLAGS if flag in overrides]
-    print(f"vitserve: {describe(preprocess, args.model, flags)}", file=sys.stderr, flush=True)
     try:
         return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp, early)
     except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable

@@ -19,6 +19,7 @@ import time
 from vitserve.ipc.auth import ServerKeys
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE
 from vitserve.launch import EarlyWorkers
+from vitserve.preprocess.in_force import describe, overridden
 
 from .config import EngineConfig
 from .engine import Engine
@@ -60,6 +61,8 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
     # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
     print(f"vitserve: starting on {frontend.endpoint}: {config.model} on {', '.join(config.devices)}",
           file=sys.stderr, flush=True)
+    flags = [f"--{name.replace('_', '-')}" for name in overridden(config.preprocess, config.model)]  # (serve's flags)
+    print(f"vitserve: {describe(config.preprocess, config.model, flags)}", file=sys.stderr, flush=True)
     starting = loop.create_task(engine.start())
     await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # a signal during the start: stop starting (start() cleans up after itself)

@@ -33,8 +33,15 @@ def preprocess_for(source: str | Path, overrides: dict[str, Any] | None = None) 
     return dataclasses.replace(base, **given) if given else base
 
 
+def overridden(config: PreprocessConfig, source: str | Path) -> list[str]:
+    """The settings of `config` that differ from the source's own (its checkpoint's, or the defaults)."""
+    own = preprocess_for(source)
+    return [field.name for field in dataclasses.fields(config) if getattr(config, field.name) != getattr(own, field.name)]
+
+
 def describe(config: PreprocessConfig, source: str | Path, overridden: list[str] = ()) -> str:
-    """Which preprocessing values are in force and where they come from, in one line."""
+    """Which preprocessing values are in force and where they come from (`overridden`: the names of
+    what was given over the source's own), in one line."""
     files = checkpoint_files(source)
     origin = " and ".join(path.name for path in files) if files else "the released Qwen3-VL defaults"
     if overridden:
