@@ -1,0 +1,1 @@
+"""vitserve where people run language models: Hugging Face transformers (`transformers.py`)."""
