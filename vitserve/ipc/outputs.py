@@ -27,6 +27,9 @@ class EncodedItem:
     deepstack: torch.Tensor  # (num_deepstack, rows, out_hidden)
     kind: str  # "image", "video" or "patches" (sent already processed)
     grid: tuple[int, int, int]  # (t, h, w) in patches, as the processor's grid_thw: rows = t * h * w / merge²
+    # (rows, (1 + num_deepstack) * out_hidden): each row's embedding then its deepstack features, the
+    # layout vLLM's encoder cache holds for Qwen3-VL; the same memory as the two above
+    packed: torch.Tensor
 
 
 class Encoded:
@@ -91,7 +94,8 @@ def encoded_from_refs(refs: Sequence[OutputRef], reader: SlabReader, release: Ca
             rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
         if output_device is not None:
             rows = rows.to(output_device, copy=True)
-        items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1), ref.kind, tuple(ref.grid)))
+        items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1), ref.kind, tuple(ref.grid),
+                                 rows.reshape(rows.shape[0], -1)))
     if output_device is not None and release is not None:
         release()
         release = None

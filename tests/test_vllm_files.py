@@ -1,0 +1,123 @@
+"""ECFileStore: vitserve results as the files vLLM's ECExampleConnector loads (vLLM 0.33's contract, as
+documented in its example connector: `<shared_storage_path>/<key>/encoder_cache.safetensors`, one
+tensor `ec_cache` of shape [rows, out_hidden * (1 + deepstack)], each row's embedding and then its
+deepstack features), written atomically and expired by age and total size."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitserve.engine import EngineConfig
+from vitserve.integrations.embedded import EmbeddedEncoder
+from vitserve.integrations.vllm_files import EC_FILE, EC_TENSOR, ECFileStore
+from vitserve.workers import WindowConfig
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    with EmbeddedEncoder(EngineConfig(window=WindowConfig(min_budget=64, max_budget=512))) as encoder:
+        yield encoder
+
+
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (96, 160, 3))] + [
+        rng.integers(0, 256, (4, 64, 96, 3), dtype=np.uint8)]
+
+
+def test_each_item_is_stored_as_vllm_loads_it(encoder, tmp_path):
+    store = ECFileStore(tmp_path)
+    keys = ["img-0", "lora-a:img-1", "video-7"]
+    with encoder.encode(images()) as result:
+        for key, item in zip(keys, result.items):
+            path = store.put(key, item)
+            assert path == tmp_path / key / EC_FILE
+            loaded = load_file(path, device="cpu")
+            assert list(loaded) == [EC_TENSOR]
+            rows = loaded[EC_TENSOR]  # [num_embeds, width]
+            out_hidden, layers = item.embeddings.shape[1], item.deepstack.shape[0]
+            assert rows.shape == (item.embeddings.shape[0], out_hidden * (1 + layers)) and rows.dtype == torch.float32
+            t, h, w = item.grid
+            assert rows.shape[0] == t * h * w // 4  # the placeholders of the grid vLLM is told
+            assert torch.equal(rows[:, :out_hidden], item.embeddings)
+            for layer in range(layers):
+                assert torch.equal(rows[:, out_hidden * (1 + layer):out_hidden * (2 + layer)], item.deepstack[layer])
+    assert sorted(os.listdir(tmp_path)) == sorted(keys)  # nothing else: no temporary files left
+
+
+def test_the_models_dtype_and_plain_tensors(tmp_path):
+    store = ECFileStore(tmp_path, dtype=torch.bfloat16)
+    rows = torch.randn(6, 12)
+    loaded = load_file(store.put("k", rows))[EC_TENSOR]
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, rows.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="2-D"):
+        store.put("k", torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("key", ["", ".", "..", "a/b", "/abs", "nul\0", ".encoder_cache.safetensors.1.x"])
+def test_keys_that_cannot_name_a_folder_are_refused(tmp_path, key):
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        ECFileStore(tmp_path).put(key, torch.zeros(1, 2))
+
+
+def test_a_reader_never_sees_a_partial_file(tmp_path):
+    """vLLM loads whatever file is there: while one key is rewritten again and again, every load
+    gives one whole version."""
+    store = ECFileStore(tmp_path)
+    versions = [torch.full((512, 256), float(v)) for v in range(4)]
+    store.put("k", versions[0])
+    stop, seen, problems = threading.Event(), set(), []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                rows = load_file(tmp_path / "k" / EC_FILE)[EC_TENSOR]
+            except Exception as err:  # a partial file fails to parse
+                problems.append(err)
+                continue
+            value = rows[0, 0].item()
+            if not torch.equal(rows, versions[int(value)]):
+                problems.append(f"mixed version {value}")
+            seen.add(value)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(200):
+        store.put("k", versions[i % 4])
+    stop.set()
+    reader.join()
+    assert not problems and len(seen) > 1, (problems[:3], seen)
+
+
+def test_expiry_by_age_and_total_size_spares_the_young(tmp_path):
+    store = ECFileStore(tmp_path, max_bytes=3 * 4096 + 3 * 200, max_age_s=600, min_age_s=60)
+    now = time.time()
+    ages = {"ancient": 900, "old": 500, "older": 400, "middle": 300, "recent": 120, "fresh": 10, "new": 1}
+    for key, age in ages.items():
+        path = store.put(key, torch.zeros(1, 1024))  # 4096 bytes of rows, and a small header
+        os.utime(path, (now - age, now - age))
+    crashed = tmp_path / "new" / ".encoder_cache.safetensors.999.dead"  # a writer that died mid-way
+    crashed.write_bytes(b"x")
+    os.utime(crashed, (now - 120, now - 120))
+    removed = store.expire(now)
+    left = sorted(os.listdir(tmp_path))
+    # ancient: past max_age_s; then oldest first until at most ~3 files' worth: old, older, middle go;
+    # fresh and new are younger than min_age_s and stay even though the total is still over.
+    assert left == ["fresh", "new", "recent"] and removed == 4, left
+    assert os.listdir(tmp_path / "new") == [EC_FILE]  # the dead writer's file is gone
+    assert store.expire(now) == 0
+
+
+def test_size_limit_does_not_remove_what_a_consumer_may_be_loading(tmp_path):
+    store = ECFileStore(tmp_path, max_bytes=1, min_age_s=60)
+    for key in "abc":
+        store.put(key, torch.zeros(4, 4))
+    assert store.expire() == 0 and sorted(os.listdir(tmp_path)) == ["a", "b", "c"]
+    assert store.expire(time.time() + 61) == 3 and os.listdir(tmp_path) == []
