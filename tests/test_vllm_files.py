@@ -5,18 +5,25 @@ deepstack features), written atomically and expired by age and total size."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from served import served
+
 from vitserve.engine import EngineConfig
 from vitserve.integrations.embedded import EmbeddedEncoder
 from vitserve.integrations.vllm_files import EC_FILE, EC_TENSOR, ECFileStore
+from vitserve.preprocess import preprocess_image
 from vitserve.workers import WindowConfig
 
 
@@ -121,3 +128,26 @@ def test_size_limit_does_not_remove_what_a_consumer_may_be_loading(tmp_path):
         store.put(key, torch.zeros(4, 4))
     assert store.expire() == 0 and sorted(os.listdir(tmp_path)) == ["a", "b", "c"]
     assert store.expire(time.time() + 61) == 3 and os.listdir(tmp_path) == []
+
+
+def test_the_example_client_stores_each_image_and_names_it_in_the_request(tmp_path):
+    """examples/vllm_epd_client.py against `vitserve serve`, printing the request it would send."""
+    endpoint, ec_dir = f"ipc://{tmp_path}/vitserve.sock", tmp_path / "ec"
+    files = []
+    for i, image in enumerate(images()[:2]):
+        files.append(tmp_path / f"image-{i}.npy")
+        np.save(files[-1], image)
+    example = Path(__file__).parent.parent / "examples" / "vllm_epd_client.py"
+    with served(endpoint, "--min-budget", "64", "--max-budget", "512"):
+        done = subprocess.run([sys.executable, str(example), "--vitserve", endpoint, "--ec-dir", str(ec_dir),
+                               "--model", "tiny", "--dry-run", *map(str, files), "What is it?"],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    content = json.loads(done.stdout)["messages"][0]["content"]
+    assert content[-1] == {"type": "text", "text": "What is it?"}
+    for part, image in zip(content[:-1], images()):
+        assert part["type"] == "image_embeds" and set(part) == {"type", "image_embeds", "uuid"}
+        t, h, w = part["image_embeds"]["image_grid_thw"]
+        rows = load_file(ec_dir / part["uuid"] / EC_FILE)[EC_TENSOR]
+        assert rows.shape == (t * h * w // 4, 128 * 3)
+        assert [t, h, w] == preprocess_image(image).grid_thw[0].tolist()
