@@ -151,3 +151,14 @@ def test_the_example_client_stores_each_image_and_names_it_in_the_request(tmp_pa
         rows = load_file(ec_dir / part["uuid"] / EC_FILE)[EC_TENSOR]
         assert rows.shape == (t * h * w // 4, 128 * 3)
         assert [t, h, w] == preprocess_image(image).grid_thw[0].tolist()
+
+
+def test_the_empty_folders_a_consumers_misses_leave_are_removed(tmp_path):
+    """vLLM's example connector makes `<root>/<key>/` when it looks a key up, found or not."""
+    store = ECFileStore(tmp_path, min_age_s=60)
+    missed = tmp_path / "asked-for-but-never-stored"
+    missed.mkdir()
+    store.put("kept", torch.zeros(2, 2))
+    assert store.expire() == 0 and missed.is_dir()  # young: a producer may be about to write it
+    store.expire(time.time() + 61)
+    assert not missed.exists() and (tmp_path / "kept").is_dir()

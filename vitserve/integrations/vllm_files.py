@@ -94,13 +94,19 @@ class ECFileStore:
 
     def expire(self, now: float | None = None) -> int:
         """Remove what is past max_age_s, then the oldest past max_bytes, never anything younger than
-        min_age_s; and files left half written (by a writer that died) once they are that old.
+        min_age_s; and, once they are that old, files left half written (by a writer that died) and
+        the empty folders a consumer's lookups leave.
         Returns how many items were removed."""
         self._expired_at = time.monotonic()
         now = time.time() if now is None else now
         entries: list[_Entry] = []
         for folder in _folders(self.root):
-            for path in _files(folder):
+            files = _files(folder)
+            if not files:  # vLLM's connector makes a key's folder when it looks the key up and misses
+                stat = _stat(folder)
+                if stat is not None and now - stat.st_mtime >= self.min_age_s:
+                    _remove_folder(folder)
+            for path in files:
                 stat = _stat(path)
                 if stat is None:
                     continue
@@ -152,8 +158,12 @@ def _remove(path: Path) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
+    _remove_folder(path.parent)
+    return True
+
+
+def _remove_folder(folder: Path) -> None:
     try:
-        path.parent.rmdir()
+        folder.rmdir()
     except OSError:  # not empty (a write under way), or gone
         pass
-    return True
