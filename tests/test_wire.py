@@ -21,10 +21,13 @@ from vitserve.ipc.messages import (
     Cancel,
     Encode,
     Error,
+    Forget,
+    Found,
     Health,
     HealthQuery,
     Hello,
     ImageItem,
+    Lookup,
     OutputRef,
     PatchItem,
     Release,
@@ -36,7 +39,7 @@ from vitserve.ipc.messages import (
     Welcome,
 )
 
-SERVER_TYPES = (Welcome, Result, Error, Stats, Health)
+SERVER_TYPES = (Welcome, Result, Found, Error, Stats, Health)
 
 
 # -- round trips -------------------------------------------------------------------------------
@@ -62,6 +65,10 @@ def _client_messages() -> list[tuple[msgspec.Struct, list[np.ndarray]]]:
         (Hello(version=7), []),
         (encode, [image, video, patches]),
         (Encode(id=0, items=[ImageItem(array_ref(image, 0))]), [image]),
+        (Encode(id=1, items=[ImageItem(array_ref(image, 0)), ImageItem(array_ref(image, 1))], keep=["uuid-1", ""],
+                keep_s=30.0), [image, image]),
+        (Lookup(id=3, names=["uuid-1", "lora:uuid-2"], inline=True), []),
+        (Forget(names=["uuid-1"]), []),
         (Cancel(id=42), []),
         (Release(ids=[1, 2**63 - 1]), []),
         (StatsQuery(), []),
@@ -82,6 +89,7 @@ def _server_messages() -> list[tuple[msgspec.Struct, list[np.ndarray]]]:
                                          offset=0)]), []),
         (Result(id=6, outputs=[OutputRef(rows.shape, "float32", "patches", (1, 2, 6), frame=0)]), [rows]),
         (Result(id=7, outputs=[]), []),
+        (Found(id=8, outputs=[None, OutputRef(rows.shape, "float32", "image", (1, 2, 6), frame=0)]), [rows]),
         (Error(id=None, code="protocol", message="undecodable"), []),
         (Error(id=9, code="overloaded", message="queue full", retry_after_ms=12.5), []),
         (Stats(values={"requests": 3.0, "queued_items": 0.0}), []),

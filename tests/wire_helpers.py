@@ -9,9 +9,9 @@ import pytest
 from hypothesis import strategies as st
 
 from vitserve.ipc.codec import WIRE_DTYPES, ProtocolError
-from vitserve.ipc.messages import Cancel, Encode, HealthQuery, Hello, Release, StatsQuery
+from vitserve.ipc.messages import Cancel, Encode, Forget, HealthQuery, Hello, Lookup, Release, StatsQuery
 
-CLIENT_TYPES = (Hello, Encode, Cancel, Release, StatsQuery, HealthQuery)  # what a server may receive
+CLIENT_TYPES = (Hello, Encode, Lookup, Forget, Cancel, Release, StatsQuery, HealthQuery)  # what a server may receive
 
 
 def on_the_wire(frames: list) -> list[bytes]:

@@ -50,6 +50,10 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--standby-workers", action=argparse.BooleanOptionalAction,
                        help="keep a loaded spare process per worker so a restart skips loading the model "
                        "(default: on for GPUs, off for CPUs; it costs the model's memory once more)")
+    serve.add_argument("--kept-timeout-s", type=float, default=300.0,
+                       help="the longest an item stays kept under a name a client gave it (encode's keep=)")
+    serve.add_argument("--kept-share", type=float, default=0.5,
+                       help="of each worker's output rows that kept items may hold; past it the oldest are forgotten")
     serve.add_argument("--input-slab-bytes", type=int, help="shared memory that inputs received as frames are copied "
                        "into for the workers (default: 1 GiB, within --max-request-bytes and --max-queued-bytes)")
     _add_preprocess_arguments(serve)
@@ -120,6 +124,7 @@ def _run_serve(args: argparse.Namespace, early) -> int:
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
                               max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
+                              kept_timeout_s=args.kept_timeout_s, kept_share=args.kept_share,
                               standby_workers=args.standby_workers, clients=_client_limits(args), progress=True,
                               **_cache_dir(args))
         socket_mode = parse_socket_mode(args.socket_mode)

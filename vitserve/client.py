@@ -34,8 +34,8 @@ from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    Encode, Error, Health, HealthQuery, ImageItem, PatchItem, Result, ServedModel, Stats, StatsQuery, VideoItem,
-    Welcome,
+    Encode, Error, Forget, Found, Health, HealthQuery, ImageItem, Lookup, PatchItem, Result, ServedModel, Stats,
+    StatsQuery, VideoItem, Welcome,
 )
 from vitserve.ipc.endpoints import split_endpoint
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
@@ -115,8 +115,11 @@ class AsyncClient(ClientLink, ClientReleases):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
-        """Images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs."""
+    async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0,
+                     keep: Sequence[str] | None = None, keep_s: float | None = None) -> Encoded:
+        """Images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs. `keep`: a name
+        per item ('' for none) that `lookup` finds it under, from any client, for `keep_s` seconds at
+        most (default and limit: the engine's kept_timeout_s) or until `forget`."""
         request_id = next(self._ids)
         arrays, grids = [], []  # each item's array, and the grid of processed patches (None for pixels)
         for item in items:
@@ -136,15 +139,37 @@ class AsyncClient(ClientLink, ClientReleases):
             refs = [array_ref(a, i) for i, a in enumerate(frames)]
         wire_items = [PatchItem(ref, grid) if grid is not None else VideoItem(ref) if len(ref.shape) == 4
                       else ImageItem(ref) for ref, grid in zip(refs, grids)]
+        message = Encode(request_id, wire_items, deadline_ms, priority, self.inline,
+                         None if keep is None else list(keep), keep_s)
+        try:
+            return await self._exchange(request_id, message, frames, limit, began)
+        finally:
+            if placed is not None:  # the request ended (or was given up on: only its own inputs could change)
+                arena.give(placed[0])
+
+    async def lookup(self, names: Sequence[str]) -> Encoded:
+        """The items kept under these names (encode's `keep`, by any client), in order; None where
+        nothing is kept under a name. Held, as a result is, until released."""
+        request_id = next(self._ids)
+        began = self._loop.time()
+        await self._until_ready(self.timeout_s)
+        return await self._exchange(request_id, Lookup(request_id, list(names), self.inline), [], self.timeout_s,
+                                    began)
+
+    async def forget(self, names: Sequence[str]) -> None:
+        """Keep these names no longer (what a lookup holds stays readable until released)."""
+        await self._until_ready(self.timeout_s)
+        await self._socket.send(self._codec.encode(Forget(list(names))))
+
+    async def _exchange(self, request_id: int, message: Encode | Lookup, frames: list, limit: float | None,
+                        began: float) -> Encoded:
+        """Send a request and wait for its one reply: its outputs, or an EngineError."""
         future = self._loop.create_future()
         self._waiting[request_id] = future
-        message = Encode(request_id, wire_items, deadline_ms, priority, self.inline)
         try:
             await self._socket.send(self._codec.encode(message, frames))
         except BaseException:  # not sent: nothing to cancel at the engine
             self._waiting.pop(request_id, None)
-            if placed is not None:
-                arena.give(placed[0])
             raise
         try:
             # Awaited directly (one wake-up of this task when the reply comes); a timeout or the
@@ -167,12 +192,10 @@ class AsyncClient(ClientLink, ClientReleases):
             raise
         finally:
             self._waiting.pop(request_id, None)
-            if placed is not None:  # the request ended (or was given up on: only its own inputs could change)
-                arena.give(placed[0])
         match reply:
             case Error(code=code, message=text, retry_after_ms=retry):
                 raise EngineError(code, text, retry)
-            case Result(outputs=refs):
+            case Result(outputs=refs) | Found(outputs=refs):
                 if self.inline:  # the bytes are here: acknowledge them, the engine counts them until then
                     self._send_release(request_id)
                     return encoded_from_refs(refs, self._reader, None, frames=reply_frames)

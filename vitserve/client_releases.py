@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from vitserve.ipc.messages import Cancel, Error, Release, Result
+from vitserve.ipc.messages import Cancel, Error, Found, Release, Result
 
 
 class ClientReleases:
@@ -44,7 +44,7 @@ class ClientReleases:
         if not self._socket.socket.closed and not self._socket.send_now(frames):
             asyncio.ensure_future(self._socket.send(frames))
 
-    def _unwanted(self, request_id: int, reply: Result | Error) -> None:
+    def _unwanted(self, request_id: int, reply: Result | Found | Error) -> None:
         """The reply to a request given up on: a result that finished before the cancel is released."""
-        if isinstance(reply, Result):  # an inline one is released too: its bytes were received
+        if isinstance(reply, (Result, Found)):  # an inline one is released too: its bytes were received
             self._send_release(request_id)

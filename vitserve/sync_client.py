@@ -36,8 +36,15 @@ class Client:
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
-        return self._call(self._client.encode(items, deadline_ms, priority))
+    def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0,
+               keep: Sequence[str] | None = None, keep_s: float | None = None) -> Encoded:
+        return self._call(self._client.encode(items, deadline_ms, priority, keep, keep_s))
+
+    def lookup(self, names: Sequence[str]) -> Encoded:
+        return self._call(self._client.lookup(names))
+
+    def forget(self, names: Sequence[str]) -> None:
+        self._call(self._client.forget(names))
 
     def stats(self) -> dict[str, float]:
         return self._call(self._client.stats())

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from vitserve.ipc.codec import ProtocolError, check_all_frames_used, check_ref, frame_array
-from vitserve.ipc.messages import ArrayRef, Encode, ImageItem, OutputRef, PatchItem, Result, VideoItem
+from vitserve.ipc.messages import ArrayRef, Encode, Found, ImageItem, Lookup, OutputRef, PatchItem, Result, VideoItem
 from vitserve.ipc.slabs import SlabError, numpy_dtype
 
 from .admission import AdmittedItem
@@ -35,7 +35,8 @@ class ClientRequests:
             slabs = [(connection.arena, ref.offset) if ref.offset >= 0 else ("", -1) for ref in map(_ref, message.items)]
             admitted = self.engine.admit(items, slabs)
             usage = self._check_share(connection, admitted)
-            key, future = self.engine.submit(admitted, message.deadline_ms, message.priority, connection.serial)
+            key, future = self.engine.submit(admitted, message.deadline_ms, message.priority, connection.serial,
+                                             message.keep, message.keep_s)
         except ProtocolError as err:
             self._error(connection, message.id, err.code, str(err))
             return
@@ -58,6 +59,9 @@ class ClientRequests:
             setting = "its certificate's priorities" if connection.priorities else "priorities"
             raise EngineError("invalid_input", f"priority {message.priority} is outside {whose} {low}..{high} "
                                                f"({setting})")
+        self._check_open(connection)
+
+    def _check_open(self, connection: Connection) -> None:
         open_requests = len(connection.requests) + len(connection.inline)
         if open_requests >= self.limits.max_requests:
             raise EngineError("overloaded", f"this connection has {open_requests} requests unfinished or holding "
@@ -107,28 +111,50 @@ class ClientRequests:
             else:
                 self._error(connection, message.id, "worker_failed", f"the request failed: {error!r}")
             return
-        refs = future.result()
         self.counters["results"] += 1
-        if not message.inline:
-            if not self._send(connection, Result(message.id, refs)):  # never to be read: free its rows now
-                connection.requests.pop(message.id, None)
+        self._deliver(connection, message.id, key, future.result(), message.inline, Result)
+
+    def _lookup(self, connection: Connection, message: Lookup) -> None:
+        """Kept items by name, delivered (and held) as a result is."""
+        if message.id in connection.requests or message.id in connection.inline:
+            self._error(connection, message.id, "invalid_input", f"request id {message.id} is already in use by this "
+                                                                 f"client: use a new id, or release the old request")
+            return
+        try:
+            self._check_open(connection)
+            key, refs = self.engine.lookup_refs(message.names)
+        except EngineError as err:
+            self._error(connection, message.id, err.code, err.message, err.retry_after_ms)
+            return
+        connection.requests[message.id] = key
+        self._deliver(connection, message.id, key, refs, message.inline, Found)
+
+    def _deliver(self, connection: Connection, request_id: int, key: int, refs: list[OutputRef | None], inline: bool,
+                 reply: type[Result] | type[Found]) -> None:
+        """Output references to the client, held until it releases `request_id`; or, inline (remote
+        clients), the rows copied into the reply and the slots free again, the bytes counted against
+        the client until it releases the reply (it has read them)."""
+        if not inline:
+            if not self._send(connection, reply(request_id, refs)):  # never to be read: free its rows now
+                connection.requests.pop(request_id, None)
                 self.engine.release(key)
             return
-        # Inline (remote clients): the rows are copied into the reply and the slots are free again;
-        # the bytes count against the client until it releases the result (it has read them).
-        connection.requests.pop(message.id, None)
-        size = sum(math.prod(ref.shape) * numpy_dtype(ref.dtype).itemsize for ref in refs)
+        connection.requests.pop(request_id, None)
+        found = [ref for ref in refs if ref is not None]
+        size = sum(math.prod(ref.shape) * numpy_dtype(ref.dtype).itemsize for ref in found)
         if connection.inline_bytes + size > self.limits.max_inline_bytes:
             self.engine.release(key)
-            self._error(connection, message.id, "overloaded", f"this client has {connection.inline_bytes} bytes of "
+            self._error(connection, request_id, "overloaded", f"this client has {connection.inline_bytes} bytes of "
                         f"inline results it has not released (max_inline_bytes={self.limits.max_inline_bytes}): "
                         f"read and release them", 100.0)
             return
-        frames = [np.array(self.engine.read(ref)) for ref in refs]
-        inline = [OutputRef(ref.shape, ref.dtype, ref.kind, ref.grid, frame=i) for i, ref in enumerate(refs)]
+        frames = [np.array(self.engine.read(ref)) for ref in found]
+        frame_of = iter(range(len(found)))
+        copies = [None if ref is None else OutputRef(ref.shape, ref.dtype, ref.kind, ref.grid, frame=next(frame_of))
+                  for ref in refs]
         self.engine.release(key)
-        if self._send(connection, Result(message.id, inline), frames):
-            connection.inline[message.id] = size
+        if self._send(connection, reply(request_id, copies), frames):
+            connection.inline[request_id] = size
             connection.inline_bytes += size
 
     def _release(self, connection: Connection, request_ids: list[int]) -> None:

@@ -60,6 +60,8 @@ class EngineConfig:
     cpu_threads_per_worker: int | None = None  # default: the host's cores less two, shared by the CPU workers
     output_device: str | None = None  # embedded engine: copy results to this torch device
     max_request_bytes: int = 1 << 30
+    kept_timeout_s: float = 300.0  # the longest an item stays kept under its name (engine/kept.py)
+    kept_share: float = 0.5  # of each worker's output rows that kept items may hold; past it the oldest go
     max_queued_bytes: int = 4 << 30  # input bytes of every unfinished request together; past it: overloaded
     input_slab_bytes: int | None = None  # the engine's input slab for inputs received as frames (default below)
     lease_timeout_s: float | None = 300.0
@@ -87,6 +89,10 @@ class EngineConfig:
         if self.cpu_threads_per_worker is not None:
             check_int("cpu_threads_per_worker", self.cpu_threads_per_worker, 1, "or None to share the host's cores")
         check_int("max_request_bytes", self.max_request_bytes, 1, "the input arrays of one request together")
+        check_seconds("kept_timeout_s", self.kept_timeout_s, "the longest an item stays kept under its name")
+        if isinstance(self.kept_share, bool) or not isinstance(self.kept_share, (int, float)) or not 0 < self.kept_share <= 1:
+            raise ValueError(f"kept_share must be a fraction in (0, 1], got {self.kept_share!r}: of each worker's output "
+                             "rows that kept items may hold")
         check_int("max_queued_bytes", self.max_queued_bytes, self.max_request_bytes,
                   "at least max_request_bytes: the input bytes of every unfinished request together")
         if self.input_slab_bytes is not None:

@@ -32,6 +32,7 @@ from vitserve.workers import Capacities
 from .config import EngineConfig
 from .inputs import EngineInputs
 from .intake import Pending, RequestIntake
+from .kept import KeptItem, KeptItems
 from .outputs_layout import agreed_capacities, output_layout, predictor
 from .reports import EngineReports
 from .request_ends import RequestEnds
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 _INSTANCES = itertools.count()  # engines made in this process (their slab names differ)
 
 
-class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineReports):
+class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItems, EngineReports):
     def __init__(self, config: EngineConfig | None = None, early: EarlyWorkers | None = None):
         """`early`: worker processes `vitserve serve` started before the engine (launch.py), adopted."""
         self.config = config or EngineConfig()
@@ -78,6 +79,9 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
         self._worker_hangs = 0
         self._queued_bytes = 0  # inputs of unfinished requests (max_queued_bytes)
         self._internal_errors = 0  # unexpected failures contained to the requests that met them
+        self._kept: dict[str, KeptItem] = {}  # name -> kept item, oldest first (kept.py)
+        self._kept_rows: dict[int, int] = {}  # worker -> rows its kept items hold
+        self._kept_lookups = self._kept_hits = self._kept_expired = self._kept_evicted = 0
         self._log_limits = LogLimiter(log)
         self.failure: BaseException | None = None  # why a loop of the engine ended: it no longer serves
         self.stopped = asyncio.Event()  # set when `failure` is (`vitserve serve` exits non-zero then)
@@ -130,6 +134,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, EngineRe
                         for h in self._handles]
         if config.lease_timeout_s is not None:
             self._tasks.append(loop.create_task(self._lease_loop(config.lease_timeout_s), name="vitserve-leases"))
+        self._tasks.append(loop.create_task(self._kept_loop(), name="vitserve-kept"))
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
         self.started = True

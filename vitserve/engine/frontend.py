@@ -30,8 +30,8 @@ from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, server_codec
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, bind_endpoint
 from vitserve.ipc.messages import (
-    MAX_ITEMS_PER_REQUEST, PROTOCOL_VERSION, Cancel, Encode, Error, HealthQuery, Hello, Release, Stats, StatsQuery,
-    Welcome,
+    MAX_ITEMS_PER_REQUEST, PROTOCOL_VERSION, Cancel, Encode, Error, Forget, HealthQuery, Hello, Lookup, Release, Stats,
+    StatsQuery, Welcome,
 )
 from vitserve.ipc.slab_channel import SlabChannel
 from vitserve.ipc.slabs import SlabError
@@ -195,6 +195,10 @@ class Frontend(ClientRequests):
                 self._hello(connection, version, frames[0])
             case Encode():
                 self._encode(connection, message, arrays)
+            case Lookup():
+                self._lookup(connection, message)
+            case Forget(names=names):
+                self.engine.forget(names)
             case Cancel(id=request_id):
                 key = connection.requests.get(request_id)
                 if key is not None:

@@ -34,16 +34,29 @@ class Pending:
     delivered_at: float | None = None  # loop time the result was handed over; its lease runs from here
     input_bytes: int = 0  # of its inputs, counted against max_queued_bytes until they are dropped
     input_region: int | None = None  # where its inputs were copied into the engine's input slab, if they were
+    keep: Sequence[str] | None = None  # names its items are kept under once it ends ('' : not kept; kept.py)
+    keep_s: float | None = None  # how long they are kept (None: kept_timeout_s)
 
 
 
 class RequestIntake:
-    async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
+    async def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0,
+                     keep: Sequence[str] | None = None, keep_s: float | None = None) -> Encoded:
         """Encode images (uint8 H×W×3), videos (uint8 T×H×W×3) or (pixel_values, grid_thw) pairs.
 
         The result's tensors view shared memory until `release()` (or the `with` block's end, or
-        garbage collection); raises EngineError with a code when the request fails."""
-        key, refs = await self.run(self.admit(items), deadline_ms, priority)
+        garbage collection); raises EngineError with a code when the request fails. `keep`: a name
+        per item ('' for none) under which `lookup` finds it later, for `keep_s` seconds at most
+        (default and limit: kept_timeout_s) or until `forget` (kept.py)."""
+        key, refs = await self.run(self.admit(items), deadline_ms, priority, keep, keep_s)
+        return self._encoded(key, refs)
+
+    async def lookup(self, names: Sequence[str]) -> Encoded:
+        """The kept items of these names, in order (None where none is kept), held until `release()`."""
+        key, refs = self.lookup_refs(names)
+        return self._encoded(key, refs)
+
+    def _encoded(self, key: int, refs: Sequence[OutputRef | None]) -> Encoded:
         loop = asyncio.get_running_loop()
 
         def release() -> None:  # may run in any thread, even inside engine code (garbage collection): defer
@@ -71,20 +84,21 @@ class RequestIntake:
                                            f"max_request_bytes={self.config.max_request_bytes}: split it")
         return admitted
 
-    async def run(self, items: list[AdmittedItem], deadline_ms: float | None,
-                  priority: int) -> tuple[int, list[OutputRef]]:
+    async def run(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int,
+                  keep: Sequence[str] | None = None, keep_s: float | None = None) -> tuple[int, list[OutputRef]]:
         """Queue admitted items and wait for their output references (they stay leased until `release`)."""
-        key, future = self.submit(items, deadline_ms, priority)
+        key, future = self.submit(items, deadline_ms, priority, keep=keep, keep_s=keep_s)
         try:
             return key, await future
         except asyncio.CancelledError:
             self.release(key)  # cancels it if it is still running; frees its slots if it had finished
             raise
 
-    def submit(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int,
-               owner: int = 0) -> tuple[int, asyncio.Future]:
+    def submit(self, items: list[AdmittedItem], deadline_ms: float | None, priority: int, owner: int = 0,
+               keep: Sequence[str] | None = None, keep_s: float | None = None) -> tuple[int, asyncio.Future]:
         """Queue admitted items; the future gets their output references or an EngineError.
-        `owner` names the client: clients take fair turns (a frontend passes its connection's number)."""
+        `owner` names the client: clients take fair turns (a frontend passes its connection's number).
+        `keep`, `keep_s`: as for `encode`."""
         if self.failure is not None:
             raise EngineError("worker_failed", f"the engine stopped after an internal failure ({self.failure!r}): "
                                                f"start a new one")
@@ -97,6 +111,7 @@ class RequestIntake:
                                                f"None for no deadline; got {deadline_ms!r}")
         check_request_fits([(i.tokens, i.sequences) for i in items], self.capacities, self.layout,
                            self.config.output_windows)
+        self._check_keep(keep, len(items), keep_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
         size = sum(item.array.nbytes for item in items)
@@ -108,7 +123,8 @@ class RequestIntake:
         key = next(self._keys)
         request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items],
                           owner)
-        pending = Pending(items, loop.create_future(), [None] * len(items), input_bytes=size, input_region=region)
+        pending = Pending(items, loop.create_future(), [None] * len(items), input_bytes=size, input_region=region,
+                          keep=keep if keep and any(keep) else None, keep_s=keep_s)
         self._queued_bytes += size
         self._pending[key] = pending
         try:

@@ -31,7 +31,7 @@ class EngineReports:
             "worker_hangs": float(self._worker_hangs),
             "internal_errors": float(self._internal_errors),
             "queued_bytes": float(self._queued_bytes),
-        } | (self.inputs.stats() if self.inputs is not None else {})
+        } | (self.inputs.stats() if self.inputs is not None else {}) | self._kept_stats()
 
     def health(self) -> Health:
         """Ready while admitting requests with a worker up; not while shutting down or restarting.

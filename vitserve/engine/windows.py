@@ -217,4 +217,6 @@ class WindowTraffic:
             if request.unfinished == 0 and not pending.future.done():
                 pending.future.set_result(list(pending.outputs))
                 pending.delivered_at = now
+                if pending.keep is not None:
+                    self._keep(pending, now)
                 self._drop_inputs(pending)

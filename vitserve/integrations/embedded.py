@@ -35,8 +35,17 @@ class EmbeddedEncoder:
     def model(self) -> ServedModel:
         return self._engine.model
 
-    def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0) -> Encoded:
-        return self._call(self._engine.encode(items, deadline_ms, priority))
+    def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0,
+               keep: Sequence[str] | None = None, keep_s: float | None = None) -> Encoded:
+        return self._call(self._engine.encode(items, deadline_ms, priority, keep, keep_s))
+
+    def lookup(self, names: Sequence[str]) -> Encoded:
+        return self._call(self._engine.lookup(names))
+
+    def forget(self, names: Sequence[str]) -> int:
+        async def forget() -> int:  # on the engine's loop: its state is that thread's
+            return self._engine.forget(names)
+        return self._call(forget())
 
     def stats(self) -> dict[str, float]:
         async def read() -> dict[str, float]:  # on the engine's loop: its state is that thread's

@@ -19,13 +19,14 @@ import msgspec
 # slab channel (not files opened by name); hello names no process (results belong to the connection).
 # 5: inputs may lie in the client's input arena (ArrayRef.offset), which the welcome offers.
 # 6: each output names its item's kind and patch grid. 7: the welcome describes the served model
-# (its type, weights' fingerprint and preprocessing).
-PROTOCOL_VERSION = 7
+# (its type, weights' fingerprint and preprocessing). 8: items may be kept under names, looked up and forgotten.
+PROTOCOL_VERSION = 8
 # Element counts are checked while decoding, before anything is built: a header of millions of
 # items or ids is refused at the cost of reading its length.
 MAX_ITEMS_PER_REQUEST = 4096
 MAX_RELEASE_IDS = 4096
 MAX_NAME_LENGTH = 256
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
 
 # What a request can end with, besides a result (DESIGN.md, failure model). `protocol` is for
 # messages that cannot be understood at all (undecodable, wrong version, bad frames).
@@ -89,6 +90,24 @@ class Encode(msgspec.Struct, frozen=True, tag="encode"):
     deadline_ms: float | None = None  # relative to arrival at the engine
     priority: int = 0  # lower values are served first (as in Triton and vLLM)
     inline: bool = False  # outputs as frames instead of shared-memory references
+    # A name per item ('' for none): once the request ends with a result, each named item is kept
+    # for `keep_s` seconds (None: the engine's kept_timeout_s) or until forgotten; Lookup finds it.
+    keep: Annotated[list[Name], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)] | None = None
+    keep_s: float | None = None
+
+
+class Lookup(msgspec.Struct, frozen=True, tag="lookup"):
+    """The kept items of these names, answered with Found; held like a result until released by `id`."""
+
+    id: int
+    names: Annotated[list[Name], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)]
+    inline: bool = False
+
+
+class Forget(msgspec.Struct, frozen=True, tag="forget"):
+    """Keep these names no longer (unknown names are skipped; no reply)."""
+
+    names: Annotated[list[Name], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)]
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
@@ -140,6 +159,11 @@ class Result(msgspec.Struct, frozen=True, tag="result"):
     outputs: list[OutputRef]  # one per item, in the request's order
 
 
+class Found(msgspec.Struct, frozen=True, tag="found"):
+    id: int
+    outputs: list[OutputRef | None]  # one per name of the Lookup, None where nothing is kept under it
+
+
 class Error(msgspec.Struct, frozen=True, tag="error"):
     id: int | None  # None when the failing message had no readable request id
     code: ErrorCode
@@ -160,8 +184,8 @@ class Health(msgspec.Struct, frozen=True, tag="health_reply"):
     pid: int = 0  # the engine's process
 
 
-ClientMessage = Union[Hello, Encode, Cancel, Release, StatsQuery, HealthQuery]
-ServerMessage = Union[Welcome, Result, Error, Stats, Health]
+ClientMessage = Union[Hello, Encode, Lookup, Forget, Cancel, Release, StatsQuery, HealthQuery]
+ServerMessage = Union[Welcome, Result, Found, Error, Stats, Health]
 
 
 # -- the slab channel (a Unix socket beside an ipc:// endpoint; descriptors ride as SCM_RIGHTS) -------

@@ -33,9 +33,9 @@ class EncodedItem:
 
 
 class Encoded:
-    """The outputs of one request, in its items' order."""
+    """The outputs of one request, in its items' order (of a lookup: None for a name not kept)."""
 
-    def __init__(self, items: list[EncodedItem], release: Callable[[], None] | None):
+    def __init__(self, items: list[EncodedItem | None], release: Callable[[], None] | None):
         self.items = items
         self._finalizer = weakref.finalize(self, release) if release is not None else None
 
@@ -85,10 +85,14 @@ def read_only_tensor(array: np.ndarray) -> torch.Tensor:
 _warned = False
 
 
-def encoded_from_refs(refs: Sequence[OutputRef], reader: SlabReader, release: Callable[[], None] | None,
+def encoded_from_refs(refs: Sequence[OutputRef | None], reader: SlabReader, release: Callable[[], None] | None,
                       output_device: str | None = None, frames: Sequence[memoryview] = ()) -> Encoded:
+    """The items of these references (None stays None: a lookup's name that nothing is kept under)."""
     items = []
     for ref in refs:
+        if ref is None:
+            items.append(None)
+            continue
         rows = read_only_tensor(ref_array(ref, reader, frames))  # (rows, 1 + deepstack, out_hidden)
         if ref.dtype == "bfloat16":
             rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
