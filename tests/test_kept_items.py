@@ -86,6 +86,8 @@ def test_keep_that_cannot_be_honoured_is_refused(endpoint):
         with pytest.raises(EngineError) as too_long:
             client.encode(images(1), keep=["x" * 257])
         assert too_long.value.code == "protocol"
+        with pytest.raises(EngineError, match="give keep names too"):
+            client.encode(images(1), keep_s=5)
         client.encode(images(1)).release()  # the connection still serves
 
 
@@ -135,3 +137,34 @@ def test_an_async_client_keeps_and_looks_up(tmp_path):
 
     with served(endpoint, *BUDGETS):
         asyncio.run(run())
+
+
+def test_items_kept_from_one_window_count_its_rows_once():
+    """Twenty-four small images in one request share a window: keeping each of them must not count the
+    window's rows twenty-four times (and evict most of them at once)."""
+    config = EngineConfig(window=WindowConfig(min_budget=64, max_budget=4096), max_item_tokens=8192)
+
+    async def run() -> tuple[dict, list]:
+        async with Engine(config) as engine:
+            names = [f"img-{i}" for i in range(24)]
+            (await engine.encode([np.zeros((64, 64, 3), np.uint8)] * 24, keep=names)).release()
+            with await engine.lookup(names) as found:
+                present = [item is not None for item in found.items]
+            return engine.stats(), present
+
+    stats, present = asyncio.run(run())
+    assert all(present) and stats["kept_evicted"] == 0 and stats["kept_items"] == 24, stats
+
+
+def test_an_item_larger_than_the_kept_share_is_refused_naming_the_setting():
+    config = EngineConfig(window=WindowConfig(min_budget=64, max_budget=512), output_windows=2, kept_share=0.1,
+                          max_item_tokens=1024)
+
+    async def run() -> None:
+        async with Engine(config) as engine:
+            with pytest.raises(EngineError, match="raise --kept-share") as refused:
+                await engine.encode([np.zeros((512, 512, 3), np.uint8)], keep=["big"])
+            assert refused.value.code == "too_large"
+            (await engine.encode([np.zeros((512, 512, 3), np.uint8)])).release()  # unkept, it is served
+
+    asyncio.run(run())

@@ -80,8 +80,12 @@ def test_a_consumer_loads_kept_items_from_shared_memory_and_forgets_them_when_do
                 scheduler.update_state_after_alloc(first, index)
             scheduler.update_state_after_alloc(second, 0)
             meta = scheduler.build_connector_meta(scheduler_output=None)
-            assert isinstance(meta, VitserveECMetadata) and meta.names == ["uuid-a", "uuid-b", "uuid-a"]
-            assert scheduler.build_connector_meta(scheduler_output=None).names == []  # built once per step
+            assert isinstance(meta, VitserveECMetadata)
+            assert [name for name, _ in meta.items] == ["uuid-a", "uuid-b", "uuid-a"]
+            assert scheduler.build_connector_meta(scheduler_output=None).items == []  # built once per step
+            proxy.forget(["uuid-a", "uuid-b"])  # at vitserve, meanwhile: the scheduler's holds keep the rows
+            proxy.encode(images(4)).release()  # other windows meanwhile
+            time.sleep(0.1)
 
             encoder_cache: dict[str, torch.Tensor] = {}
             worker.bind_connector_metadata(meta)
@@ -93,30 +97,36 @@ def test_a_consumer_loads_kept_items_from_shared_memory_and_forgets_them_when_do
                 assert rows.untyped_storage().data_ptr() != expected[name].untyped_storage().data_ptr()
 
             assert scheduler.request_finished(first) == (False, None)
-            time.sleep(0.1)  # (forget is a message without a reply)
-            assert not scheduler.has_cache_item("uuid-b")  # no other request loads it
-            assert scheduler.has_cache_item("uuid-a")  # r2 still does
+            assert proxy.stats()["slots_leased"] > 0  # r2 still holds uuid-a
             scheduler.request_finished(second)
-            time.sleep(0.1)
-            assert not scheduler.has_cache_item("uuid-a")
+            time.sleep(0.1)  # (releases are messages without replies)
             assert proxy.stats()["slots_leased"] == 0
         finally:
             scheduler.shutdown()
             worker.shutdown()
 
 
-def test_an_item_gone_before_the_load_fails_with_a_clear_message(endpoint):
+def test_items_are_forgotten_once_no_unfinished_request_loads_them(endpoint):
     with Client(endpoint) as proxy:
-        proxy.encode(images(1), keep=["uuid-late"]).release()
-        worker = VitserveECConnector(vllm_config(endpoint), "worker")
+        proxy.encode(images(2), keep=["uuid-c", "uuid-d"]).release()
+        scheduler = VitserveECConnector(vllm_config(endpoint), "scheduler")
         try:
-            proxy.forget(["uuid-late"])
+            first, second = request("r1", "uuid-c", "uuid-d"), request("r2", "uuid-c")
+            for req, index in ((first, 0), (first, 1), (second, 0)):
+                scheduler.update_state_after_alloc(req, index)
+            scheduler.build_connector_meta(scheduler_output=None)
+            scheduler.request_finished(first)
+            time.sleep(0.1)  # (forget is a message without a reply)
+            assert not scheduler.has_cache_item("uuid-d")  # no other request loads it
+            assert scheduler.has_cache_item("uuid-c")  # r2 still does
+            scheduler.request_finished(second)
             time.sleep(0.1)
-            worker.bind_connector_metadata(VitserveECMetadata(["uuid-late"]))
-            with pytest.raises(RuntimeError, match="vitserve no longer keeps item 'uuid-late'"):
-                worker.start_load_caches({})
+            assert not scheduler.has_cache_item("uuid-c")
+            scheduler.update_state_after_alloc(request("r3", "uuid-c"), 0)  # gone: nothing to load, nothing held
+            assert scheduler.build_connector_meta(scheduler_output=None).items == []
+            assert proxy.stats()["slots_leased"] == 0
         finally:
-            worker.shutdown()
+            scheduler.shutdown()
 
 
 def test_a_producer_role_or_a_missing_endpoint_is_refused_at_start():

@@ -34,11 +34,11 @@ from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    Encode, Error, Forget, Found, Health, HealthQuery, ImageItem, Lookup, PatchItem, Result, ServedModel, Stats,
-    StatsQuery, VideoItem, Welcome,
+    Encode, Error, Forget, Found, Health, HealthQuery, ImageItem, Lookup, OutputRef, PatchItem, Result, ServedModel,
+    Stats, StatsQuery, VideoItem, Welcome,
 )
 from vitserve.ipc.endpoints import split_endpoint
-from vitserve.ipc.outputs import Encoded, encoded_from_refs
+from vitserve.ipc.outputs import Encoded, EncodedItem, encoded_from_refs
 from vitserve.ipc.slab_channel import ask_for_slab, channel_path
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabError
@@ -155,6 +155,13 @@ class AsyncClient(ClientLink, ClientReleases):
         await self._until_ready(self.timeout_s)
         return await self._exchange(request_id, Lookup(request_id, list(names), self.inline), [], self.timeout_s,
                                     began)
+
+    def view(self, ref: OutputRef) -> EncodedItem:
+        """The rows a reference names (a result's `refs`, perhaps another process's), viewing shared
+        memory without holding them: valid while whoever has the result holds it (ipc:// only)."""
+        if ref.frame >= 0:
+            raise ValueError("an inline reference names a frame of another reply, not shared memory")
+        return encoded_from_refs([ref], self._reader, None).items[0]
 
     async def forget(self, names: Sequence[str]) -> None:
         """Keep these names no longer (what a lookup holds stays readable until released)."""

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 from vitserve.client import TIMEOUT_S, AsyncClient
 from vitserve.client_link import HEARTBEAT_S
-from vitserve.ipc.messages import Health, ServedModel
-from vitserve.ipc.outputs import Encoded
+from vitserve.ipc.messages import Health, OutputRef, ServedModel
+from vitserve.ipc.outputs import Encoded, EncodedItem
 
 
 class Client:
@@ -45,6 +45,11 @@ class Client:
 
     def forget(self, names: Sequence[str]) -> None:
         self._call(self._client.forget(names))
+
+    def view(self, ref: OutputRef) -> EncodedItem:
+        async def view() -> EncodedItem:  # on the client's loop: its slab mappings are that thread's
+            return self._client.view(ref)
+        return self._call(view())
 
     def stats(self) -> dict[str, float]:
         return self._call(self._client.stats())

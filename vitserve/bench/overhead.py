@@ -165,7 +165,7 @@ class _InProcessRunner:
     """The worker's own work for one item, in this process: preprocess on the device (raw images),
     encode, copy out; synchronised; with the worker's torch threads."""
 
-    def __init__(self, model: str, device: str, window, item, threads: int | None):
+    def __init__(self, model: str, device: str, window, item, threads: int | None, preprocess):
         import torch
 
         if threads:
@@ -173,7 +173,7 @@ class _InProcessRunner:
         from vitserve.models import load_model
         from vitserve.workers import ModelRunner
 
-        self.item, self.device = item, torch.device(device)
+        self.item, self.device, self.preprocess = item, torch.device(device), preprocess  # (the engine's)
         self.runner = ModelRunner(load_model(model, device=self.device), window)
         self.runner.capture(progress=False)
         rows = self._patches()[0].shape[0] // self.runner.capacities.merge_factor
@@ -184,11 +184,11 @@ class _InProcessRunner:
     def _patches(self):
         import torch
 
-        from vitserve.preprocess import PreprocessConfig, preprocess_batch
+        from vitserve.preprocess import preprocess_batch
 
         if isinstance(self.item, tuple):
             return torch.from_numpy(self.item[0]).to(self.device), [self.item[1]]
-        processed = preprocess_batch([self.item], PreprocessConfig(), device=self.device)
+        processed = preprocess_batch([self.item], self.preprocess, device=self.device)
         return processed.pixel_values, [tuple(g) for g in processed.grid_thw.tolist()]
 
     async def __call__(self) -> None:
@@ -214,7 +214,7 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
 
     config = EngineConfig(model=model, devices=tuple(devices.split(",")), window=window)
     device = config.devices[0]
-    runner = _InProcessRunner(model, device, window, item, config.worker_threads(device))
+    runner = _InProcessRunner(model, device, window, item, config.worker_threads(device), config.preprocess)
     async with AsyncExitStack() as stack:
         stack.callback(runner.close)
         raw = await stack.enter_async_context(_raw(raw_endpoint, item))

@@ -126,8 +126,18 @@ class ClientRequests:
         except EngineError as err:
             self._error(connection, message.id, err.code, err.message, err.retry_after_ms)
             return
+        except Exception as err:  # never leave a request unanswered
+            self._log_limits.error("lookup", "lookup %d failed unexpectedly", message.id, exc_info=True)
+            self._error(connection, message.id, "invalid_input", f"the lookup could not be processed: {err}")
+            return
         connection.requests[message.id] = key
         self._deliver(connection, message.id, key, refs, message.inline, Found)
+
+    def _forget(self, names: list[str]) -> None:
+        try:
+            self.engine.forget(names)
+        except Exception:  # contained: a forget has no reply, and the connection goes on
+            self._log_limits.error("forget", "forgetting %d names failed unexpectedly", len(names), exc_info=True)
 
     def _deliver(self, connection: Connection, request_id: int, key: int, refs: list[OutputRef | None], inline: bool,
                  reply: type[Result] | type[Found]) -> None:

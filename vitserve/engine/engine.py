@@ -32,7 +32,7 @@ from vitserve.workers import Capacities
 from .config import EngineConfig
 from .inputs import EngineInputs
 from .intake import Pending, RequestIntake
-from .kept import KeptItem, KeptItems
+from .kept import KeptItem, KeptItems, RunKey
 from .outputs_layout import agreed_capacities, output_layout, predictor
 from .reports import EngineReports
 from .request_ends import RequestEnds
@@ -80,7 +80,8 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self._queued_bytes = 0  # inputs of unfinished requests (max_queued_bytes)
         self._internal_errors = 0  # unexpected failures contained to the requests that met them
         self._kept: dict[str, KeptItem] = {}  # name -> kept item, oldest first (kept.py)
-        self._kept_rows: dict[int, int] = {}  # worker -> rows its kept items hold
+        self._kept_runs: dict[RunKey, int] = {}  # output run -> kept items in it
+        self._kept_rows: dict[int, int] = {}  # worker -> rows of the runs its kept items hold
         self._kept_lookups = self._kept_hits = self._kept_expired = self._kept_evicted = 0
         self._log_limits = LogLimiter(log)
         self.failure: BaseException | None = None  # why a loop of the engine ended: it no longer serves

@@ -198,7 +198,7 @@ class Frontend(ClientRequests):
             case Lookup():
                 self._lookup(connection, message)
             case Forget(names=names):
-                self.engine.forget(names)
+                self._forget(names)
             case Cancel(id=request_id):
                 key = connection.requests.get(request_id)
                 if key is not None:

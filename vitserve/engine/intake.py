@@ -111,7 +111,7 @@ class RequestIntake:
                                                f"None for no deadline; got {deadline_ms!r}")
         check_request_fits([(i.tokens, i.sequences) for i in items], self.capacities, self.layout,
                            self.config.output_windows)
-        self._check_keep(keep, len(items), keep_s)
+        self._check_keep(keep, items, keep_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
         size = sum(item.array.nbytes for item in items)

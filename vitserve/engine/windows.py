@@ -72,6 +72,9 @@ class WindowTraffic:
         for failure in failures:
             self._fail(failure.request.key, failure.code, failure.message, failure.retry_after_ms)
         while stalled := self.scheduler.stalled_on_memory():
+            if self._forget_oldest():  # kept items are a cache: they yield to requests waiting for rows
+                self._kept_evicted += 1
+                continue
             for request in stalled:
                 self._fail_stalled(request.key)
         return dispatches
@@ -89,8 +92,9 @@ class WindowTraffic:
                        f"held so far) do not fit the {capacity} rows of a worker's shared-memory output: split it, "
                        f"or raise output_windows")
         else:
-            self._fail(key, "overloaded", "every shared-memory output row is held by results not yet released: "
-                       "release results sooner, or raise output_windows", retry_after_ms=100.0)
+            self._fail(key, "overloaded", "every shared-memory output row is held by results not yet released "
+                       "(or by lookups of kept items): release results sooner, or raise output_windows",
+                       retry_after_ms=100.0)
 
     def _fail_queue_head(self, err: Exception) -> bool:
         """The scheduler failed on its queue: fail the request at its head, the one the failed step
@@ -218,5 +222,10 @@ class WindowTraffic:
                 pending.future.set_result(list(pending.outputs))
                 pending.delivered_at = now
                 if pending.keep is not None:
-                    self._keep(pending, now)
+                    try:
+                        self._keep(pending, now)
+                    except Exception as err:  # contained: the result stands, its items are not kept
+                        self._internal_errors += 1
+                        self._log_limits.error("keep", "keeping request %d's items failed: %r", key, err,
+                                               exc_info=True)
                 self._drop_inputs(pending)

@@ -35,8 +35,12 @@ class EncodedItem:
 class Encoded:
     """The outputs of one request, in its items' order (of a lookup: None for a name not kept)."""
 
-    def __init__(self, items: list[EncodedItem | None], release: Callable[[], None] | None):
+    def __init__(self, items: list[EncodedItem | None], release: Callable[[], None] | None,
+                 refs: Sequence[OutputRef | None] = ()):
         self.items = items
+        # Where each item's rows lie: another process on this host reads them with `client.view(ref)`
+        # while this result is held (inline rows have no such place).
+        self.refs = list(refs)
         self._finalizer = weakref.finalize(self, release) if release is not None else None
 
     def release(self) -> None:
@@ -103,4 +107,4 @@ def encoded_from_refs(refs: Sequence[OutputRef | None], reader: SlabReader, rele
     if output_device is not None and release is not None:
         release()
         release = None
-    return Encoded(items, release)
+    return Encoded(items, release, refs)

@@ -15,6 +15,7 @@ _IMAGE_MIN_PIXELS = 65536
 _IMAGE_MAX_PIXELS = 16777216
 _VIDEO_MIN_PIXELS = 4096
 _VIDEO_MAX_PIXELS = 25165824
+MAX_VIDEO_FRAMES = 65536  # the largest max_video_frames (the engine's item bound walks every clip length)
 # The only rescale factor the fused normalisation implements (uint8 -> [0, 1]).
 _RESCALE_FACTOR = 1 / 255
 
@@ -61,6 +62,9 @@ class PreprocessConfig:
             "video_max_frame_tokens",
         ):
             _require_positive_int(name, getattr(self, name))
+        if self.max_video_frames > MAX_VIDEO_FRAMES:
+            raise ValueError(f"PreprocessConfig.max_video_frames ({self.max_video_frames}) is over {MAX_VIDEO_FRAMES} "
+                             "(9 hours at 2 fps): sample fewer frames")
         if not isinstance(self.video_cap_pixels_per_frame, bool):
             raise ValueError(f"PreprocessConfig.video_cap_pixels_per_frame must be true or false, "
                              f"got {self.video_cap_pixels_per_frame!r}")
