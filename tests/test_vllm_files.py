@@ -162,3 +162,39 @@ def test_the_empty_folders_a_consumers_misses_leave_are_removed(tmp_path):
     assert store.expire() == 0 and missed.is_dir()  # young: a producer may be about to write it
     store.expire(time.time() + 61)
     assert not missed.exists() and (tmp_path / "kept").is_dir()
+
+
+def test_vllms_own_example_connector_loads_the_files(encoder, tmp_path, monkeypatch):
+    """Where vLLM is installed (CPU platform is enough): its ECExampleConnector, configured as a user
+    configures a consumer, finds the files, and its worker side loads exactly the stored rows."""
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.config import ECTransferConfig, VllmConfig
+    from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
+    from vllm.distributed.ec_transfer.ec_connector.example_connector import ECExampleConnector
+
+    store = ECFileStore(tmp_path)
+    with encoder.encode(images()) as result:
+        expected = {f"uuid-{i}": item.packed.clone() for i, item in enumerate(result.items)}
+        for key, item in zip(expected, result.items):
+            store.put(key, item)
+    transfer = ECTransferConfig(ec_connector="ECExampleConnector", ec_role="ec_consumer",
+                                ec_connector_extra_config={"shared_storage_path": str(tmp_path)})
+    config = VllmConfig(ec_transfer_config=transfer)
+    scheduler = ECExampleConnector(config, ECConnectorRole.SCHEDULER)
+    worker = ECExampleConnector(config, ECConnectorRole.WORKER)
+    assert all(scheduler.has_cache_item(key) for key in expected) and not scheduler.has_cache_item("uuid-none")
+    request = SimpleNamespace(mm_features=[SimpleNamespace(identifier=key) for key in expected],
+                              get_num_encoder_embeds=lambda index: expected[f"uuid-{index}"].shape[0])
+    for index in range(len(expected)):
+        scheduler.update_state_after_alloc(request, index)
+    worker.bind_connector_metadata(scheduler.build_connector_meta(None))
+    encoder_cache: dict[str, torch.Tensor] = {}
+    worker.start_load_caches(encoder_cache)
+    assert sorted(encoder_cache) == sorted(expected)
+    for key, rows in expected.items():
+        assert torch.equal(encoder_cache[key], rows)
+    store.expire(time.time() + 3600)  # the empty folder its miss made goes too (once old enough)
+    assert not (tmp_path / "uuid-none").exists()
