@@ -165,6 +165,15 @@ RELEASED = {
     "qwen3-vl-8b": (27, 1152, 4304, 16, 4096, (8, 16, 24)),
     "qwen3-vl-32b": (27, 1152, 4304, 16, 5120, (8, 16, 24)),
     "qwen3-vl-30b-a3b": (27, 1152, 4304, 16, 2048, (8, 16, 24)),
+    # Qwen3.5 (vision-towers.md, the released configs; no deepstack)
+    "qwen3.5-0.8b": (12, 768, 3072, 12, 1024, ()),
+    "qwen3.5-2b": (24, 1024, 4096, 16, 2048, ()),
+    "qwen3.5-4b": (24, 1024, 4096, 16, 2560, ()),
+    "qwen3.5-9b": (27, 1152, 4304, 16, 4096, ()),
+    "qwen3.5-27b": (27, 1152, 4304, 16, 5120, ()),
+    "qwen3.5-35b-a3b": (27, 1152, 4304, 16, 2048, ()),
+    "qwen3.5-122b-a10b": (27, 1152, 4304, 16, 3072, ()),
+    "qwen3.5-397b-a17b": (27, 1152, 4304, 16, 4096, ()),
 }
 
 
@@ -184,16 +193,20 @@ def test_preset_matches_released_config(name):
     assert config.rope_theta == 10000.0
 
 
-@pytest.mark.parametrize("name", ["qwen3-vl-2b", "qwen3-vl-8b"])
+@pytest.mark.parametrize("name", ["qwen3-vl-2b", "qwen3-vl-8b", "qwen3.5-0.8b", "qwen3.5-9b"])
 def test_preset_parameters_match_hf_tower(name):
-    """A preset's parameter names and shapes are those of HF's tower with the same config (on meta: no memory)."""
+    """A preset's parameter names and shapes are those of HF's tower of its family with the same config
+    (on meta: no memory)."""
     config = preset_config("random:" + name)
-    hf_config = transformers.Qwen3VLVisionConfig(
-        **{k: v for k, v in config.to_dict().items() if k != "rope_theta"},
-    )
+    settings = {k: v for k, v in config.to_dict().items() if k != "rope_theta"}
+    if name.startswith("qwen3.5"):  # Qwen3.5's tower has no deepstack and no setting for it
+        assert settings.pop("deepstack_visual_indexes") == []
+        hf_config, hf_tower = transformers.Qwen3_5VisionConfig(**settings), transformers.Qwen3_5VisionModel
+    else:
+        hf_config, hf_tower = transformers.Qwen3VLVisionConfig(**settings), transformers.Qwen3VLVisionModel
     with torch.device("meta"):
         ours = Qwen3VLVisionTower(config)
-        theirs = transformers.Qwen3VLVisionModel(hf_config)
+        theirs = hf_tower(hf_config)
     ours_shapes = {n: tuple(t.shape) for n, t in ours.state_dict().items()}
     theirs_shapes = {n: tuple(t.shape) for n, t in theirs.state_dict().items()}
     assert ours_shapes == theirs_shapes

@@ -68,7 +68,7 @@ def test_config_of_another_model_type(tmp_path, bare_checkpoint):
 
 def test_other_vlm_with_a_vision_config(tmp_path):
     write_config(tmp_path, {"model_type": "qwen2_5_vl", "vision_config": {"depth": 2}})
-    with pytest.raises(CheckpointError, match=r"model_type 'qwen2_5_vl'.*vitserve loads Qwen3-VL vision towers"):
+    with pytest.raises(CheckpointError, match=r"model_type 'qwen2_5_vl'.*vitserve loads Qwen3-VL and Qwen3.5 vision towers"):
         load_model(tmp_path)
 
 

@@ -13,21 +13,25 @@ from safetensors import safe_open
 from vitserve.preprocess.in_force import preprocess_for
 
 from .fingerprint import TensorDigest, combine, tensor_digest
-from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config
+from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config, preset_model_type
 from .qwen3_vl.config import Qwen3VLVisionConfig
 from .qwen3_vl.model import Qwen3VLVisionTower
 
 log = logging.getLogger(__name__)
 
-FULL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # config.json of the whole VLM, with a vision_config
-VISION_MODEL_TYPES = ("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe")  # a bare vision tower's config.json
+# config.json of the whole VLM, with a vision_config: Qwen3-VL, and Qwen3.5 (the same tower without deepstack)
+FULL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# a bare vision tower's config.json
+VISION_MODEL_TYPES = ("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen3_5",
+                      "qwen3_5_moe")
+NO_DEEPSTACK_PREFIX = "qwen3_5"  # model types whose configs omit deepstack_visual_indexes: the tower has none
 VISION_PREFIXES = ("model.visual.", "visual.")
 INDEX_FILE = "model.safetensors.index.json"
 HASH_THREADS = 4  # fingerprinting the weights as they are read (models/fingerprint.py)
 
 
 class CheckpointError(ValueError):
-    """The checkpoint directory cannot be loaded as a Qwen3-VL vision tower."""
+    """The checkpoint directory cannot be loaded as a Qwen3-VL (or Qwen3.5) vision tower."""
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -65,6 +69,7 @@ def load_model(
         else:
             model = Qwen3VLVisionTower(config)
         model.weights_fingerprint = init_random_(model)
+        model.model_type = preset_model_type(str(source))
         model.to(device=device, dtype=dtype)
     else:
         directory = Path(source)
@@ -104,7 +109,7 @@ def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool, str]
             raise CheckpointError(f"{path}: vision_config must be a JSON object")
         if model_type not in FULL_MODEL_TYPES:
             raise CheckpointError(
-                f"{path} has model_type {model_type!r}; vitserve loads Qwen3-VL vision towers "
+                f"{path} has model_type {model_type!r}; vitserve loads Qwen3-VL and Qwen3.5 vision towers "
                 f"(model_type one of {list(FULL_MODEL_TYPES)} with a vision_config)"
             )
         vision, bare = raw["vision_config"], False
@@ -112,10 +117,12 @@ def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool, str]
         vision, bare = raw, True
     else:
         raise CheckpointError(
-            f"{path} has model_type {model_type!r} and no Qwen3-VL vision_config; vitserve loads Qwen3-VL "
-            f"vision towers (model_type one of {list(FULL_MODEL_TYPES)}, or {VISION_MODEL_TYPES[0]!r} "
-            "for a saved bare tower)"
+            f"{path} has model_type {model_type!r} and no Qwen3-VL vision_config; vitserve loads Qwen3-VL and "
+            f"Qwen3.5 vision towers (model_type one of {list(FULL_MODEL_TYPES)}, or {VISION_MODEL_TYPES[0]!r} / "
+            f"{VISION_MODEL_TYPES[3]!r} for a saved bare tower)"
         )
+    if str(model_type).startswith(NO_DEEPSTACK_PREFIX) and "deepstack_visual_indexes" not in vision:
+        vision = {**vision, "deepstack_visual_indexes": []}  # (Qwen3-VL's default would invent three)
     try:
         return Qwen3VLVisionConfig.from_hf(vision), bare, model_type
     except (TypeError, ValueError) as err:

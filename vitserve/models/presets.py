@@ -27,6 +27,16 @@ PRESETS: dict[str, Qwen3VLVisionConfig] = {
     "qwen3-vl-8b": Qwen3VLVisionConfig(**_LARGE, out_hidden_size=4096),
     "qwen3-vl-32b": Qwen3VLVisionConfig(**_LARGE, out_hidden_size=5120),
     "qwen3-vl-30b-a3b": Qwen3VLVisionConfig(**_LARGE, out_hidden_size=2048),
+    # Qwen3.5: the Qwen3-VL tower without deepstack (head dim 64 for 0.8B, 72 for the others)
+    "qwen3.5-0.8b": Qwen3VLVisionConfig(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+                                        out_hidden_size=1024, deepstack_visual_indexes=()),
+    "qwen3.5-2b": Qwen3VLVisionConfig(**{**_SMALL, "deepstack_visual_indexes": ()}, out_hidden_size=2048),
+    "qwen3.5-4b": Qwen3VLVisionConfig(**{**_SMALL, "deepstack_visual_indexes": ()}, out_hidden_size=2560),
+    "qwen3.5-9b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=4096),
+    "qwen3.5-27b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=5120),
+    "qwen3.5-35b-a3b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=2048),
+    "qwen3.5-122b-a10b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=3072),
+    "qwen3.5-397b-a17b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=4096),
     # A few narrow layers with a head dim that is not a power of two: CPU tests and demos.
     "tiny": Qwen3VLVisionConfig(
         depth=3, hidden_size=96, intermediate_size=192, num_heads=4, out_hidden_size=128,
@@ -39,6 +49,11 @@ def large_tower(config: Qwen3VLVisionConfig) -> bool:
     """Whether a tower has about LARGE_TOWER_PARAMETERS or more (its blocks' attention and MLP weights)."""
     hidden = config.hidden_size
     return config.depth * (4 * hidden * hidden + 2 * hidden * config.intermediate_size) >= LARGE_TOWER_PARAMETERS
+
+
+def preset_model_type(source: str) -> str:
+    """Hugging Face's model_type of the family a preset comes from."""
+    return "qwen3_5" if source.removeprefix(PRESET_PREFIX).startswith("qwen3.5-") else "qwen3_vl"
 
 
 def preset_config(source: str) -> Qwen3VLVisionConfig:
