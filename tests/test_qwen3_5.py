@@ -117,3 +117,41 @@ def test_serve_gives_the_eager_models_results(tmp_path):
                 torch.testing.assert_close(served_item.embeddings, expected.embeddings, atol=1e-5, rtol=1e-5)
                 assert served_item.deepstack.shape == (0, *expected.embeddings.shape)
                 assert served_item.packed.shape == expected.embeddings.shape  # vLLM's rows: the embedding alone
+
+
+def test_generate_of_a_qwen3_5_model_takes_its_features_from_vitserve(tmp_path):
+    """The transformers integration with Qwen3.5 (no deepstack): an unchanged generate() gives the
+    tokens of the model's own tower; verify says the tower is its own."""
+    from vitserve.engine import EngineConfig
+    from vitserve.integrations.transformers import attach, detach, verify
+    from vitserve.workers import WindowConfig
+
+    image_token, start, end = 150, 152, 153
+    vision = {**TOWERS["hd16-pos8x8"], "out_hidden_size": TEXT["hidden_size"]}  # (rows go into the text stream)
+    text = {**TEXT, "vocab_size": 160, "layer_types": ["linear_attention", "full_attention"]}  # (generate needs one)
+    config = transformers.Qwen3_5Config(vision_config=vision, text_config=text,
+                                        image_token_id=image_token, video_token_id=151, vision_start_token_id=start,
+                                        vision_end_token_id=end)
+    torch.manual_seed(4)
+    model = transformers.Qwen3_5ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "vlm")
+    image = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    patches = preprocess_image(image)
+    t, h, w = patches.grid_thw[0].tolist()
+    ids = torch.tensor([[1, 5, start] + [image_token] * (t * h * w // 4) + [end, 17, 2]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": patches.pixel_values,
+              "image_grid_thw": patches.grid_thw}
+
+    def generate() -> list[int]:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()
+
+    own = generate()
+    attach(model, EngineConfig(model=str(tmp_path / "vlm"), window=WindowConfig(min_budget=64, max_budget=512)))
+    try:
+        assert generate() == own
+        verdict = verify(model)
+        assert verdict.ok and "fingerprint equal" in str(verdict), verdict.message
+    finally:
+        detach(model)

@@ -40,7 +40,7 @@ class Attached:
 
 
 def attach(model: torch.nn.Module, encoder: Any) -> Attached:
-    """Have `model` (a Qwen3-VL model of transformers: ...ForConditionalGeneration or Qwen3VLModel)
+    """Have `model` (a Qwen3-VL or Qwen3.5 model of transformers: ...ForConditionalGeneration or ...Model)
     take its image and video features from `encoder`: an endpoint (a `vitserve.Client` is made), a
     `vitserve.Client`, or an `EngineConfig` (an engine is started in this process). ValueError
     when the served model's outputs do not fit the decoder's."""
@@ -112,7 +112,8 @@ def verify(model: torch.nn.Module, encoder: Any = None) -> Verification:
     with torch.no_grad():
         own = visual(patches.pixel_values.to(visual.device, visual.dtype), grid_thw=patches.grid_thw.to(visual.device),
                      return_dict=True)
-    reference = torch.cat([own.pooler_output[None], torch.stack(list(own.deepstack_features))]).float().cpu()
+    features = [own.pooler_output, *(getattr(own, "deepstack_features", None) or [])]  # (Qwen3.5: no deepstack)
+    reference = torch.stack(features).float().cpu()  # (1 + deepstack, rows, out_hidden)
     with encoder.encode([(patches.pixel_values, patches.grid_thw)]) as result:  # (1 + deepstack, rows, out_hidden)
         item = result.items[0]
         theirs = torch.cat([item.embeddings[None], item.deepstack]).float().cpu()
@@ -162,7 +163,7 @@ def _vision_owner(model: torch.nn.Module) -> torch.nn.Module:
 
 def _check_outputs(served, inner: torch.nn.Module) -> None:
     vision = inner.visual.config
-    wanted = (vision.out_hidden_size, len(vision.deepstack_visual_indexes))
+    wanted = (vision.out_hidden_size, len(getattr(vision, "deepstack_visual_indexes", None) or []))
     if (served.out_hidden, served.num_deepstack) != wanted:
         raise ValueError(f"the served model ({served.source}) gives rows of width {served.out_hidden} with "
                          f"{served.num_deepstack} deepstack layers; this model takes {wanted[0]} with {wanted[1]}: "
