@@ -155,3 +155,16 @@ def test_generate_of_a_qwen3_5_model_takes_its_features_from_vitserve(tmp_path):
         assert verdict.ok and "fingerprint equal" in str(verdict), verdict.message
     finally:
         detach(model)
+
+
+def test_the_benchs_hugging_face_baseline_is_the_familys_own_tower(bare_pair):
+    """`vitserve bench` times HF's tower of the model's family (here Qwen3_5VisionModel) with our weights."""
+    from vitserve.bench.runner_bench import hf_twin
+
+    model, _ = bare_pair
+    twin = hf_twin(model)
+    assert type(twin).__name__ == "Qwen3_5VisionModel"
+    pixel_values, grid_thw = random_patches(CASES["images-and-videos"])
+    with torch.no_grad():
+        reference = twin(pixel_values, grid_thw=grid_thw).pooler_output
+    assert relative_error(model.encode_patches(pixel_values, grid_thw).embeddings, reference) <= TOLERANCE

@@ -61,14 +61,20 @@ def matmul_rate(device: torch.device) -> float:
 
 
 def hf_twin(model, compile_model: bool = False):
-    """Hugging Face's tower with our weights (rotary frequencies kept float32, as from_pretrained does)."""
-    from transformers import Qwen3VLVisionConfig, Qwen3VLVisionModel
+    """Hugging Face's tower of the model's family with our weights (rotary frequencies kept float32,
+    as from_pretrained does)."""
+    import transformers
 
     config = model.config.to_dict()
     config.pop("rope_theta")
+    if model.model_type.startswith("qwen3_5"):  # Qwen3.5's tower: Qwen3-VL's without deepstack
+        config.pop("deepstack_visual_indexes")
+        config_class, tower_class = transformers.Qwen3_5VisionConfig, transformers.Qwen3_5VisionModel
+    else:
+        config_class, tower_class = transformers.Qwen3VLVisionConfig, transformers.Qwen3VLVisionModel
     with torch.device(model.patch_embed.proj.weight.device):
-        hf = Qwen3VLVisionModel._from_config(Qwen3VLVisionConfig(**config), attn_implementation="sdpa",
-                                             dtype=model.patch_embed.proj.weight.dtype)
+        hf = tower_class._from_config(config_class(**config), attn_implementation="sdpa",
+                                      dtype=model.patch_embed.proj.weight.dtype)
     hf.load_state_dict(model.state_dict())
     hf.eval()
     return torch.compile(hf, dynamic=True) if compile_model else hf
