@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -12,6 +13,15 @@ import zmq
 
 from vitserve.ipc.codec import client_codec
 from vitserve.ipc.messages import PROTOCOL_VERSION, Encode, Hello, Stats, StatsQuery, Welcome
+
+
+def local_endpoint(scheme: str, folder) -> str:
+    """An endpoint for a test server: ipc:// in `folder`, or tcp:// on a free local port."""
+    if scheme == "ipc":
+        return f"ipc://{folder}/vitserve.sock"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @contextmanager

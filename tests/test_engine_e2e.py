@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from served import served
+from served import local_endpoint, served
 from slab_helpers import slab_files, socket_files_left
 
 from vitserve import Engine, EngineConfig
@@ -85,14 +85,7 @@ def check(result, indices: list[int], expected: list) -> None:
 @pytest.fixture(scope="module", params=["ipc", "tcp"])
 def server(request, tmp_path_factory):
     """`vitserve serve` in its own process; yields its endpoint and checks a clean SIGTERM exit."""
-    if request.param == "ipc":
-        endpoint = f"ipc://{tmp_path_factory.mktemp('sock')}/vitserve.sock"
-    else:
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    endpoint = local_endpoint(request.param, tmp_path_factory.mktemp("sock"))
     with served(endpoint, "--min-budget", "64", "--max-budget", "2048", "--output-windows", "64") as process:
         yield endpoint, process
     assert socket_files_left(endpoint) == []

@@ -6,14 +6,13 @@ leased once everything is released and forgotten; bad names and times are refuse
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from served import served
+from served import local_endpoint, served
 
 from vitserve import AsyncClient, Client, Engine, EngineConfig
 from vitserve.engine import EngineError
@@ -29,12 +28,7 @@ def images(count: int = 3, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module", params=["ipc", "tcp"])
 def endpoint(request, tmp_path_factory):
-    if request.param == "ipc":
-        where = f"ipc://{tmp_path_factory.mktemp('sock')}/vitserve.sock"
-    else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            where = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    where = local_endpoint(request.param, tmp_path_factory.mktemp("sock"))
     with served(where, *BUDGETS, "--kept-timeout-s", "30"):
         yield where
 

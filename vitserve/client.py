@@ -27,6 +27,7 @@ import zmq
 
 from vitserve.checks import check_seconds
 from vitserve.client_arena import ClientArena
+from vitserve.client_kept import ClientKeptItems
 from vitserve.client_link import HEARTBEAT_S, LINK_EVENTS, ClientLink
 from vitserve.client_releases import ClientReleases
 from vitserve.engine.errors import EngineError
@@ -34,11 +35,11 @@ from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    Encode, Error, Forget, Found, Health, HealthQuery, ImageItem, Lookup, OutputRef, PatchItem, Result, ServedModel,
-    Stats, StatsQuery, VideoItem, Welcome,
+    Encode, Error, Found, Health, HealthQuery, ImageItem, Lookup, PatchItem, Result, ServedModel, Stats, StatsQuery,
+    VideoItem, Welcome,
 )
 from vitserve.ipc.endpoints import split_endpoint
-from vitserve.ipc.outputs import Encoded, EncodedItem, encoded_from_refs
+from vitserve.ipc.outputs import Encoded, encoded_from_refs
 from vitserve.ipc.slab_channel import ask_for_slab, channel_path
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabError
@@ -52,7 +53,7 @@ def _no_slabs(slab: str) -> int:
     raise SlabError(f"a reference to slab {slab} reached a tcp:// client, which can only take results inline")
 
 
-class AsyncClient(ClientLink, ClientReleases):
+class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
     def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
                  timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
                  curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
@@ -146,27 +147,6 @@ class AsyncClient(ClientLink, ClientReleases):
         finally:
             if placed is not None:  # the request ended (or was given up on: only its own inputs could change)
                 arena.give(placed[0])
-
-    async def lookup(self, names: Sequence[str]) -> Encoded:
-        """The items kept under these names (encode's `keep`, by any client), in order; None where
-        nothing is kept under a name. Held, as a result is, until released."""
-        request_id = next(self._ids)
-        began = self._loop.time()
-        await self._until_ready(self.timeout_s)
-        return await self._exchange(request_id, Lookup(request_id, list(names), self.inline), [], self.timeout_s,
-                                    began)
-
-    def view(self, ref: OutputRef) -> EncodedItem:
-        """The rows a reference names (a result's `refs`, perhaps another process's), viewing shared
-        memory without holding them: valid while whoever has the result holds it (ipc:// only)."""
-        if ref.frame >= 0:
-            raise ValueError("an inline reference names a frame of another reply, not shared memory")
-        return encoded_from_refs([ref], self._reader, None).items[0]
-
-    async def forget(self, names: Sequence[str]) -> None:
-        """Keep these names no longer (what a lookup holds stays readable until released)."""
-        await self._until_ready(self.timeout_s)
-        await self._socket.send(self._codec.encode(Forget(list(names))))
 
     async def _exchange(self, request_id: int, message: Encode | Lookup, frames: list, limit: float | None,
                         began: float) -> Encoded:

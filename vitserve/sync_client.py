@@ -3,11 +3,10 @@ background thread."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from vitserve.background_loop import BackgroundLoop
 from vitserve.client import TIMEOUT_S, AsyncClient
 from vitserve.client_link import HEARTBEAT_S
 from vitserve.ipc.messages import Health, OutputRef, ServedModel
@@ -20,9 +19,8 @@ class Client:
     def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
                  timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
                  curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vitserve-client", daemon=True)
-        self._thread.start()
+        self._background = BackgroundLoop("vitserve-client")
+        self._call = self._background.call
         self._client = AsyncClient(endpoint, inline=inline, name=name, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
                                    curve_secret_key=curve_secret_key, curve_server_key=curve_server_key)
         self.welcome = self._call(self._client.connect())
@@ -32,9 +30,6 @@ class Client:
         """The engine's model: its type, the fingerprint of its vision weights, dtype, outputs, limits
         and preprocessing settings."""
         return self.welcome.model
-
-    def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def encode(self, items: Sequence[Any], deadline_ms: float | None = None, priority: int = 0,
                keep: Sequence[str] | None = None, keep_s: float | None = None) -> Encoded:
@@ -47,9 +42,7 @@ class Client:
         self._call(self._client.forget(names))
 
     def view(self, ref: OutputRef) -> EncodedItem:
-        async def view() -> EncodedItem:  # on the client's loop: its slab mappings are that thread's
-            return self._client.view(ref)
-        return self._call(view())
+        return self._background.run(self._client.view, ref)  # (its slab mappings are the loop thread's)
 
     def stats(self) -> dict[str, float]:
         return self._call(self._client.stats())
@@ -58,11 +51,9 @@ class Client:
         return self._call(self._client.health())
 
     def close(self) -> None:
-        if self._loop.is_running():
+        if self._background.running:
             self._call(self._client.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-        self._loop.close()
+        self._background.stop()
 
     def __enter__(self) -> Client:
         return self

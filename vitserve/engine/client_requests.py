@@ -25,9 +25,7 @@ from .errors import EngineError
 class ClientRequests:
     def _encode(self, connection: Connection, message: Encode, arrays: list[memoryview]) -> None:
         self.counters["requests"] += 1
-        if message.id in connection.requests or message.id in connection.inline:
-            self._error(connection, message.id, "invalid_input", f"request id {message.id} is already in use by this "
-                                                                 f"client: use a new id, or release the old request")
+        if not self._new_id(connection, message.id):
             return
         try:
             self._check_request(connection, message)
@@ -51,6 +49,14 @@ class ClientRequests:
         connection.queued[:] = [held + new for held, new in zip(connection.queued, usage)]
         self._queued_items += usage[0]
         future.add_done_callback(partial(self._finish, connection, message, key, usage))
+
+    def _new_id(self, connection: Connection, request_id: int) -> bool:
+        """Whether `request_id` is free on this connection; if not, the request is refused."""
+        if request_id in connection.requests or request_id in connection.inline:
+            self._error(connection, request_id, "invalid_input", f"request id {request_id} is already in use by this "
+                                                                 f"client: use a new id, or release the old request")
+            return False
+        return True
 
     def _check_request(self, connection: Connection, message: Encode) -> None:
         low, high = connection.priorities or self.limits.priorities
@@ -116,9 +122,7 @@ class ClientRequests:
 
     def _lookup(self, connection: Connection, message: Lookup) -> None:
         """Kept items by name, delivered (and held) as a result is."""
-        if message.id in connection.requests or message.id in connection.inline:
-            self._error(connection, message.id, "invalid_input", f"request id {message.id} is already in use by this "
-                                                                 f"client: use a new id, or release the old request")
+        if not self._new_id(connection, message.id):
             return
         try:
             self._check_open(connection)
