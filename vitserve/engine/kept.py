@@ -15,7 +15,6 @@ A mixin of `Engine` (engine.py), which owns the pools, the pending requests and 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,8 +24,6 @@ from vitserve.ipc.slabs import SlabError, Slot
 from .admission import AdmittedItem
 from .errors import EngineError
 from .intake import Pending
-
-log = logging.getLogger(__name__)
 
 KEPT_CHECK_S = 1.0  # how often expired kept items are forgotten
 
