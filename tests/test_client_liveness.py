@@ -97,9 +97,13 @@ def test_a_request_whose_reply_does_not_come_gives_up_after_its_deadline_or_the_
                 os.kill(process.pid, signal.SIGSTOP)
                 with_deadline = asyncio.ensure_future(client.encode([image(64)], deadline_ms=200))
                 without = asyncio.ensure_future(client.encode([image(64, 1)]))
+                probe = asyncio.ensure_future(client.health())  # queries too: a probe never hangs
                 error, after_s = await failure_of(without, 10)
                 assert error.code == "deadline_exceeded" and "timeout_s" in error.message
                 assert 0.9 < after_s < 3
+                error, after_s = await failure_of(probe, 10)
+                assert error.code == "unavailable" and "health query" in error.message and "timeout_s" in error.message
+                assert after_s < 3
                 error, after_s = await failure_of(with_deadline, 20)
                 assert error.code == "deadline_exceeded"
                 assert 0.2 + REPLY_MARGIN_S - 1.5 < after_s < 0.2 + REPLY_MARGIN_S + 3
@@ -111,6 +115,7 @@ def test_a_request_whose_reply_does_not_come_gives_up_after_its_deadline_or_the_
                 await asyncio.sleep(0.5)
                 assert client.stray_replies == []
                 assert (await client.stats())["slots_leased"] == 0
+                assert (await client.health()).ready  # its own answer, not the late one of the probe
 
     asyncio.run(run())
 

@@ -218,6 +218,9 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
         return await self._query(HealthQuery(), Health)
 
     async def _query(self, query: StatsQuery | HealthQuery, reply_type: type):
+        """The engine's answer within timeout_s: an engine that holds its connection open but stops
+        answering (stuck, or closing) must not hold a health probe for ever."""
+        began = self._loop.time()
         await self._until_ready(self.timeout_s)
         future = self._loop.create_future()
         self._queries[reply_type].append(future)
@@ -226,7 +229,12 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
         except BaseException:  # not sent: no reply will come for it
             self._queries[reply_type].remove(future)
             raise
-        return await future
+        try:  # a timed-out future stays queued (cancelled): its late answer is still the one it takes
+            async with asyncio.timeout_at(None if self.timeout_s is None else began + self.timeout_s):
+                return await future
+        except TimeoutError:
+            raise EngineError("unavailable", f"the engine at {self.endpoint} did not answer a {reply_type.__name__.lower()} "
+                                             f"query within {self.timeout_s:.1f} s (timeout_s)") from None
 
     async def _receive(self) -> None:
         while True:
