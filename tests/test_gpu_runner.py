@@ -1,5 +1,6 @@
 """On a GPU: budget graphs against per-item eager runs, for each family's tower: Qwen3-VL 8B-class
-(deepstack, head dim 72) and Qwen3.5 0.8B (no deepstack, head dim 64)."""
+(deepstack, head dim 72), Qwen3.5 0.8B (no deepstack, head dim 64) and GLM-4.6V (RMSNorms, bicubic
+positions, head dim 128, conv merger)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ MIN_COSINE = 0.9999
 BUDGETS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-@pytest.fixture(scope="module", params=["random:qwen3-vl-8b", "random:qwen3.5-0.8b"])
+@pytest.fixture(scope="module", params=["random:qwen3-vl-8b", "random:qwen3.5-0.8b", "random:glm-4.6v"])
 def runner(request):
     from vitserve.models import load_model
     from vitserve.workers import ModelRunner, WindowConfig
@@ -39,10 +40,11 @@ def random_items(rng: random.Random, low: int, high: int) -> list[tuple[int, int
             return grids
 
 
-def pixels_for(grids, seed):
+def pixels_for(runner, grids, seed):
     tokens = sum(t * h * w for t, h, w in grids)
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.rand(tokens, 1536, device="cuda", generator=generator) * 2 - 1
+    patch_dim = runner.model.geometry.patch_dim
+    return torch.rand(tokens, patch_dim, device="cuda", generator=generator) * 2 - 1
 
 
 def cosine(a, b) -> float:
@@ -54,7 +56,7 @@ def test_every_budget_matches_per_item_eager(runner):
     worst_cosine, worst_error = 1.0, 0.0
     for low, high in zip((0, *BUDGETS[:-1]), BUDGETS):
         grids = random_items(rng, low, high)
-        pixels = pixels_for(grids, seed=high)
+        pixels = pixels_for(runner, grids, seed=high)
         before = runner.stats.graph_replays
         result = runner.encode(pixels, grids)
         assert runner.stats.graph_replays == before + 1
@@ -86,7 +88,7 @@ def test_poisoned_output_rows_are_all_overwritten(runner):
     destination = torch.full((32, 1 + runner.model.geometry.num_deepstack, runner.model.geometry.out_hidden_size),
                              float("nan"), dtype=torch.bfloat16, pin_memory=True)
     before = runner.stats.budget_windows[BUDGETS[0]]
-    runner.encode(pixels_for(grids, 1), grids, out=destination)
+    runner.encode(pixels_for(runner, grids, 1), grids, out=destination)
     assert runner.stats.budget_windows[BUDGETS[0]] == before + 1
     assert torch.isfinite(destination).all()
     # Every row of the budget, padding rows included, was written by the replay.
@@ -96,24 +98,24 @@ def test_poisoned_output_rows_are_all_overwritten(runner):
 def test_earlier_outputs_survive_later_replays(runner):
     rng = random.Random(1)
     grids = random_items(rng, 1024, 1536)
-    first = runner.encode(pixels_for(grids, 2), grids)
+    first = runner.encode(pixels_for(runner, grids, 2), grids)
     snapshot = first.output.clone()
     for high in (BUDGETS[-1], BUDGETS[0], BUDGETS[4]):
         later = random_items(rng, high // 2, high)
-        runner.encode(pixels_for(later, high), later)
+        runner.encode(pixels_for(runner, later, high), later)
     assert torch.equal(first.output, snapshot)
 
 
 def test_400_random_windows_show_no_drift(runner):
     rng = random.Random(2)
     probe_grids = [(1, 28, 28), (2, 16, 12)]
-    probe = pixels_for(probe_grids, 3)
+    probe = pixels_for(runner, probe_grids, 3)
     reference = runner.encode(probe, probe_grids).output.clone()
     windows = 0
     while windows < 400:
         high = rng.choice(BUDGETS)
         grids = random_items(rng, high // 3, high)
-        out = runner.encode(pixels_for(grids, windows), grids).output
+        out = runner.encode(pixels_for(runner, grids, windows), grids).output
         assert torch.isfinite(out).all()
         windows += 1
         if windows % 50 == 0:

@@ -19,7 +19,8 @@ from vitserve.workers import WindowConfig
 
 @st.composite
 def configs(draw) -> PreprocessConfig:
-    """Pixel limits from a few merged patches to the released ones, and other patch geometries."""
+    """Pixel limits from a few merged patches to the released ones, other patch geometries, and images
+    sized by either rule (Qwen's image rule; GLM-4.xV's clip of one temporal patch)."""
     patch, merge, temporal = draw(st.sampled_from([14, 16])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
     factor2 = (patch * merge) ** 2
     limits = []
@@ -28,7 +29,8 @@ def configs(draw) -> PreprocessConfig:
         limits += [draw(st.integers(1, high)), high]
     return PreprocessConfig(patch_size=patch, merge_size=merge, temporal_patch_size=temporal,
                             image_min_pixels=limits[0], image_max_pixels=limits[1], video_min_pixels=limits[2],
-                            video_max_pixels=limits[3], max_video_frames=draw(st.integers(1, 768)))
+                            video_max_pixels=limits[3], max_video_frames=draw(st.integers(1, 768)),
+                            image_resize_as_clip=draw(st.booleans()))
 
 
 sides = st.integers(1, 8000)

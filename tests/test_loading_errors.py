@@ -62,19 +62,19 @@ def test_directory_without_config(tmp_path, bare_checkpoint):
 def test_config_of_another_model_type(tmp_path, bare_checkpoint):
     shutil.copy(bare_checkpoint[0] / "model.safetensors", tmp_path / "model.safetensors")
     write_config(tmp_path, {"model_type": "llama", "hidden_size": 48, "num_hidden_layers": 2})
-    with pytest.raises(CheckpointError, match=r"model_type 'llama' and no Qwen3-VL vision_config"):
+    with pytest.raises(CheckpointError, match=r"model_type 'llama' and no vision_config of a tower vitserve runs"):
         load_model(tmp_path)
 
 
 def test_other_vlm_with_a_vision_config(tmp_path):
     write_config(tmp_path, {"model_type": "qwen2_5_vl", "vision_config": {"depth": 2}})
-    with pytest.raises(CheckpointError, match=r"model_type 'qwen2_5_vl'.*vitserve loads Qwen3-VL and Qwen3.5 vision towers"):
+    with pytest.raises(CheckpointError, match=r"model_type 'qwen2_5_vl'.*vitserve loads these vision towers: Qwen3-VL and Qwen3.5.*GLM-4.1V"):
         load_model(tmp_path)
 
 
 def test_config_without_model_type(tmp_path):
     write_config(tmp_path, {"hidden_size": 48})
-    with pytest.raises(CheckpointError, match=r"model_type None and no Qwen3-VL vision_config"):
+    with pytest.raises(CheckpointError, match=r"model_type None and no vision_config of a tower vitserve runs"):
         load_model(tmp_path)
 
 

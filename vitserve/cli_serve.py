@@ -70,7 +70,7 @@ PREPROCESS_FLAGS = ("image_min_pixels", "image_max_pixels", "video_min_pixels", 
 def _add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "preprocessing", "by default the checkpoint's preprocessor_config.json and video_preprocessor_config.json "
-        "(the released Qwen3-VL values for a preset); these flags override them")
+        "(the released values of its family for a preset: Qwen3-VL's or GLM-4.xV's); these flags override them")
     group.add_argument("--image-min-pixels", type=int, help="resized pixels of an image, at least")
     group.add_argument("--image-max-pixels", type=int, help="resized pixels of an image, at most")
     group.add_argument("--video-min-pixels", type=int, help="resized pixels of a clip over all its frames, at least")

@@ -78,7 +78,9 @@ def _overhead(args: argparse.Namespace, window) -> int:
             height, width = (int(x) for x in args.item_grid.lower().split("x"))
         except ValueError:
             return fail(f"--item-grid takes HxW in patches, e.g. 2x2; got {args.item_grid!r}")
-        item = make_item(None, (height, width))
+        from vitserve.preprocess.in_force import preprocess_for
+
+        item = make_item(None, (height, width), preprocess_for(args.model).patch_dim)
     else:
         item = make_item(args.image_side, None)
     result = run_overhead(args.model, args.devices, window, item, args.requests, args.concurrency, serve)

@@ -41,7 +41,6 @@ from vitserve.ipc.messages import Encode, ImageItem, PatchItem
 
 from .server_process import run_loop, start_server, stop_server
 
-PATCH_DIM = 3 * 2 * 16 * 16  # channels x temporal patch x patch²: the Qwen3-VL patch
 ROUNDS = 5  # turns each latency takes; each turn is requests / ROUNDS sequential requests
 
 
@@ -102,13 +101,14 @@ async def _throughput(send_and_wait, requests: int, concurrency: int) -> float:
     return requests / (time.perf_counter() - began)
 
 
-def make_item(image_side: int | None, grid: tuple[int, int] | None):
-    """A raw uint8 image, or an already-processed one: (pixel_values, grid_thw) of a 1 x H x W grid."""
+def make_item(image_side: int | None, grid: tuple[int, int] | None, patch_dim: int = 3 * 2 * 16 * 16):
+    """A raw uint8 image, or an already-processed one: (pixel_values, grid_thw) of a 1 x H x W grid
+    with rows `patch_dim` wide (the model's channels x temporal patch x patch²; Qwen3-VL's by default)."""
     rng = np.random.default_rng(0)
     if grid is None:
         return rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
     height, width = grid
-    values = rng.uniform(-1, 1, (height * width, PATCH_DIM)).astype(np.float32)  # (tokens, patch_dim)
+    values = rng.uniform(-1, 1, (height * width, patch_dim)).astype(np.float32)  # (tokens, patch_dim)
     return values, (1, height, width)
 
 

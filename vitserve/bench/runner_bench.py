@@ -42,7 +42,8 @@ class Row:
     floor_ms: float  # mean useful FLOPs of a request at the measured matmul rate
 
 
-# pixel_values (tokens, patch_dim) and grid_thw (items, 3) on the device, and the grids as a host list
+# pixel_values (tokens, patch_dim) and grid_thw (items, 3) on the device as the HF tower takes it (hf_grid_thw),
+# and the grids as a host list
 Request = tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]
 
 
@@ -62,12 +63,14 @@ def matmul_rate(device: torch.device) -> float:
 
 def hf_twin(model, compile_model: bool = False):
     """Hugging Face's tower of the model's family with our weights (rotary frequencies kept float32,
-    as from_pretrained does)."""
+    as from_pretrained does). It takes grids as `hf_grid_thw` gives them."""
     import transformers
 
     config = model.config.to_dict()
     config.pop("rope_theta")
-    if model.model_type.startswith("qwen3_5"):  # Qwen3.5's tower: Qwen3-VL's without deepstack
+    if model.model_type.startswith("glm"):
+        config_class, tower_class = transformers.Glm4vVisionConfig, transformers.Glm4vVisionModel
+    elif model.model_type.startswith("qwen3_5"):  # Qwen3.5's tower: Qwen3-VL's without deepstack
         config.pop("deepstack_visual_indexes")
         config_class, tower_class = transformers.Qwen3_5VisionConfig, transformers.Qwen3_5VisionModel
     else:
@@ -78,6 +81,16 @@ def hf_twin(model, compile_model: bool = False):
     hf.load_state_dict(model.state_dict())
     hf.eval()
     return torch.compile(hf, dynamic=True) if compile_model else hf
+
+
+def hf_grid_thw(model, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The grids as the HF tower of the model's family takes them: GLM-4.xV's model splits a video into
+    one image per temporal patch before its tower (whose rows are in that order already)."""
+    if not model.model_type.startswith("glm"):
+        return grid_thw
+    frames = grid_thw.clone()
+    frames[:, 0] = 1
+    return frames.repeat_interleave(grid_thw[:, 0], dim=0)  # (temporal patches, 3)
 
 
 def time_requests(run: Callable[[Request], None], requests: list[Request], warmup: int) -> list[float]:
@@ -148,9 +161,9 @@ def run_bench(model_source: str, workloads: list[str], requests_per_workload: in
     for name in workloads:
         requests = []
         for items in make_requests(name, requests_per_workload):
-            patches = preprocess_batch(items, device=device)
+            patches = preprocess_batch(items, model.preprocess, device=device)
             grids = [tuple(g) for g in patches.grid_thw.tolist()]
-            requests.append((patches.pixel_values, patches.grid_thw.to(device), grids))
+            requests.append((patches.pixel_values, hf_grid_thw(model, patches.grid_thw).to(device), grids))
         grids = [r[2] for r in requests]
         flops = [tower_flops(model.config, g) for g in grids]
         images = sum(len(g) for g in grids)

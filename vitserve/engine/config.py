@@ -25,7 +25,7 @@ MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread 
 class EngineConfig:
     """model: checkpoint directory or preset. devices: one worker process per entry ("cuda:0",
     "cpu"). preprocess: None reads the checkpoint's preprocessor_config.json and
-    video_preprocessor_config.json (the released Qwen3-VL values for a preset or a directory
+    video_preprocessor_config.json (the released values of the model's family for a preset or a directory
     without them). output_windows: each worker's shared-memory output, in windows of the largest
     budget; a window leases the rows it needs until every request with items in it is released.
     max_item_tokens: the largest single item admitted (items over the largest budget run

@@ -1,4 +1,5 @@
-"""Hugging Face transformers: a loaded Qwen3-VL model takes its image and video features from vitserve.
+"""Hugging Face transformers: a loaded Qwen3-VL, Qwen3.5 or GLM-4.xV model takes its image and video
+features from vitserve.
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(path)
     attach(model, "ipc:///run/user/1000/vitserve.sock")  # or a vitserve.Client, or EngineConfig(model=path)
@@ -40,7 +41,7 @@ class Attached:
 
 
 def attach(model: torch.nn.Module, encoder: Any) -> Attached:
-    """Have `model` (a Qwen3-VL or Qwen3.5 model of transformers: ...ForConditionalGeneration or ...Model)
+    """Have `model` (a Qwen3-VL, Qwen3.5 or GLM-4.xV model of transformers: ...ForConditionalGeneration or ...Model)
     take its image and video features from `encoder`: an endpoint (a `vitserve.Client` is made), a
     `vitserve.Client`, or an `EngineConfig` (an engine is started in this process). ValueError
     when the served model's outputs do not fit the decoder's."""
@@ -153,11 +154,11 @@ def _features(encoder, inner, pixel_values: torch.Tensor, grid_thw: torch.Tensor
 
 
 def _vision_owner(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose forward calls get_image_features (Qwen3VLModel), given it or the model around it."""
+    """The module whose forward calls get_image_features (e.g. Qwen3VLModel), given it or the model around it."""
     inner = getattr(model, "model", model)
     if not (hasattr(inner, "visual") and hasattr(inner, "get_image_features")):
-        raise TypeError(f"{type(model).__name__} is not a Qwen3-VL model of transformers (no .visual and "
-                        "get_image_features): pass a Qwen3VLForConditionalGeneration or Qwen3VLModel")
+        raise TypeError(f"{type(model).__name__} is not a Qwen3-VL, Qwen3.5 or GLM-4.xV model of transformers (no "
+                        ".visual and get_image_features): pass e.g. a Qwen3VLForConditionalGeneration or Qwen3VLModel")
     return inner
 
 

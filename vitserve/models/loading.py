@@ -9,29 +9,23 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from vitserve.preprocess.in_force import preprocess_for
 
 from .fingerprint import TensorDigest, combine, tensor_digest
+from .families import FAMILIES, family_of, supported, tower_of
 from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config, preset_model_type
-from .qwen3_vl.config import Qwen3VLVisionConfig
-from .qwen3_vl.model import Qwen3VLVisionTower
 
 log = logging.getLogger(__name__)
 
-# config.json of the whole VLM, with a vision_config: Qwen3-VL, and Qwen3.5 (the same tower without deepstack)
-FULL_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-# a bare vision tower's config.json
-VISION_MODEL_TYPES = ("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen3_5",
-                      "qwen3_5_moe")
-NO_DEEPSTACK_PREFIX = "qwen3_5"  # model types whose configs omit deepstack_visual_indexes: the tower has none
 VISION_PREFIXES = ("model.visual.", "visual.")
 INDEX_FILE = "model.safetensors.index.json"
 HASH_THREADS = 4  # fingerprinting the weights as they are read (models/fingerprint.py)
 
 
 class CheckpointError(ValueError):
-    """The checkpoint directory cannot be loaded as a Qwen3-VL (or Qwen3.5) vision tower."""
+    """The checkpoint directory cannot be loaded as a vision tower vitserve runs (models/families.py)."""
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -44,8 +38,8 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attention: str | None = None,
-) -> Qwen3VLVisionTower:
-    """Load a vision tower in eval mode.
+) -> nn.Module:
+    """Load a vision tower (a `VisionEncoder`, protocol.py) in eval mode.
 
     `source` is a checkpoint directory (config.json plus *.safetensors, vision tensors under
     `model.visual.`, `visual.` or, for a saved bare tower, no prefix) or a preset such as
@@ -59,17 +53,19 @@ def load_model(
     dtype = dtype or default_dtype(device)
     if str(source).startswith(PRESET_PREFIX):
         config = preset_config(str(source))
+        tower = tower_of(config)
         if large_tower(config) and device.type == "cuda":  # default initialisation is quick on a GPU
             with torch.device(device):
-                model = Qwen3VLVisionTower(config)
+                model = tower(config)
         elif large_tower(config):  # none on the CPU (seconds): init_random_ draws every value
             with torch.device("meta"):  # (a first use of meta imports torch's reference ops: seconds, too)
-                model = Qwen3VLVisionTower(config)
+                model = tower(config)
             model = model.to_empty(device="cpu")
         else:
-            model = Qwen3VLVisionTower(config)
+            model = tower(config)
         model.weights_fingerprint = init_random_(model)
         model.model_type = preset_model_type(str(source))
+        model.preprocess = preprocess_for(str(source))  # the released preprocessing of the preset's family
         model.to(device=device, dtype=dtype)
     else:
         directory = Path(source)
@@ -80,7 +76,7 @@ def load_model(
             )
         config, bare, model_type = read_vision_config(directory)
         with torch.device("meta"):
-            model = Qwen3VLVisionTower(config)
+            model = tower_of(config)(config)
         state, model.weights_fingerprint = read_vision_tensors(directory, model, bare, device, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.model_type = model_type
@@ -92,7 +88,7 @@ def load_model(
     return model
 
 
-def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool, str]:
+def read_vision_config(directory: Path) -> tuple[object, bool, str]:
     """The tower's config, whether the directory holds a bare tower (no VLM around it), and its model_type."""
     path = directory / "config.json"
     if not path.is_file():
@@ -107,24 +103,21 @@ def read_vision_config(directory: Path) -> tuple[Qwen3VLVisionConfig, bool, str]
     if "vision_config" in raw:
         if not isinstance(raw["vision_config"], dict):
             raise CheckpointError(f"{path}: vision_config must be a JSON object")
-        if model_type not in FULL_MODEL_TYPES:
-            raise CheckpointError(
-                f"{path} has model_type {model_type!r}; vitserve loads Qwen3-VL and Qwen3.5 vision towers "
-                f"(model_type one of {list(FULL_MODEL_TYPES)} with a vision_config)"
-            )
+        family = family_of(model_type, bare=False)
+        if family is None:
+            raise CheckpointError(f"{path} has model_type {model_type!r}; vitserve loads these vision towers: "
+                                  f"{supported()} (with a vision_config)")
         vision, bare = raw["vision_config"], False
-    elif model_type in VISION_MODEL_TYPES and ("depth" in raw or "num_hidden_layers" in raw):
+    elif (family := family_of(model_type, bare=True)) is not None and ("depth" in raw or "num_hidden_layers" in raw):
         vision, bare = raw, True
     else:
+        bare_types = [f.vision_model_types[0] for f in FAMILIES]
         raise CheckpointError(
-            f"{path} has model_type {model_type!r} and no Qwen3-VL vision_config; vitserve loads Qwen3-VL and "
-            f"Qwen3.5 vision towers (model_type one of {list(FULL_MODEL_TYPES)}, or {VISION_MODEL_TYPES[0]!r} / "
-            f"{VISION_MODEL_TYPES[3]!r} for a saved bare tower)"
+            f"{path} has model_type {model_type!r} and no vision_config of a tower vitserve runs; it loads "
+            f"{supported()}; or a saved bare tower (model_type one of {bare_types})"
         )
-    if str(model_type).startswith(NO_DEEPSTACK_PREFIX) and "deepstack_visual_indexes" not in vision:
-        vision = {**vision, "deepstack_visual_indexes": []}  # (Qwen3-VL's default would invent three)
     try:
-        return Qwen3VLVisionConfig.from_hf(vision), bare, model_type
+        return family.config_from_hf(vision, str(model_type)), bare, model_type
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
 
@@ -161,7 +154,7 @@ def _open_safetensors(path: Path):
 
 
 def read_vision_tensors(
-    directory: Path, model: Qwen3VLVisionTower, bare: bool, device: torch.device, dtype: torch.dtype
+    directory: Path, model: nn.Module, bare: bool, device: torch.device, dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Memory-map and read only the vision tensors, checking names and shapes against `model`;
     and their fingerprint (of the tensors as stored)."""

@@ -1,4 +1,4 @@
-"""Presets: the released Qwen3-VL vision configurations with seeded random weights."""
+"""Presets: the released vision configurations of the families vitserve runs, with seeded random weights."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .fingerprint import TensorDigest, combine, tensor_digest
+from .glm4v.config import Glm4vVisionConfig
 from .qwen3_vl.config import Qwen3VLVisionConfig
 
 PRESET_PREFIX = "random:"
@@ -21,7 +22,7 @@ LARGE_TOWER_PARAMETERS = 50_000_000  # towers this large are built without defau
 _SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=(5, 11, 17))
 _LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=(8, 16, 24))
 
-PRESETS: dict[str, Qwen3VLVisionConfig] = {
+PRESETS: dict[str, Qwen3VLVisionConfig | Glm4vVisionConfig] = {
     "qwen3-vl-2b": Qwen3VLVisionConfig(**_SMALL, out_hidden_size=2048),
     "qwen3-vl-4b": Qwen3VLVisionConfig(**_SMALL, out_hidden_size=2560),
     "qwen3-vl-8b": Qwen3VLVisionConfig(**_LARGE, out_hidden_size=4096),
@@ -37,26 +38,43 @@ PRESETS: dict[str, Qwen3VLVisionConfig] = {
     "qwen3.5-35b-a3b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=2048),
     "qwen3.5-122b-a10b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=3072),
     "qwen3.5-397b-a17b": Qwen3VLVisionConfig(**{**_LARGE, "deepstack_visual_indexes": ()}, out_hidden_size=4096),
+    # GLM-4.xV (vision-towers.md §2): 4.1V-9B and 4.6V-Flash use the class defaults, 4.5V and 4.6V a
+    # narrower merger
+    "glm-4.1v-9b": Glm4vVisionConfig(),
+    "glm-4.6v-flash": Glm4vVisionConfig(),
+    "glm-4.5v": Glm4vVisionConfig(intermediate_size=10944),
+    "glm-4.6v": Glm4vVisionConfig(intermediate_size=10944),
     # A few narrow layers with a head dim that is not a power of two: CPU tests and demos.
     "tiny": Qwen3VLVisionConfig(
         depth=3, hidden_size=96, intermediate_size=192, num_heads=4, out_hidden_size=128,
         deepstack_visual_indexes=(0, 2),
     ),
+    "tiny-glm": Glm4vVisionConfig(depth=3, hidden_size=96, num_heads=4, out_hidden_size=128, intermediate_size=160),
+}
+# Hugging Face's model_type of the checkpoints a preset stands for (the Qwen3-VL one when not named)
+PRESET_MODEL_TYPES = {
+    **{name: "qwen3_5" for name in PRESETS if name.startswith("qwen3.5-")},
+    "glm-4.1v-9b": "glm4v", "glm-4.6v-flash": "glm46v", "glm-4.5v": "glm4v_moe", "glm-4.6v": "glm46v",
+    "tiny-glm": "glm4v",
 }
 
 
-def large_tower(config: Qwen3VLVisionConfig) -> bool:
+def large_tower(config: Qwen3VLVisionConfig | Glm4vVisionConfig) -> bool:
     """Whether a tower has about LARGE_TOWER_PARAMETERS or more (its blocks' attention and MLP weights)."""
     hidden = config.hidden_size
-    return config.depth * (4 * hidden * hidden + 2 * hidden * config.intermediate_size) >= LARGE_TOWER_PARAMETERS
+    if isinstance(config, Glm4vVisionConfig):  # a SwiGLU out_hidden_size wide: three matrices
+        mlp = 3 * hidden * config.out_hidden_size
+    else:
+        mlp = 2 * hidden * config.intermediate_size
+    return config.depth * (4 * hidden * hidden + mlp) >= LARGE_TOWER_PARAMETERS
 
 
 def preset_model_type(source: str) -> str:
     """Hugging Face's model_type of the family a preset comes from."""
-    return "qwen3_5" if source.removeprefix(PRESET_PREFIX).startswith("qwen3.5-") else "qwen3_vl"
+    return PRESET_MODEL_TYPES.get(source.removeprefix(PRESET_PREFIX), "qwen3_vl")
 
 
-def preset_config(source: str) -> Qwen3VLVisionConfig:
+def preset_config(source: str) -> Qwen3VLVisionConfig | Glm4vVisionConfig:
     name = source.removeprefix(PRESET_PREFIX)
     if name not in PRESETS:
         names = ", ".join(PRESET_PREFIX + n for n in PRESETS)

@@ -1,7 +1,7 @@
-"""Image and video to patches, compatible with the Hugging Face Qwen3-VL processors."""
+"""Image and video to patches, compatible with the Hugging Face Qwen3-VL and GLM-4.xV processors."""
 
 from vitserve.preprocess.api import Patches, preprocess_batch, preprocess_image, preprocess_video
-from vitserve.preprocess.config import PreprocessConfig
+from vitserve.preprocess.config import PreprocessConfig, released_preprocess
 from vitserve.preprocess.errors import PreprocessError
 from vitserve.preprocess.geometry import ItemPlan, plan_image, plan_video
 
@@ -15,4 +15,5 @@ __all__ = [
     "preprocess_video",
     "plan_image",
     "plan_video",
+    "released_preprocess",
 ]

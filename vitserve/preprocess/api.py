@@ -29,7 +29,8 @@ class Patches(NamedTuple):
 
 
 def preprocess_image(image: Pixels, config: PreprocessConfig | None = None) -> Patches:
-    """One uint8 H×W×3 RGB image, on the CPU; equals HF `Qwen2VLImageProcessor` (torchvision).
+    """One uint8 H×W×3 RGB image, on the CPU; equals HF `Qwen2VLImageProcessor` (torchvision), or
+    `Glm4vImageProcessor` with `released_preprocess("glm4v")`.
 
     The frame is repeated to fill one temporal patch, so grid_thw is (1, h, w).
     """

@@ -1,4 +1,5 @@
-"""Resized sizes and patch grids: Qwen's smart_resize for images and for videos.
+"""Resized sizes and patch grids: Qwen's smart_resize for images and for videos (GLM-4.xV's images:
+the video rule, as a clip of one temporal patch).
 
 The arithmetic (Python's banker's `round`, float `sqrt`, floor/ceil on the same
 expressions) follows the Hugging Face Qwen2-VL / Qwen3-VL processors operation for
@@ -105,13 +106,26 @@ def smart_resize_video(
 
 
 def plan_image(height: int, width: int, config: PreprocessConfig) -> ItemPlan:
-    resized_height, resized_width = smart_resize_image(
-        height,
-        width,
-        factor=config.factor,
-        min_pixels=config.image_min_pixels,
-        max_pixels=config.image_max_pixels,
-    )
+    """With `image_resize_as_clip` (GLM-4.xV), the image is sized as the clip of one temporal patch
+    that repeats it, as Glm4vImageProcessor does; otherwise by Qwen's image rule."""
+    if config.image_resize_as_clip:
+        resized_height, resized_width = smart_resize_video(
+            config.temporal_patch_size,
+            height,
+            width,
+            temporal_factor=config.temporal_patch_size,
+            factor=config.factor,
+            min_pixels=config.image_min_pixels,
+            max_pixels=config.image_max_pixels,
+        )
+    else:
+        resized_height, resized_width = smart_resize_image(
+            height,
+            width,
+            factor=config.factor,
+            min_pixels=config.image_min_pixels,
+            max_pixels=config.image_max_pixels,
+        )
     return ItemPlan(
         is_video=False,
         frames=1,
@@ -169,7 +183,10 @@ def largest_item_tokens(config: PreprocessConfig) -> int:
     share of max_pixels, unless the short side is clamped up to one factor, when the long side
     stays within sqrt(share * aspect ratio). Grown to min_pixels: the share of min_pixels plus
     one factor of rounding on each side. Neither: within the limit already. A clip of N frames
-    has ceil(N / temporal) temporal patches; the bound is taken over every N.
+    has ceil(N / temporal) temporal patches; the bound is taken over every N. An image sized as a
+    clip (`image_resize_as_clip`) is that clip's one temporal patch: T frames that round to T, so
+    its frame's shares are the image limits over T (the upscale of tiny sides comes before the rule
+    and keeps the aspect ratio within the same bound, which the rule checks after it).
     """
     f, patch, ratio = config.factor, config.patch_size, MAX_ASPECT_RATIO
     edge = math.sqrt(ratio) + 1 / math.sqrt(ratio)  # the most (H + W) / sqrt(H * W) can be
@@ -179,8 +196,9 @@ def largest_item_tokens(config: PreprocessConfig) -> int:
         grown = min_share + f * edge * math.sqrt(min_share) + f * f
         return max(max_share, clamped, grown)
 
-    image = frame_pixels(config.image_max_pixels, config.image_min_pixels)
     temporal = config.temporal_patch_size
+    image_frames = temporal if config.image_resize_as_clip else 1
+    image = frame_pixels(config.image_max_pixels / image_frames, config.image_min_pixels / image_frames)
     video = 0.0
     for frames in range(temporal, max(config.max_video_frames, temporal) + 1):
         rounded = max(round(frames / temporal) * temporal, temporal)  # the resize rule's frame count

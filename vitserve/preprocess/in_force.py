@@ -1,6 +1,6 @@
 """The preprocessing in force for a model: the checkpoint's processor configs when it has them, the
-released Qwen3-VL values otherwise, and settings given explicitly over either; and the line that
-says so when an engine starts."""
+released values of its family (Qwen3-VL's or GLM-4.xV's) otherwise, and settings given explicitly over
+either; and the line that says so when an engine starts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import PreprocessConfig
+from .config import PreprocessConfig, checkpoint_model_type, preprocess_family, released_preprocess
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+PRESET_PREFIX = "random:"  # vitserve.models.presets.PRESET_PREFIX (not imported: vitserve.models imports us)
 
 
 def checkpoint_files(source: str | Path) -> list[Path]:
@@ -22,13 +23,30 @@ def checkpoint_files(source: str | Path) -> list[Path]:
     return [directory / name for name in PROCESSOR_FILES if (directory / name).is_file()]
 
 
+def source_model_type(source: str | Path) -> str | None:
+    """Hugging Face's model_type of a preset's family or of a checkpoint directory's config.json; None
+    when neither says (a directory without config.json, or a source that is neither: loading refuses it)."""
+    if str(source).startswith(PRESET_PREFIX):
+        from vitserve.models.presets import preset_model_type  # (here: vitserve.models imports vitserve.preprocess)
+
+        return preset_model_type(str(source))
+    if Path(source).is_dir():
+        return checkpoint_model_type(source)
+    return None
+
+
 def preprocess_for(source: str | Path, overrides: dict[str, Any] | None = None) -> PreprocessConfig:
-    """The checkpoint's preprocessing (or the released defaults), with `overrides` (field -> value; None
-    values are left out) over it. ValueError naming the file or the setting when one is wrong."""
-    try:
-        base = PreprocessConfig.from_pretrained(source) if checkpoint_files(source) else PreprocessConfig()
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        raise ValueError(f"the checkpoint's preprocessing: {err}") from None
+    """The checkpoint's preprocessing over its family's released values (or those alone), with
+    `overrides` (field -> value; None values are left out) over it. ValueError naming the file or the
+    setting when one is wrong."""
+    if str(source).startswith(PRESET_PREFIX):  # (an unknown preset's error names the presets: left as it is)
+        base = released_preprocess(source_model_type(source))
+    else:
+        try:
+            released = released_preprocess(source_model_type(source))
+            base = PreprocessConfig.from_pretrained(source, base=released) if checkpoint_files(source) else released
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            raise ValueError(f"the checkpoint's preprocessing: {err}") from None
     given = {name: value for name, value in (overrides or {}).items() if value is not None}
     return dataclasses.replace(base, **given) if given else base
 
@@ -43,12 +61,15 @@ def describe(config: PreprocessConfig, source: str | Path, overridden: list[str]
     """Which preprocessing values are in force and where they come from (`overridden`: the names of
     what was given over the source's own), in one line."""
     files = checkpoint_files(source)
-    origin = " and ".join(path.name for path in files) if files else "the released Qwen3-VL defaults"
+    family = preprocess_family(source_model_type(source))
+    origin = " and ".join(path.name for path in files) if files else f"the released {family} defaults"
     if overridden:
         origin += f", overridden by {', '.join(overridden)}"
     cap = (f"each frame at most {config.video_max_frame_tokens} merged patches (per-frame cap)"
            if config.video_cap_pixels_per_frame else "no per-frame cap")
-    return (f"preprocessing from {origin}: image pixels {config.image_min_pixels}..{config.image_max_pixels}; "
-            f"video pixels {config.video_min_pixels}..{config.video_max_pixels} over a clip's frames, {cap}, "
-            f"at most {config.max_video_frames} frames; patch {config.patch_size}, merge {config.merge_size}, "
-            f"temporal patch {config.temporal_patch_size}; mean {list(config.image_mean)}, std {list(config.image_std)}")
+    image_rule = (f" (sized as a {config.temporal_patch_size}-frame clip)" if config.image_resize_as_clip else "")
+    return (f"preprocessing from {origin}: image pixels {config.image_min_pixels}..{config.image_max_pixels}"
+            f"{image_rule}; video pixels {config.video_min_pixels}..{config.video_max_pixels} over a clip's frames, "
+            f"{cap}, at most {config.max_video_frames} frames; patch {config.patch_size}, merge {config.merge_size}, "
+            f"temporal patch {config.temporal_patch_size}; mean {list(config.image_mean)}, "
+            f"std {list(config.image_std)}")

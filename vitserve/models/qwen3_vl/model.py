@@ -19,7 +19,8 @@ from ..attention import AttentionFn, head_width, select_attention
 from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
 from ..rotary import rotary_qk
 from .config import Qwen3VLVisionConfig
-from .metadata import TokenMetadata, build_token_metadata
+from ..token_metadata import TokenMetadata
+from .metadata import qwen3_vl_metadata
 
 LAYER_NORM_EPS = 1e-6  # hard-coded by the reference implementation
 
@@ -154,7 +155,7 @@ class Qwen3VLVisionTower(nn.Module):
         max_seqlen: int,
         segment_lengths: Sequence[int] | None = None,
     ) -> TokenMetadata:
-        return build_token_metadata(self.config, layout, num_tokens, num_sequences, max_seqlen, segment_lengths)
+        return qwen3_vl_metadata(self.config, layout, num_tokens, num_sequences, max_seqlen, segment_lengths)
 
     def forward(self, pixel_values: torch.Tensor, meta: TokenMetadata) -> EncoderOutput:
         attend = self._attend or self.select_attention(self.requested_attention)

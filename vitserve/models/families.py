@@ -1,0 +1,60 @@
+"""The tower families vitserve runs, by Hugging Face model_type: which tower class and config each
+checkpoint gets. Everything past loading goes through the encoder protocol (protocol.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .glm4v.config import Glm4vVisionConfig
+from .glm4v.model import Glm4vVisionTower
+from .qwen3_vl.config import Qwen3VLVisionConfig
+from .qwen3_vl.model import Qwen3VLVisionTower
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # for messages and the README
+    full_model_types: tuple[str, ...]  # config.json of the whole VLM, with a vision_config
+    vision_model_types: tuple[str, ...]  # config.json of a saved bare tower
+    config_from_hf: Callable[[dict[str, Any]], Any]
+    tower: Callable[[Any], nn.Module]
+
+
+def _qwen3_vl_config(vision: dict[str, Any], model_type: str) -> Qwen3VLVisionConfig:
+    if model_type.startswith("qwen3_5") and "deepstack_visual_indexes" not in vision:
+        vision = {**vision, "deepstack_visual_indexes": []}  # Qwen3.5's tower has none (Qwen3-VL's default is three)
+    return Qwen3VLVisionConfig.from_hf(vision)
+
+
+FAMILIES = (
+    # Qwen3.5 is the Qwen3-VL tower without deepstack
+    Family("Qwen3-VL and Qwen3.5", ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"),
+           ("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen3_5",
+            "qwen3_5_moe"),
+           _qwen3_vl_config, Qwen3VLVisionTower),
+    # GLM-4.5V (glm4v_moe) and GLM-4.6V (glm46v) run GLM-4.1V's tower
+    Family("GLM-4.1V, GLM-4.5V and GLM-4.6V", ("glm4v", "glm4v_moe", "glm46v"),
+           ("glm4v_vision", "glm4v_moe_vision"),
+           lambda vision, model_type: Glm4vVisionConfig.from_hf(vision), Glm4vVisionTower),
+)
+
+
+def family_of(model_type: object, *, bare: bool) -> Family | None:
+    """The family of a checkpoint's model_type (of a whole VLM, or of a bare tower's config)."""
+    for family in FAMILIES:
+        if model_type in (family.vision_model_types if bare else family.full_model_types):
+            return family
+    return None
+
+
+def tower_of(config: object) -> Callable[[Any], nn.Module]:
+    """The tower class that takes `config`."""
+    return Glm4vVisionTower if isinstance(config, Glm4vVisionConfig) else Qwen3VLVisionTower
+
+
+def supported() -> str:
+    """The model types loadable, for messages."""
+    return "; ".join(f"{f.name}: model_type one of {list(f.full_model_types)}" for f in FAMILIES)
