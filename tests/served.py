@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -24,22 +26,39 @@ def local_endpoint(scheme: str, folder) -> str:
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
+START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 60
+
+
 @contextmanager
 def served(endpoint: str, *flags: str):
     """`vitserve serve` on `endpoint` (tiny model, CPU) until the block ends; it must exit cleanly on SIGTERM,
-    unless the block killed and reaped it on purpose."""
+    unless the block killed and reaped it on purpose. A server that neither starts nor stops in time
+    fails the test with every thread's stack (its SIGUSR1) and its stderr."""
     command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
+    line = process.stdout.readline() if select.select([process.stdout], [], [], START_TIMEOUT_S)[0] else ""
     if "ready" not in line:
-        process.kill()
-        pytest.fail(f"vitserve serve did not start: {line}{process.stderr.read()}")
+        pytest.fail(f"vitserve serve did not start within {START_TIMEOUT_S} s: {line}{stuck(process)}")
     try:
         yield process
     finally:
         if process.returncode is None:  # still ours to stop: a crash of its own shows as a non-zero exit
             process.send_signal(signal.SIGTERM)
-            assert process.wait(60) == 0, process.stderr.read()
+            try:
+                code = process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"vitserve serve did not exit within {STOP_TIMEOUT_S} s of SIGTERM:\n{stuck(process)}")
+            assert code == 0, process.stderr.read()
+
+
+def stuck(process: subprocess.Popen) -> str:
+    """What a server that does not answer was doing: its threads' stacks, then it is killed; its stderr."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGUSR1)  # (vitserve serve prints every thread's stack)
+        time.sleep(1)
+        process.kill()
+    return process.communicate(timeout=30)[1]
 
 
 class RawPeer:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from served import RawPeer
+from served import RawPeer, served
 from slab_helpers import socket_files_left
 
 from vitserve import Client
@@ -75,3 +75,16 @@ def test_a_signal_during_the_start_stops_it_cleanly(tmp_path):
     assert time.monotonic() - began < 30
     assert "ready" not in process.stdout.read()
     assert socket_files_left(endpoint) == []
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_server_goes_on(tmp_path):
+    """`kill -USR1` on a server (or a worker) shows what it is doing, without stopping it."""
+    endpoint = f"ipc://{tmp_path}/stacks.sock"
+    with served(endpoint, *FLAGS) as process:
+        process.send_signal(signal.SIGUSR1)
+        with Client(endpoint) as client, client.encode([np.zeros((64, 64, 3), np.uint8)]) as result:
+            assert result.items[0].embeddings.shape[0] > 0
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0
+    assert "Current thread" in stderr and "vitserve/engine/serve.py" in stderr  # the main thread, in its loop

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,6 +89,9 @@ def preprocess_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # `kill -USR1` prints every thread's stack on stderr (workers do the same): what a stuck server
+    # is doing, without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # First, before this process imports torch (seconds): the GPU workers import, load the model
     # and wait for the engine meanwhile (launch.py). Settings refused below stop them.
     from vitserve.launch import launch_early

@@ -282,8 +282,10 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
         for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
-        self._link.close()
+        # Events stopped before their reader closes: libzmq's I/O thread would block for ever sending
+        # one (a disconnect) to a PAIR without its reader, holding the lock that disabling takes
         self._socket.socket.disable_monitor()
+        self._link.close()
         self._socket.close()
         self._context.term()
         self._reader.close()

@@ -185,9 +185,12 @@ class Connections:
         finally:
             borrowed.detach()  # the descriptor stays libzmq's
 
-    def close(self) -> None:
+    def stop_events(self) -> None:
+        """Stop the socket's connection events; the owner closes `monitor` after this, never before:
+        libzmq's I/O thread sends each event to the monitor's PAIR while holding the lock that
+        disabling takes, and a send to a PAIR whose reader is gone blocks for ever, so an event (a
+        client disconnecting) between closing the reader and disabling would hang the close."""
         self._socket.disable_monitor()
-        self.monitor.close(0)
 
 
 def _now() -> float:

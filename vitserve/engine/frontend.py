@@ -93,7 +93,8 @@ class Frontend(ClientRequests):
                 self._bound.release()
             if self._authenticator is not None:
                 self._authenticator.stop()
-            self.connections.close()
+            self.connections.stop_events()
+            self.connections.monitor.close(0)
             socket.close(0)
             self._context.term()
             raise
@@ -140,8 +141,8 @@ class Frontend(ClientRequests):
             self._slab_task.cancel()
         if self.slab_channel is not None:
             self.slab_channel.close()
+        self.connections.stop_events()  # before the reader closes (see stop_events)
         self._events.close()
-        self.connections.close()
         self.socket.close(CLOSE_LINGER_MS)
         self._bound.release()  # before the linger: new clients find no engine rather than a closing one
         if self._authenticator is not None:

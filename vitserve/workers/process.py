@@ -14,8 +14,10 @@ engine watches for a hung worker (engine/liveness.py).
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -68,6 +70,7 @@ def worker_main(spec: WorkerSpec) -> None:
     """Entry point of the spawned process: load the model, then wait for the engine's Begin (at
     once at a start; later for a standby process), get ready and serve windows."""
     engine_pid = os.getppid()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack on stderr
     start_heartbeat(spec.beat_at, spec.heartbeat_s)
     logging.basicConfig(level=spec.log_level, format=f"worker {spec.worker}: %(levelname)s %(message)s")
     if spec.threads:
