@@ -1,6 +1,7 @@
 """On a GPU: budget graphs against per-item eager runs, for each family's tower: Qwen3-VL 8B-class
 (deepstack, head dim 72), Qwen3.5 0.8B (no deepstack, head dim 64) and GLM-4.6V (RMSNorms, bicubic
-positions, head dim 128, conv merger)."""
+positions, head dim 128, conv merger) and Kimi K2.5 (raster rows, chunks of 4 frames as one segment
+averaged into one set of rows, its projector in the graph)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ MIN_COSINE = 0.9999
 BUDGETS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-@pytest.fixture(scope="module", params=["random:qwen3-vl-8b", "random:qwen3.5-0.8b", "random:glm-4.6v"])
+@pytest.fixture(scope="module", params=["random:qwen3-vl-8b", "random:qwen3.5-0.8b", "random:glm-4.6v",
+                                                "random:kimi-k2.5"])
 def runner(request):
     from vitserve.models import load_model
     from vitserve.workers import ModelRunner, WindowConfig
@@ -85,7 +87,9 @@ def test_every_budget_matches_per_item_eager(runner):
 def test_poisoned_output_rows_are_all_overwritten(runner):
     grids = [(1, 8, 10), (2, 6, 4)]  # 128 tokens in the 256 budget: half of the window is padding
     runner.window.output.fill_(float("nan"))
-    destination = torch.full((32, 1 + runner.model.geometry.num_deepstack, runner.model.geometry.out_hidden_size),
+    geometry = runner.model.geometry
+    rows = sum(geometry.item_rows(*grid) for grid in grids)  # (32; 26 when Kimi averages the video's 2 frames)
+    destination = torch.full((rows, 1 + geometry.num_deepstack, geometry.out_hidden_size),
                              float("nan"), dtype=torch.bfloat16, pin_memory=True)
     before = runner.stats.budget_windows[BUDGETS[0]]
     runner.encode(pixels_for(runner, grids, 1), grids, out=destination)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import transformers
 from vitserve.models import PRESETS, Qwen3VLVisionConfig, Qwen3VLVisionTower, load_model
 from vitserve.models.glm4v.config import Glm4vVisionConfig
+from vitserve.models.kimi_k25.config import KimiK25VisionConfig
 from vitserve.models.presets import preset_config
 
 from hf_checkpoints import (  # noqa: F401 (fixtures are used by name)
@@ -156,7 +157,9 @@ def test_random_tiny_encode_patches_shapes():
 def test_every_preset_resolves(name):
     config = preset_config("random:" + name)
     assert config is PRESETS[name]
-    assert isinstance(config, Glm4vVisionConfig if name.startswith(("glm", "tiny-glm")) else Qwen3VLVisionConfig)
+    family = {"glm": Glm4vVisionConfig, "tiny-glm": Glm4vVisionConfig, "kimi": KimiK25VisionConfig,
+              "tiny-kimi": KimiK25VisionConfig}
+    assert isinstance(config, next((c for p, c in family.items() if name.startswith(p)), Qwen3VLVisionConfig))
 
 
 RELEASED = {

@@ -66,6 +66,11 @@ def hf_twin(model, compile_model: bool = False):
     as from_pretrained does). It takes grids as `hf_grid_thw` gives them."""
     import transformers
 
+    if model.model_type.startswith("kimi"):
+        from .kimi_twin import kimi_twin
+
+        twin = kimi_twin(model)
+        return torch.compile(twin, dynamic=True) if compile_model else twin
     config = model.config.to_dict()
     config.pop("rope_theta")
     if model.model_type.startswith("glm"):
@@ -75,9 +80,9 @@ def hf_twin(model, compile_model: bool = False):
         config_class, tower_class = transformers.Qwen3_5VisionConfig, transformers.Qwen3_5VisionModel
     else:
         config_class, tower_class = transformers.Qwen3VLVisionConfig, transformers.Qwen3VLVisionModel
-    with torch.device(model.patch_embed.proj.weight.device):
-        hf = tower_class._from_config(config_class(**config), attn_implementation="sdpa",
-                                      dtype=model.patch_embed.proj.weight.dtype)
+    weight = next(model.parameters())
+    with torch.device(weight.device):
+        hf = tower_class._from_config(config_class(**config), attn_implementation="sdpa", dtype=weight.dtype)
     hf.load_state_dict(model.state_dict())
     hf.eval()
     return torch.compile(hf, dynamic=True) if compile_model else hf
@@ -85,7 +90,12 @@ def hf_twin(model, compile_model: bool = False):
 
 def hf_grid_thw(model, grid_thw: torch.Tensor) -> torch.Tensor:
     """The grids as the HF tower of the model's family takes them: GLM-4.xV's model splits a video into
-    one image per temporal patch before its tower (whose rows are in that order already)."""
+    one image per temporal patch before its tower, Kimi K2.5's processor into chunks of up to 4 frames
+    (the rows are in that order already)."""
+    if model.model_type.startswith("kimi"):
+        pool = model.geometry.temporal_pool
+        chunks = [(min(pool, t - start), h, w) for t, h, w in grid_thw.tolist() for start in range(0, t, pool)]
+        return torch.tensor(chunks, dtype=grid_thw.dtype).reshape(-1, 3)
     if not model.model_type.startswith("glm"):
         return grid_thw
     frames = grid_thw.clone()

@@ -109,8 +109,9 @@ class RequestIntake:
         if deadline_ms is not None and not 0 <= deadline_ms <= MAX_DEADLINE_MS:
             raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
                                                f"None for no deadline; got {deadline_ms!r}")
-        check_request_fits([(i.tokens, i.sequences) for i in items], self.capacities, self.layout,
-                           self.config.output_windows)
+        pool = self.ready.temporal_pool  # a segment per `pool` frames (Kimi K2.5: chunks of 4)
+        shapes = [(i.tokens, -(-i.grid[0] // pool)) for i in items]  # (tokens, segments) each
+        check_request_fits(shapes, self.capacities, self.layout, self.config.output_windows)
         self._check_keep(keep, items, keep_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -121,8 +122,7 @@ class RequestIntake:
                               self.scheduler.drain_ms(now))
         items, region = self.inputs.place(items)
         key = next(self._keys)
-        request = Request(key, priority, deadline_at(now, deadline_ms), now, [(i.tokens, i.sequences) for i in items],
-                          owner)
+        request = Request(key, priority, deadline_at(now, deadline_ms), now, shapes, owner)
         pending = Pending(items, loop.create_future(), [None] * len(items), input_bytes=size, input_region=region,
                           keep=keep if keep and any(keep) else None, keep_s=keep_s)
         self._queued_bytes += size

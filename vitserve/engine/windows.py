@@ -15,6 +15,7 @@ from vitserve.ipc.messages import (
     InputsDropped, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerWarm,
 )
 from vitserve.ipc.slabs import SlabError, Slot
+from vitserve.models.protocol import item_rows
 from vitserve.scheduler import Dispatch
 
 from .worker_handle import WorkerHandle
@@ -199,14 +200,14 @@ class WindowTraffic:
     def _complete(self, window: int, rows: list[int], now: float) -> None:
         dispatch, slot, _ = self._windows.pop(window)
         self.scheduler.window_done(window, now)
-        merge = self.capacities.merge_factor
+        merge, pool = self.capacities.merge_factor, self.ready.temporal_pool
         for item, first_row in zip(dispatch.items, rows):
             pending = self._pending.get(item.request.key)
             if pending is None:
                 continue
             admitted = pending.items[item.index]
             pending.outputs[item.index] = OutputRef(
-                shape=(admitted.tokens // merge, *self.layout.row_shape), dtype=self.ready.dtype, kind=admitted.kind,
+                shape=(item_rows(admitted.grid, merge, pool), *self.layout.row_shape), dtype=self.ready.dtype, kind=admitted.kind,
                 grid=admitted.grid, slab=slot.slab, epoch=slot.epoch,
                 offset=slot.offset + first_row * self.layout.row_bytes)
         for key in {item.request.key for item in dispatch.items}:

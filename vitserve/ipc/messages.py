@@ -267,6 +267,7 @@ class WorkerReady(msgspec.Struct, frozen=True, tag="worker_ready"):
     cost: WorkerCost  # final, or (while warming) what the engine plans with until WorkerWarm
     ready_s: float  # from Begin to this report (the model was loaded before)
     warming: bool = False  # graphs are still being captured (or the cost model measured): WorkerWarm follows
+    temporal_pool: int = 1  # grid frames that share one set of output rows (EncoderGeometry.temporal_pool)
 
 
 class WorkerWarm(msgspec.Struct, frozen=True, tag="worker_warm"):

@@ -19,7 +19,6 @@ from .presets import PRESET_PREFIX, init_random_, large_tower, preset_config, pr
 
 log = logging.getLogger(__name__)
 
-VISION_PREFIXES = ("model.visual.", "visual.")
 INDEX_FILE = "model.safetensors.index.json"
 HASH_THREADS = 4  # fingerprinting the weights as they are read (models/fingerprint.py)
 
@@ -75,9 +74,14 @@ def load_model(
                 f"({PRESET_PREFIX}<name>, e.g. {PRESET_PREFIX}tiny)"
             )
         config, bare, model_type = read_vision_config(directory)
+        family = family_of(model_type, bare=bare)
         with torch.device("meta"):
             model = tower_of(config)(config)
-        state, model.weights_fingerprint = read_vision_tensors(directory, model, bare, device, dtype)
+        prefixes, owned = (("",), ()) if bare else (family.prefixes, family.owned)
+        state, model.weights_fingerprint = read_vision_tensors(directory, model, prefixes, owned, device, dtype,
+                                                               family.aliases)
+        if family.adapt is not None:  # (after the fingerprint: that is of the tensors as stored)
+            state = family.adapt(state, config)
         model.load_state_dict(state, strict=True, assign=True)
         model.model_type = model_type
         model.preprocess = preprocess_for(directory)
@@ -111,13 +115,13 @@ def read_vision_config(directory: Path) -> tuple[object, bool, str]:
     elif (family := family_of(model_type, bare=True)) is not None and ("depth" in raw or "num_hidden_layers" in raw):
         vision, bare = raw, True
     else:
-        bare_types = [f.vision_model_types[0] for f in FAMILIES]
+        bare_types = [f.vision_model_types[0] for f in FAMILIES if f.vision_model_types]
         raise CheckpointError(
             f"{path} has model_type {model_type!r} and no vision_config of a tower vitserve runs; it loads "
             f"{supported()}; or a saved bare tower (model_type one of {bare_types})"
         )
     try:
-        return family.config_from_hf(vision, str(model_type)), bare, model_type
+        return family.config_from_hf(vision, str(model_type), raw), bare, model_type
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from err
 
@@ -153,25 +157,48 @@ def _open_safetensors(path: Path):
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
 
 
-def read_vision_tensors(
-    directory: Path, model: nn.Module, bare: bool, device: torch.device, dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Memory-map and read only the vision tensors, checking names and shapes against `model`;
-    and their fingerprint (of the tensors as stored)."""
-    files = _tensor_files(directory)
-    prefixes = ("",) if bare else VISION_PREFIXES
+def _vision_names(directory: Path, files: dict[str, str], prefixes: tuple[str, ...],
+                  owned: tuple[str, ...], aliases: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """The tower's tensors: the name in the model -> the name in the files."""
+    if owned:  # each name under any prefix (transformers writes some under `model.`, some not)
+        vision: dict[str, str] = {}
+        for name in files:
+            for prefix in prefixes:
+                short = name[len(prefix):]
+                for stored, canonical in aliases:
+                    if short.startswith(stored):
+                        short = canonical + short[len(stored):]
+                if name.startswith(prefix) and short.startswith(owned):
+                    if short in vision:
+                        raise CheckpointError(f"{directory} has {short} twice ({vision[short]} and {name}); keep one")
+                    vision[short] = name
+                    break
+        if not vision:
+            raise CheckpointError(f"{directory} has no vision tensors under {' or '.join(owned)}")
+        return vision
     found = [p for p in prefixes if any(name.startswith(p) for name in files)]
     if not found:
-        raise CheckpointError(f"{directory} has no vision tensors under {' or '.join(VISION_PREFIXES)}")
+        raise CheckpointError(f"{directory} has no vision tensors under {' or '.join(prefixes)}")
     if len(found) > 1:
         raise CheckpointError(f"{directory} has vision tensors under both {found[0]} and {found[1]}; keep one copy")
-    prefix = found[0]
-    vision = {name[len(prefix):]: name for name in files if name.startswith(prefix)}
+    return {name[len(found[0]):]: name for name in files if name.startswith(found[0])}
+
+
+def read_vision_tensors(
+    directory: Path, model: nn.Module, prefixes: tuple[str, ...], owned: tuple[str, ...], device: torch.device,
+    dtype: torch.dtype, aliases: tuple[tuple[str, str], ...] = (),
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Memory-map and read only the vision tensors (under the first of `prefixes` the files use, and of
+    the names under it those starting with one of `owned`, or all), checking names and shapes against
+    `model`; and their fingerprint (of the tensors as stored)."""
+    files = _tensor_files(directory)
+
+    vision = _vision_names(directory, files, prefixes, owned, aliases)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     missing = sorted(set(expected) - set(vision))
     extra = sorted(set(vision) - set(expected))
     if missing:
-        shown = ", ".join(prefix + m for m in missing[:8])
+        shown = ", ".join(prefixes[0] + m for m in missing[:8])
         raise CheckpointError(f"{directory} lacks {len(missing)} vision tensor(s) the config needs: {shown}")
     if extra:
         shown = ", ".join(f"{vision[e]} (in {files[vision[e]]})" for e in extra[:8])

@@ -10,6 +10,7 @@ from torch import nn
 
 from .fingerprint import TensorDigest, combine, tensor_digest
 from .glm4v.config import Glm4vVisionConfig
+from .kimi_k25.config import KimiK25VisionConfig
 from .qwen3_vl.config import Qwen3VLVisionConfig
 
 PRESET_PREFIX = "random:"
@@ -22,7 +23,7 @@ LARGE_TOWER_PARAMETERS = 50_000_000  # towers this large are built without defau
 _SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, deepstack_visual_indexes=(5, 11, 17))
 _LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=(8, 16, 24))
 
-PRESETS: dict[str, Qwen3VLVisionConfig | Glm4vVisionConfig] = {
+PRESETS: dict[str, Qwen3VLVisionConfig | Glm4vVisionConfig | KimiK25VisionConfig] = {
     "qwen3-vl-2b": Qwen3VLVisionConfig(**_SMALL, out_hidden_size=2048),
     "qwen3-vl-4b": Qwen3VLVisionConfig(**_SMALL, out_hidden_size=2560),
     "qwen3-vl-8b": Qwen3VLVisionConfig(**_LARGE, out_hidden_size=4096),
@@ -44,22 +45,28 @@ PRESETS: dict[str, Qwen3VLVisionConfig | Glm4vVisionConfig] = {
     "glm-4.6v-flash": Glm4vVisionConfig(),
     "glm-4.5v": Glm4vVisionConfig(intermediate_size=10944),
     "glm-4.6v": Glm4vVisionConfig(intermediate_size=10944),
+    # Kimi K2.5 and K2.6: the class defaults; rows as wide as DeepSeek-V3's hidden size (the projector's out)
+    "kimi-k2.5": KimiK25VisionConfig(),
+    "kimi-k2.6": KimiK25VisionConfig(),
     # A few narrow layers with a head dim that is not a power of two: CPU tests and demos.
     "tiny": Qwen3VLVisionConfig(
         depth=3, hidden_size=96, intermediate_size=192, num_heads=4, out_hidden_size=128,
         deepstack_visual_indexes=(0, 2),
     ),
     "tiny-glm": Glm4vVisionConfig(depth=3, hidden_size=96, num_heads=4, out_hidden_size=128, intermediate_size=160),
+    "tiny-kimi": KimiK25VisionConfig(depth=3, hidden_size=96, intermediate_size=192, num_heads=4, out_hidden_size=128,
+                                     pos_emb_height=16, pos_emb_width=16),
 }
 # Hugging Face's model_type of the checkpoints a preset stands for (the Qwen3-VL one when not named)
 PRESET_MODEL_TYPES = {
     **{name: "qwen3_5" for name in PRESETS if name.startswith("qwen3.5-")},
     "glm-4.1v-9b": "glm4v", "glm-4.6v-flash": "glm46v", "glm-4.5v": "glm4v_moe", "glm-4.6v": "glm46v",
     "tiny-glm": "glm4v",
+    "kimi-k2.5": "kimi_k25", "kimi-k2.6": "kimi_k25", "tiny-kimi": "kimi_k25",
 }
 
 
-def large_tower(config: Qwen3VLVisionConfig | Glm4vVisionConfig) -> bool:
+def large_tower(config: Qwen3VLVisionConfig | Glm4vVisionConfig | KimiK25VisionConfig) -> bool:
     """Whether a tower has about LARGE_TOWER_PARAMETERS or more (its blocks' attention and MLP weights)."""
     hidden = config.hidden_size
     if isinstance(config, Glm4vVisionConfig):  # a SwiGLU out_hidden_size wide: three matrices
@@ -74,7 +81,7 @@ def preset_model_type(source: str) -> str:
     return PRESET_MODEL_TYPES.get(source.removeprefix(PRESET_PREFIX), "qwen3_vl")
 
 
-def preset_config(source: str) -> Qwen3VLVisionConfig | Glm4vVisionConfig:
+def preset_config(source: str) -> Qwen3VLVisionConfig | Glm4vVisionConfig | KimiK25VisionConfig:
     name = source.removeprefix(PRESET_PREFIX)
     if name not in PRESETS:
         names = ", ".join(PRESET_PREFIX + n for n in PRESETS)

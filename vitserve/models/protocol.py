@@ -32,6 +32,10 @@ class EncoderGeometry:
     hidden_size: int
     out_hidden_size: int
     num_deepstack: int
+    # Grid time steps that attend together as one segment and are averaged into one frame of output
+    # rows: 1 for Qwen3-VL and GLM (a segment per temporal patch); 4 for Kimi K2.5 (a video is cut into
+    # chunks of 4 frames, each one segment whose output is the mean over its frames).
+    temporal_pool: int = 1
 
     @property
     def patch_dim(self) -> int:
@@ -40,8 +44,23 @@ class EncoderGeometry:
 
     @property
     def merge_factor(self) -> int:
-        """Patch tokens per output token."""
+        """Patch tokens per output token of one frame."""
         return self.merge_size**2
+
+    def item_segments(self, t: int, h: int, w: int) -> list[int]:
+        """Attention segment lengths of an item with grid (t, h, w), in order."""
+        full, rest = divmod(t, self.temporal_pool)
+        return [self.temporal_pool * h * w] * full + ([rest * h * w] if rest else [])
+
+    def item_rows(self, t: int, h: int, w: int) -> int:
+        """Output rows of an item: a frame's merged tokens per segment."""
+        return item_rows((t, h, w), self.merge_factor, self.temporal_pool)
+
+
+def item_rows(grid: Sequence[int], merge_factor: int, temporal_pool: int) -> int:
+    """Output rows of an item with grid (t, h, w): ceil(t / temporal_pool) frames of merged tokens."""
+    t, h, w = grid
+    return -(-t // temporal_pool) * (h * w // merge_factor)
 
 
 class EncoderOutput(NamedTuple):
@@ -111,10 +130,10 @@ def pack_grids(encoder: VisionEncoder, grids: Sequence[Sequence[int]]) -> Packed
     tokens = sequences = 0
     for t, h, w in grids:
         rows.append((t, h, w, tokens, sequences))
-        item_tokens, item_sequences = encoder.item_tokens(t, h, w), encoder.item_sequences(t, h, w)
-        segment_lengths += [item_tokens // item_sequences] * item_sequences
-        tokens += item_tokens
-        sequences += item_sequences
+        segments = encoder.geometry.item_segments(t, h, w)
+        segment_lengths += segments
+        tokens += encoder.item_tokens(t, h, w)
+        sequences += len(segments)
     layout = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(LAYOUT_COLUMNS))
     return PackedLayout(layout, tokens, sequences, tuple(segment_lengths))
 

@@ -58,7 +58,6 @@ def build_token_metadata(
     t, h, w, token_offset, sequence_offset = layout.t().contiguous()  # each (items,)
     frame_tokens = (h * w).clamp(min=1)  # (items,)
     real_tokens = (t * h * w).sum()  # () int64
-    real_sequences = t.sum()  # () one segment per temporal patch
 
     token = torch.arange(num_tokens, device=device)  # (tokens,)
     item = (torch.searchsorted(token_offset, token, right=True) - 1).clamp(min=0)  # (tokens,)
@@ -70,23 +69,37 @@ def build_token_metadata(
     pos_weight = pos_weight * is_real[:, None]  # (tokens, taps): padding gets no position embedding
     rope_cos, rope_sin = rotary_tables(row, col, head_dim, rope_theta)
 
-    segment = torch.arange(num_sequences + 1, device=device)  # (sequences + 1,)
-    owner = (torch.searchsorted(sequence_offset, segment, right=True) - 1).clamp(min=0)
-    start = token_offset[owner] + (segment - sequence_offset[owner]) * frame_tokens[owner]
+    cu_seqlens = segment_bounds(layout, num_tokens, num_sequences)
+    return TokenMetadata(pos_index, pos_weight, rope_cos, rope_sin, cu_seqlens, max_seqlen,
+                         checked_lengths(segment_lengths, num_tokens, num_sequences))
+
+
+def segment_bounds(layout: torch.Tensor, num_tokens: int, num_sequences: int, pool: int = 1) -> torch.Tensor:
+    """cu_seqlens (sequences + 1,) int32: each item's segments of `pool` frames (its last one
+    shorter), then one padding segment when tokens are left, then empty ones up to the capacity."""
+    t, h, w, token_offset, sequence_offset = layout.t()  # each (items,)
+    real_tokens = (t * h * w).sum()  # () int64
+    real_sequences = ((t + pool - 1) // pool).sum()  # ()
+    segment = torch.arange(num_sequences + 1, device=layout.device)  # (sequences + 1,)
+    owner = (torch.searchsorted(sequence_offset.contiguous(), segment, right=True) - 1).clamp(min=0)
+    start = token_offset[owner] + (segment - sequence_offset[owner]) * pool * h[owner] * w[owner]
     padding_start = torch.where(segment < num_sequences, real_tokens, num_tokens)
-    cu_seqlens = torch.where(
+    return torch.where(
         segment < real_sequences,
         start,
         torch.where(segment == real_sequences, padding_start, num_tokens),
     ).to(torch.int32)  # (sequences + 1,)
 
+
+def checked_lengths(segment_lengths: Sequence[int] | None, num_tokens: int, num_sequences: int) -> tuple[int, ...] | None:
+    """The host's segment lengths, checked against the window's capacities."""
     lengths = tuple(segment_lengths) if segment_lengths is not None else None
     if lengths is not None and (sum(lengths) != num_tokens or len(lengths) > num_sequences):
         raise ValueError(
             f"segment_lengths {list(lengths)} must sum to num_tokens {num_tokens} in at most "
             f"{num_sequences} segments"
         )
-    return TokenMetadata(pos_index, pos_weight, rope_cos, rope_sin, cu_seqlens, max_seqlen, lengths)
+    return lengths
 
 
 def merge_order_position(

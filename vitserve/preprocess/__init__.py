@@ -1,4 +1,4 @@
-"""Image and video to patches, compatible with the Hugging Face Qwen3-VL and GLM-4.xV processors."""
+"""Image and video to patches, compatible with the Hugging Face Qwen3-VL, GLM-4.xV and Kimi K2.5 processors."""
 
 from vitserve.preprocess.api import Patches, preprocess_batch, preprocess_image, preprocess_video
 from vitserve.preprocess.config import PreprocessConfig, released_preprocess

@@ -10,7 +10,7 @@ import torch
 
 from vitserve.preprocess.config import PreprocessConfig
 from vitserve.preprocess.geometry import ItemPlan, plan_image, plan_video
-from vitserve.preprocess.patchify import normalize_, patchify_into
+from vitserve.preprocess.patchify import normalize_, pad_bottom_right, patchify_into
 from vitserve.preprocess.resize import resize_uint8
 from vitserve.preprocess.validate import Kind, as_frames
 
@@ -22,6 +22,10 @@ class Patches(NamedTuple):
 
     pixel_values: float32 (sum of t*h*w, C*T*P*P), items concatenated in input order.
     grid_thw: int64 (items, 3) on the CPU, each row (t, h, w) in patches.
+
+    With Kimi K2.5's preprocessing, rows are (C*P*P) wide, a frame's patches in raster order, and a video is one
+    item whose grid_t is its frame count: its rows are Hugging Face's chunk rows concatenated (the processor
+    gives one grid row per chunk of up to 4 frames; the tower cuts the chunks itself).
     """
 
     pixel_values: torch.Tensor
@@ -30,7 +34,8 @@ class Patches(NamedTuple):
 
 def preprocess_image(image: Pixels, config: PreprocessConfig | None = None) -> Patches:
     """One uint8 H×W×3 RGB image, on the CPU; equals HF `Qwen2VLImageProcessor` (torchvision), or
-    `Glm4vImageProcessor` with `released_preprocess("glm4v")`.
+    `Glm4vImageProcessor` with `released_preprocess("glm4v")`, or `Kimi_K25ImageProcessor` (its
+    (N, C, P, P) pixel_values flattened to rows) with `released_preprocess("kimi_k25")`.
 
     The frame is repeated to fill one temporal patch, so grid_thw is (1, h, w).
     """
@@ -44,6 +49,10 @@ def preprocess_video(frames: Pixels, config: PreprocessConfig | None = None) -> 
     the resize limits count all frames, and an odd frame count is padded by repeating the
     last frame. A 1-frame clip, which HF rejects, is treated as the 2-frame clip that
     repeats it (the same pixels and grid as HF gives for that clip), so grid_t is 1.
+
+    With `released_preprocess("kimi_k25")`: `Kimi_K25VideoProcessor(do_sample_frames=False)`'s rows, its
+    chunks' rows in order, and one grid (frames, h, w) where HF gives a row per chunk of up to 4 frames
+    (the last chunk holds the remaining frames, not padded); grid_t is the sum of the chunks' t.
     """
     return _preprocess_items([frames], config, torch.device("cpu"), kind="video")
 
@@ -85,10 +94,11 @@ def _preprocess_items(
         row_offsets.append(row_offsets[-1] + plan.num_patches)
     pixel_values = torch.empty(row_offsets[-1], config.patch_dim, dtype=torch.float32, device=device)
 
-    for (target_height, target_width), members in _group_by_size(plans):
+    for (target_height, target_width, padded_height, padded_width), members in _group_by_size(plans):
         stacked = _upload([frames_per_item[index] for index in members], device)  # (sum F, H, W, 3)
         # channels-first view of channels-last memory: the native kernel takes it as is
         resized = resize_uint8(stacked.permute(0, 3, 1, 2), target_height, target_width)  # (sum F, 3, h, w)
+        resized = pad_bottom_right(resized, padded_height, padded_width)  # (the navit rule's zeros)
         first_frame = 0
         for run in _runs_of_equal_frames(members, plans):
             count = len(run) * plans[run[0]].frames
@@ -129,10 +139,11 @@ def _runs_of_equal_frames(members: list[int], plans: list[ItemPlan]) -> list[lis
     return runs
 
 
-def _group_by_size(plans: list[ItemPlan]) -> list[tuple[tuple[int, int], list[int]]]:
-    """(resized size, item indices) for each set of items with equal input and resized sizes."""
-    groups: dict[tuple[int, int, int, int], list[int]] = {}
+def _group_by_size(plans: list[ItemPlan]) -> list[tuple[tuple[int, int, int, int], list[int]]]:
+    """(resized and padded size, item indices) for each set of items with equal input, resized and padded
+    sizes."""
+    groups: dict[tuple[int, ...], list[int]] = {}
     for index, plan in enumerate(plans):
-        key = (plan.height, plan.width, plan.resized_height, plan.resized_width)
+        key = (plan.height, plan.width, plan.resized_height, plan.resized_width, plan.padded_height, plan.padded_width)
         groups.setdefault(key, []).append(index)
-    return [((key[2], key[3]), members) for key, members in groups.items()]
+    return [(key[2:], members) for key, members in groups.items()]

@@ -1,5 +1,5 @@
 """Resized sizes and patch grids: Qwen's smart_resize for images and for videos (GLM-4.xV's images:
-the video rule, as a clip of one temporal patch).
+the video rule, as a clip of one temporal patch), or Kimi K2.5's navit rule (navit.py) for both.
 
 The arithmetic (Python's banker's `round`, float `sqrt`, floor/ceil on the same
 expressions) follows the Hugging Face Qwen2-VL / Qwen3-VL processors operation for
@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 from vitserve.preprocess.config import PreprocessConfig
 from vitserve.preprocess.errors import PreprocessError
+from vitserve.preprocess.navit import navit_most_patches, navit_resize
 
 MAX_ASPECT_RATIO = 200
 
 
 @dataclass(frozen=True)
 class ItemPlan:
-    """One image or video: its input size, resized size and patch grid."""
+    """One image or video: its input size, resized size, padded size and patch grid."""
 
     is_video: bool
     frames: int  # input frames; 1 for an image
@@ -27,6 +28,8 @@ class ItemPlan:
     width: int
     resized_height: int
     resized_width: int
+    padded_height: int  # the resized frame with zeros below and to the right (navit); else the resized size
+    padded_width: int
     grid_t: int
     grid_h: int
     grid_w: int
@@ -107,7 +110,10 @@ def smart_resize_video(
 
 def plan_image(height: int, width: int, config: PreprocessConfig) -> ItemPlan:
     """With `image_resize_as_clip` (GLM-4.xV), the image is sized as the clip of one temporal patch
-    that repeats it, as Glm4vImageProcessor does; otherwise by Qwen's image rule."""
+    that repeats it, as Glm4vImageProcessor does; with the navit rule as Kimi_K25ImageProcessor does;
+    otherwise by Qwen's image rule."""
+    if config.resize_rule == "navit":
+        return _navit_plan(1, height, width, config, is_video=False)
     if config.image_resize_as_clip:
         resized_height, resized_width = smart_resize_video(
             config.temporal_patch_size,
@@ -133,6 +139,8 @@ def plan_image(height: int, width: int, config: PreprocessConfig) -> ItemPlan:
         width=width,
         resized_height=resized_height,
         resized_width=resized_width,
+        padded_height=resized_height,
+        padded_width=resized_width,
         grid_t=1,  # the single frame is repeated to fill one temporal patch
         grid_h=resized_height // config.patch_size,
         grid_w=resized_width // config.patch_size,
@@ -150,7 +158,10 @@ def video_pixel_limit(num_frames: int, config: PreprocessConfig) -> int:
 
 
 def plan_video(frames: int, height: int, width: int, config: PreprocessConfig) -> ItemPlan:
-    """A clip shorter than one temporal patch is sized as the padded clip (its last frame repeated)."""
+    """A clip shorter than one temporal patch is sized as the padded clip (its last frame repeated). With
+    the navit rule every frame is sized as Kimi_K25VideoProcessor sizes it, by the per-frame limit."""
+    if config.resize_rule == "navit":
+        return _navit_plan(frames, height, width, config, is_video=True)
     temporal = config.temporal_patch_size
     num_frames = max(frames, temporal)
     resized_height, resized_width = smart_resize_video(
@@ -169,9 +180,37 @@ def plan_video(frames: int, height: int, width: int, config: PreprocessConfig) -
         width=width,
         resized_height=resized_height,
         resized_width=resized_width,
+        padded_height=resized_height,
+        padded_width=resized_width,
         grid_t=-(-frames // temporal),  # frames padded up to a multiple of the temporal patch
         grid_h=resized_height // config.patch_size,
         grid_w=resized_width // config.patch_size,
+    )
+
+
+def _navit_plan(frames: int, height: int, width: int, config: PreprocessConfig, *, is_video: bool) -> ItemPlan:
+    """The grid covers the padded frame; a video's frames are its grid_t (with temporal_patch_size 1)."""
+    check_aspect_ratio(height, width)
+    (resized_height, resized_width), (padded_height, padded_width) = navit_resize(
+        height,
+        width,
+        patch_size=config.patch_size,
+        merge_size=config.merge_size,
+        max_patches=config.video_frame_max_patches if is_video else config.image_max_patches,
+        max_patches_per_side=config.max_patches_per_side,
+    )
+    return ItemPlan(
+        is_video=is_video,
+        frames=frames,
+        height=height,
+        width=width,
+        resized_height=resized_height,
+        resized_width=resized_width,
+        padded_height=padded_height,
+        padded_width=padded_width,
+        grid_t=-(-frames // config.temporal_patch_size),
+        grid_h=padded_height // config.patch_size,
+        grid_w=padded_width // config.patch_size,
     )
 
 
@@ -186,8 +225,11 @@ def largest_item_tokens(config: PreprocessConfig) -> int:
     has ceil(N / temporal) temporal patches; the bound is taken over every N. An image sized as a
     clip (`image_resize_as_clip`) is that clip's one temporal patch: T frames that round to T, so
     its frame's shares are the image limits over T (the upscale of tiny sides comes before the rule
-    and keeps the aspect ratio within the same bound, which the rule checks after it).
+    and keeps the aspect ratio within the same bound, which the rule checks after it). The navit rule
+    sizes each frame alone: navit_most_patches per image, and per frame times a video's temporal patches.
     """
+    if config.resize_rule == "navit":
+        return _navit_largest_item_tokens(config)
     f, patch, ratio = config.factor, config.patch_size, MAX_ASPECT_RATIO
     edge = math.sqrt(ratio) + 1 / math.sqrt(ratio)  # the most (H + W) / sqrt(H * W) can be
 
@@ -205,3 +247,12 @@ def largest_item_tokens(config: PreprocessConfig) -> int:
         share = frame_pixels(video_pixel_limit(frames, config) / min(frames, rounded), config.video_min_pixels / frames)
         video = max(video, -(-frames // temporal) * share)
     return int(max(image, video) // patch**2)
+
+
+def _navit_largest_item_tokens(config: PreprocessConfig) -> int:
+    limits = dict(patch_size=config.patch_size, merge_size=config.merge_size,
+                  max_patches_per_side=config.max_patches_per_side,
+                  max_short_side=math.isqrt(config.max_input_pixels))  # the shorter side of any input
+    image = navit_most_patches(max_patches=config.image_max_patches, **limits)
+    frame = navit_most_patches(max_patches=config.video_frame_max_patches, **limits)
+    return max(image, -(-config.max_video_frames // config.temporal_patch_size) * frame)

@@ -1,5 +1,5 @@
 """The preprocessing in force for a model: the checkpoint's processor configs when it has them, the
-released values of its family (Qwen3-VL's or GLM-4.xV's) otherwise, and settings given explicitly over
+released values of its family (Qwen3-VL's, GLM-4.xV's or Kimi K2.5's) otherwise, and settings given explicitly over
 either; and the line that says so when an engine starts."""
 
 from __future__ import annotations
@@ -48,7 +48,26 @@ def preprocess_for(source: str | Path, overrides: dict[str, Any] | None = None) 
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise ValueError(f"the checkpoint's preprocessing: {err}") from None
     given = {name: value for name, value in (overrides or {}).items() if value is not None}
+    _check_overrides_apply(base, given, source)
     return dataclasses.replace(base, **given) if given else base
+
+
+# Settings of the smart_resize rule alone: the navit rule (Kimi K2.5) sizes by patch limits instead.
+_SMART_RESIZE_ONLY = ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels",
+                      "video_cap_pixels_per_frame", "video_max_frame_tokens")
+
+
+def _check_overrides_apply(base: PreprocessConfig, given: dict[str, Any], source: str | Path) -> None:
+    """A pixel limit given for a model sized by the navit rule would change nothing: say so instead."""
+    if base.resize_rule != "navit" or "resize_rule" in given:
+        return
+    ignored = [name for name in _SMART_RESIZE_ONLY if name in given and given[name] != getattr(base, name)]
+    if ignored:
+        family = preprocess_family(source_model_type(source))
+        raise ValueError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to {family}'s "
+                         "preprocessing, which limits patches, not pixels: leave "
+                         f"{'it' if len(ignored) == 1 else 'them'} out, and set image_max_patches, "
+                         "video_frame_max_patches or max_patches_per_side in the checkpoint's processor configs")
 
 
 def overridden(config: PreprocessConfig, source: str | Path) -> list[str]:
@@ -65,6 +84,13 @@ def describe(config: PreprocessConfig, source: str | Path, overridden: list[str]
     origin = " and ".join(path.name for path in files) if files else f"the released {family} defaults"
     if overridden:
         origin += f", overridden by {', '.join(overridden)}"
+    if config.resize_rule == "navit":
+        return (f"preprocessing from {origin}: never scaled up; images at most {config.image_max_patches} patches, "
+                f"video frames at most {config.video_frame_max_patches} each, at most {config.max_patches_per_side} a "
+                f"side, padded with zeros to multiples of {config.factor} pixels; at most {config.max_video_frames} "
+                f"frames; patch {config.patch_size}, merge {config.merge_size}, temporal patch "
+                f"{config.temporal_patch_size}{', raster order' if config.raster_patches else ''}; mean "
+                f"{list(config.image_mean)}, std {list(config.image_std)}")
     cap = (f"each frame at most {config.video_max_frame_tokens} merged patches (per-frame cap)"
            if config.video_cap_pixels_per_frame else "no per-frame cap")
     image_rule = (f" (sized as a {config.temporal_patch_size}-frame clip)" if config.image_resize_as_clip else "")

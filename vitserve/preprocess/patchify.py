@@ -1,9 +1,11 @@
-"""Frames to patch rows in Qwen-VL's layout, and the fused rescale + normalise.
+"""Frames to patch rows in Qwen-VL's layout or in raster order (Kimi K2.5), the zero padding of the navit
+rule, and the fused rescale + normalise.
 
-Rows run over (grid_t, grid_h/m, grid_w/m, m, m): the m×m patches that the merger joins
+Qwen-VL's rows run over (grid_t, grid_h/m, grid_w/m, m, m): the m×m patches that the merger joins
 are adjacent. Columns run over (C, T, P, P), T holding consecutive frames. Images fill
 the temporal patch by repeating their frame; videos are padded to a multiple of T by
-repeating their last frame.
+repeating their last frame. Raster rows (temporal patch 1) run over (frames, grid_h, grid_w),
+columns over (C, P, P).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def patchify_into(frames: torch.Tensor, out: torch.Tensor, config: PreprocessCon
     straight into a permuted view of `out`, so nothing intermediate is allocated; padding
     frames are written from a broadcast view of the last frame.
     """
+    if config.raster_patches:
+        _raster_patchify_into(frames, out, config.patch_size)
+        return
     batch, num_frames, channels, height, width = frames.shape
     patch, merge, temporal = config.patch_size, config.merge_size, config.temporal_patch_size
     grid_t = -(-num_frames // temporal)
@@ -44,6 +49,24 @@ def patchify_into(frames: torch.Tensor, out: torch.Tensor, config: PreprocessCon
         out_frames[:, full, :remainder].copy_(frame_blocks[:, full * temporal :])
         padding = last_frame.expand(-1, temporal - remainder, *last_frame.shape[2:])
         out_frames[:, full, remainder:].copy_(padding)
+
+
+def _raster_patchify_into(frames: torch.Tensor, out: torch.Tensor, patch: int) -> None:
+    """Kimi K2.5's layout: (B, F, C, h, w) into rows (B*F*h/P*w/P, C*P*P), a frame's patches row by row."""
+    batch, num_frames, channels, height, width = frames.shape
+    out_patches = out.view(batch, num_frames, height // patch, width // patch, channels, patch, patch)
+    frame_patches = frames.unflatten(4, (width // patch, patch)).unflatten(3, (height // patch, patch))
+    out_patches.copy_(frame_patches.permute(0, 1, 3, 5, 2, 4, 6))  # (B, F, h/P, w/P, C, P, P)
+
+
+def pad_bottom_right(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, C, h, w) uint8 -> (N, C, height, width) with zeros below and to the right, as Hugging Face's Kimi
+    processors pad before normalising (so the padding's rows hold (0 - mean) / std)."""
+    if frames.shape[-2:] == (height, width):
+        return frames
+    padded = frames.new_zeros((*frames.shape[:-2], height, width))
+    padded[..., : frames.shape[-2], : frames.shape[-1]] = frames
+    return padded
 
 
 def normalize_(pixel_values: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:

@@ -161,13 +161,15 @@ class ModelRunner:
     def _eager_points(self, attention_ms_per_token2: float) -> list[tuple[int, float]]:
         """(tokens, ms without attention) of unpadded eager runs of several sizes."""
         merge, short = self.model.geometry.merge_size, CALIBRATION_SEGMENT
+        pool = self.model.geometry.temporal_pool  # frames per segment
         points = []
         largest_eager = 2 * self.capacities.max_budget
         wanted = {min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget}
-        # (frames, segment) per size, as measured: sizes that round to the same run are timed once.
-        runs = sorted({(max(1, t // min(short, t)), min(short, t) // merge * merge) for t in wanted})
-        for frames, segment in runs:
-            grid = [(frames, merge, segment // merge)]
+        # (segments, segment length) per size, as measured: sizes that round to the same run are timed once.
+        step = merge * pool
+        runs = sorted({(max(1, t // min(short, t)), max(step, min(short, t) // step * step)) for t in wanted})
+        for frames, segment in runs:  # `frames` segments of `pool` frames each
+            grid = [(frames * pool, merge, segment // pool // merge)]
             pixels = torch.randn(frames * segment, self.model.geometry.patch_dim, device=self.device)
             elapsed = time_ms(lambda: self.model.encode_patches(pixels, grid), self.device)
             points.append((frames * segment, max(elapsed - attention_ms_per_token2 * frames * segment**2, 0.0)))
@@ -194,15 +196,15 @@ class ModelRunner:
             pixel_offsets.append(pixel_offsets[-1] + shape.tokens)
         check_patches(pixel_values, pixel_offsets[-1], self.model.geometry, grids)
         pixel_values = pixel_values.to(self.device, non_blocking=True)  # one upload, then device copies
-        merge = self.capacities.merge_factor
-        total_rows = pixel_offsets[-1] // merge
+        item_rows = [self.model.geometry.item_rows(*g) for g in grids]  # (a Kimi chunk's frames share rows)
+        total_rows = sum(item_rows)
         out = self._output_buffer(total_rows) if out is None else _check_output(out, total_rows, self.window.output)
 
         items: list[ItemOutput | None] = [None] * len(grids)
         cursor = 0
         for window in pack(shapes, self.capacities):
             sequences = window.sequences
-            rows = window.tokens // merge
+            rows = sum(item_rows[i] for i in window.items)
             slots = self.capacities.fitting_slots(sequences)
             shape = None if window.budget is None or slots is None else (window.budget, slots)
             square = sum(shapes[i].tokens ** 2 // shapes[i].sequences for i in window.items)
@@ -220,7 +222,7 @@ class ModelRunner:
                     reason = "cheaper_than_graph" if measured else "not_measured" if captured else "not_captured"
                 self.stats.record_eager(window, sequences, reason)
             for index, first in zip(window.items, first_rows):
-                items[index] = ItemOutput(cursor + first, shapes[index].tokens // merge)
+                items[index] = ItemOutput(cursor + first, item_rows[index])
             cursor += rows
 
         result = EncodeResult(out, items, done=self.copier.barrier())
@@ -249,11 +251,20 @@ class ModelRunner:
         # One contiguous block, as the static window lays it out, then one copy.
         block = torch.cat([encoded.embeddings[:, None], encoded.deepstack.transpose(0, 1)], dim=1)
         self.copier.copy(block, destination)  # (rows, 1 + deepstack, out_hidden)
-        return (packed.layout[:, 3] // self.capacities.merge_factor).tolist()  # host tensor: no sync
+        return first_rows(self.model.geometry, window_grids)
 
     def _output_buffer(self, rows: int) -> torch.Tensor:
         shape = (rows, *self.window.output.shape[1:])
         return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+
+
+def first_rows(geometry, grids: Sequence[tuple[int, int, int]]) -> list[int]:
+    """Where each item's rows start in a window's output: the items' rows back to back."""
+    starts, row = [], 0
+    for grid in grids:
+        starts.append(row)
+        row += geometry.item_rows(*grid)
+    return starts
 
 
 def _check_output(out: torch.Tensor, rows: int, static_output: torch.Tensor) -> torch.Tensor:

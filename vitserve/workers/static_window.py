@@ -55,7 +55,7 @@ class StaticWindow:
             self._staged[slot].synchronize()  # the slot's previous upload must have left the host
         layout = self._staging[slot].numpy()  # (items, 5) host view, written without allocating
         self._fill_unused(layout, budget)
-        token = sequence = 0
+        token = sequence = row_cursor = 0
         output_rows = []
         run_source = run_target = run_tokens = 0  # items adjacent in the input go up in one copy
         for row, index in enumerate(window.items):
@@ -69,7 +69,8 @@ class StaticWindow:
             if not run_tokens:
                 run_source, run_target = start, token
             run_tokens += tokens
-            output_rows.append(token // self.merge)
+            output_rows.append(row_cursor)
+            row_cursor += self.model.geometry.item_rows(t, h, w)
             token += tokens
             sequence += self.model.item_sequences(t, h, w)
         self._copy_pixels(pixel_values, run_source, run_target, run_tokens)
@@ -85,13 +86,14 @@ class StaticWindow:
         self.pixels[target:target + tokens].copy_(rows, non_blocking=True)
 
     def stage_dummy(self, budget: int, segments: int = 1) -> int:
-        """A valid layout for warm-up and timing: one video of `segments` equal frames (each a row
-        of merge windows) filling as much of `budget` as they can. Returns the segment length."""
-        merge = self.model.geometry.merge_size
-        length = budget // segments // self.merge * self.merge
+        """A valid layout for warm-up and timing: one video of `segments` equal segments (each the
+        tower's temporal pool of frames, each frame a row of merge windows) filling as much of
+        `budget` as they can. Returns the segment length."""
+        merge, pool = self.model.geometry.merge_size, self.model.geometry.temporal_pool
+        length = budget // segments // (self.merge * pool) * (self.merge * pool)
         layout = torch.empty_like(self._staging[0])  # (items, 5) host
         self._fill_unused(layout.numpy(), budget)
-        layout[0] = torch.tensor((segments, merge, length // merge, 0, 0))
+        layout[0] = torch.tensor((segments * pool, merge, length // pool // merge, 0, 0))
         self.layout.copy_(layout)
         return length
 
@@ -117,9 +119,7 @@ class StaticWindow:
         """The window's segment lengths, padding segment and empty slots included (eager SDPA)."""
         lengths = []
         for index in window.items:
-            t, h, w = grids[index]
-            sequences = self.model.item_sequences(t, h, w)
-            lengths += [self.model.item_tokens(t, h, w) // sequences] * sequences
+            lengths += self.model.geometry.item_segments(*grids[index])
         if window.budget > window.tokens:
             lengths.append(window.budget - window.tokens)
         return lengths  # empty slots need no entry: SDPA would run once per empty segment

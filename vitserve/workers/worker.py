@@ -100,6 +100,7 @@ class Worker:
             out_hidden=geometry.out_hidden_size, num_deepstack=geometry.num_deepstack,
             dtype=str(self.runner.dtype).removeprefix("torch."), model_type=model.model_type,
             fingerprint=model.weights_fingerprint, cost=self.cost_message(), ready_s=time.perf_counter() - self.began, warming=self.warming,
+            temporal_pool=geometry.temporal_pool,
         )
 
     @property
@@ -175,7 +176,7 @@ class Worker:
             for i, part in zip(raw, patches.pixel_values.split([t * h * w for t, h, w in done])):
                 pieces[i] = part
         pixel_values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (tokens, patch_dim) in the window's order
-        rows = pixel_values.shape[0] // self.runner.capacities.merge_factor
+        rows = sum(self.runner.model.geometry.item_rows(*grid) for grid in grids)
         out = self._slot(message, rows)
         result = self.runner.encode(pixel_values, grids, out=out, wait=False)
         self._clear_rest(message, out.numel() * out.element_size())  # while the device works
