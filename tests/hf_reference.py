@@ -62,3 +62,15 @@ def random_patches(grids: list[tuple[int, int, int]], seed: int = 0) -> tuple[to
 def reference_outputs(tower: Qwen3VLVisionModel, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
     out = tower(pixel_values, grid_thw=grid_thw)
     return out.pooler_output, list(out.deepstack_features)
+
+
+def greedy_tokens(model, prompts: list[tuple[list[int], dict]], new_tokens: int = 8) -> list[list[int]]:
+    """The tokens `model.generate` adds greedily to each (prompt ids, pixel inputs)."""
+    tokens = []
+    for prompt, pixels in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        tokens.append(out[0, ids.shape[1]:].tolist())
+    return tokens

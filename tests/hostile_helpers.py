@@ -164,6 +164,13 @@ def disconnected(socket: zmq.Socket) -> zmq.Socket:
     return socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
 
+def stop_watching(socket: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Disable the monitor, then close it: in the other order, a disconnect in between blocks libzmq's
+    I/O thread for ever (a send to a PAIR without its reader, under the lock disabling takes)."""
+    socket.disable_monitor()
+    monitor.close(0)
+
+
 def saw_disconnect(monitor: zmq.Socket, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import signal
 import socket
@@ -36,7 +38,9 @@ def served(endpoint: str, *flags: str):
     unless the block killed and reaped it on purpose. A server that neither starts nor stops in time
     fails the test with every thread's stack (its SIGUSR1) and its stderr."""
     command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", endpoint, *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group: a stuck server's workers are signalled with it (stuck())
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     line = process.stdout.readline() if select.select([process.stdout], [], [], START_TIMEOUT_S)[0] else ""
     if "ready" not in line:
         pytest.fail(f"vitserve serve did not start within {START_TIMEOUT_S} s: {line}{stuck(process)}")
@@ -53,12 +57,17 @@ def served(endpoint: str, *flags: str):
 
 
 def stuck(process: subprocess.Popen) -> str:
-    """What a server that does not answer was doing: its threads' stacks, then it is killed; its stderr."""
+    """What a server that does not answer was doing: its and its workers' threads' stacks (SIGUSR1 to
+    the process group), then they are killed; their stderr, as much as comes within 30 s."""
     if process.poll() is None:
-        process.send_signal(signal.SIGUSR1)  # (vitserve serve prints every thread's stack)
-        time.sleep(1)
-        process.kill()
-    return process.communicate(timeout=30)[1]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGUSR1)
+            time.sleep(1)
+            os.killpg(process.pid, signal.SIGKILL)
+    try:
+        return process.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        return "(its stderr stayed open past 30 s: a child still holds it)"
 
 
 class RawPeer:

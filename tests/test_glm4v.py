@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import transformers
-from hf_reference import perturb_
+from hf_reference import greedy_tokens, perturb_
 from served import served
 from test_model_parity import CASES, TOLERANCE, relative_error
 
@@ -218,20 +218,10 @@ def test_generate_of_a_glm4v_model_takes_its_features_from_vitserve(tmp_path):
                ([1, 5] + video_ids + [17, 2],
                 {"pixel_values_videos": video.pixel_values, "video_grid_thw": video.grid_thw})]
 
-    def generate() -> list[list[int]]:
-        tokens = []
-        for prompt, pixels in prompts:
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, max_new_tokens=10,
-                                     min_new_tokens=10, do_sample=False)
-            tokens.append(out[0, ids.shape[1]:].tolist())
-        return tokens
-
-    own = generate()
+    own = greedy_tokens(model, prompts)
     attach(model, EngineConfig(model=str(tmp_path / "vlm"), window=WindowConfig(min_budget=64, max_budget=512)))
     try:
-        assert generate() == own
+        assert greedy_tokens(model, prompts) == own
         verdict = verify(model)
         assert verdict.ok and "fingerprint equal" in str(verdict), verdict.message
     finally:

@@ -17,7 +17,8 @@ import time
 import hostile_helpers
 import msgspec
 from hostile_helpers import (
-    Peer, barrier, disconnected, encode_message, image, one_error, reply_to, saw_disconnect, until_stats, works,
+    Peer, barrier, disconnected, encode_message, image, one_error, reply_to, saw_disconnect, stop_watching, until_stats,
+    works,
 )
 
 from vitserve.ipc.messages import ArrayRef, Error, Health, HealthQuery, ImageItem, Release, Result, StatsQuery
@@ -91,7 +92,7 @@ def test_a_message_of_ten_thousand_frames_shuts_its_connection(main):
         assert saw_disconnect(monitor, 5.0), "the connection was not shut"
         assert hostile.replies(0.5) == [], "a message past the protocol's frame bound was answered"
     finally:
-        monitor.close(0)
+        stop_watching(hostile.socket, monitor)
         hostile.close()
     fresh = Peer(endpoint)
     try:

@@ -21,7 +21,7 @@ import hostile_helpers
 import pytest
 import zmq
 from hostile_helpers import (
-    FLOOD_MAX_CONNECTIONS, Peer, disconnected, encode_message, image, path_of, saw_disconnect, still_serves,
+    FLOOD_MAX_CONNECTIONS, Peer, disconnected, encode_message, image, path_of, saw_disconnect, still_serves, stop_watching,
     until_stats, works,
 )
 
@@ -227,7 +227,7 @@ def test_the_delayed_shut_of_a_refused_connection_never_hits_the_connection_that
             assert not saw_disconnect(monitor, max(0.1, refused_at + 2.0 - time.monotonic())), \
                 "the engine shut a welcomed connection: the delayed shut of a refused one that had left"
         finally:
-            monitor.close(0)
+            stop_watching(newcomer.socket, monitor)
         works(newcomer)
     finally:
         for peer in admitted:
@@ -260,7 +260,7 @@ def test_connections_that_never_say_hello_are_shut(main):
             "a ZeroMQ peer that never said hello is still connected"
     finally:
         raw.close()
-        monitor.close(0)
+        stop_watching(silent.socket, monitor)
         silent.close()
     still_serves(endpoint)
 

@@ -160,10 +160,6 @@ def test_a_qwen_checkpoint_ignores_kimi_keys(tmp_path):
 
 
 def test_the_kimi_presets_get_the_kimi_values():
-    try:
-        model_type = presets.preset_model_type("random:kimi-k2.5")
-    except ValueError:
-        pytest.skip("preset random:kimi-k2.5 not there (vitserve/models/presets.py)")
-    assert model_type == "kimi_k25"
+    assert presets.preset_model_type("random:kimi-k2.5") == "kimi_k25"
     assert preprocess_for("random:kimi-k2.5") == KIMI
     assert "the released Kimi K2.5 defaults" in describe(KIMI, "random:kimi-k2.5")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import transformers
-from hf_reference import perturb_
+from hf_reference import greedy_tokens, perturb_
 from test_model_parity import TOLERANCE, relative_error
 
 from vitserve.models import load_model
@@ -134,14 +134,29 @@ def test_the_runner_packs_kimi_windows_equal_to_per_item_encodes():
 
     model = load_model("random:tiny-kimi")
     runner = ModelRunner(model, WindowConfig(budgets=(64, 128, 256), max_items=4, max_sequences=6))
-    grids = [(1, 4, 6), (6, 6, 4), (1, 2, 2), (3, 4, 4), (1, 16, 18), (9, 2, 2), (2, 2, 8)]
+    # (8, 8, 8): too large for any budget, its 8 frames averaged into 2 chunks' rows on the eager path
+    grids = [(1, 4, 6), (6, 6, 4), (1, 2, 2), (3, 4, 4), (1, 16, 18), (9, 2, 2), (2, 2, 8), (8, 8, 8)]
     pixels = random_pixels(model, grids, seed=7)
     result = runner.encode(pixels, grids)
     rows = [model.geometry.item_rows(*grid) for grid in grids]
     assert [item.rows for item in result.items] == rows and result.output.shape == (sum(rows), 1, 128)
-    assert sorted((item.offset, item.rows) for item in result.items)[-1][0] + max(rows) >= sum(rows)
-    assert runner.stats.summary()["windows"] >= 2 and runner.stats.summary()["eager_runs"]["too_many_tokens"] == 1
+    assert runner.stats.summary()["windows"] >= 2 and runner.stats.summary()["eager_runs"]["too_many_tokens"] == 2
     assert_equals_per_item(model, result, pixels, grids)
+
+
+def test_a_windows_padding_never_reaches_its_rows():
+    """Padding tokens hold whatever an earlier window left (here values near float32's largest): the
+    temporal merge must not add even zero times them to a real row (inf * 0 is NaN)."""
+    from vitserve.workers import ModelRunner, WindowConfig
+
+    model = load_model("random:tiny-kimi")
+    runner = ModelRunner(model, WindowConfig(budgets=(64, 256), max_items=4, max_sequences=6))
+    runner.encode(torch.full((256, PATCH_DIM), 3e38), [(1, 16, 16)])  # fills the static window's pixels
+    pixels = torch.randn(16, PATCH_DIM, generator=torch.Generator().manual_seed(3))
+    result = runner.encode(pixels, [(1, 4, 4)])  # 16 tokens in the 64 budget: 48 of padding
+    assert runner.stats.summary()["windows_per_budget"].get(64) == 1
+    torch.testing.assert_close(result.embeddings(0), model.encode_patches(pixels, [(1, 4, 4)]).embeddings,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_the_benchs_hugging_face_baseline_is_kimis_tower_and_projector(pair):
@@ -184,3 +199,53 @@ def test_serve_gives_the_eager_models_results(pair, tmp_path):
                 torch.testing.assert_close(served_item.embeddings, expected.embeddings, atol=1e-5, rtol=1e-5)
             t, h, w = result.items[1].grid
             assert t == 5 and result.items[1].embeddings.shape[0] == 2 * h * w // 4  # two chunks' rows
+
+
+def test_generate_of_a_kimi_model_takes_its_features_from_vitserve(tmp_path):
+    """The transformers integration with Kimi K2.5: an unchanged generate() gives the tokens of the model's
+    own tower and projector, for an image and for a video of 6 frames (two chunks); verify agrees."""
+    import numpy as np
+
+    from vitserve.engine import EngineConfig
+    from vitserve.integrations.transformers import attach, detach, verify
+    from vitserve.preprocess import preprocess_image, preprocess_video
+    from vitserve.preprocess.config import released_preprocess
+    from vitserve.workers import WindowConfig
+
+    image_token, video_token, start, end = 120, 121, 122, 123
+    config = transformers.Kimi_K25Config(vision_config=TOWERS["hd16-pos8"], text_config=TEXT, projection_hidden_size=64,
+                                         image_token_id=image_token, video_token_id=video_token,
+                                         vision_start_token_id=start, vision_end_token_id=end)
+    torch.manual_seed(4)
+    model = transformers.Kimi_K25ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "vlm")
+    rng = np.random.default_rng(1)
+    preprocess = released_preprocess("kimi_k25")
+    image = preprocess_image(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), preprocess)
+    video = preprocess_video(rng.integers(0, 256, (6, 56, 84, 3), dtype=np.uint8), preprocess)
+    t, h, w = image.grid_thw[0].tolist()
+    vt, vh, vw = video.grid_thw[0].tolist()
+    video_chunks = torch.tensor(chunks(vt, vh, vw))  # as Kimi's processor gives a video: one row per chunk
+    prompts = [([1, 5, start] + [image_token] * (h * w // 4) + [end, 17, 2],
+                {"pixel_values": image.pixel_values.view(-1, 3, 14, 14), "image_grid_thw": image.grid_thw}),
+               ([1, 5, start] + [video_token] * (len(video_chunks) * vh * vw // 4) + [end, 17, 2],
+                {"pixel_values_videos": video.pixel_values.view(-1, 3, 14, 14), "video_grid_thw": video_chunks})]
+
+    own = greedy_tokens(model, prompts)
+    attach(model, EngineConfig(model=str(tmp_path / "vlm"), window=WindowConfig(min_budget=64, max_budget=512),
+                               max_item_tokens=4096))
+    try:
+        assert greedy_tokens(model, prompts) == own
+        verdict = verify(model)
+        assert verdict.ok, verdict.message
+    finally:
+        detach(model)
+
+
+def test_the_cost_model_calibrates_kimi_on_budgets_of_any_size():
+    """Calibration runs segments of 4 frames, each a whole number of merge blocks, whatever the budgets."""
+    from vitserve.workers import ModelRunner, WindowConfig
+
+    runner = ModelRunner(load_model("random:tiny-kimi"), WindowConfig(budgets=(64, 108)))
+    runner.capture(progress=False)
+    assert runner.cost.eager_base_points and all(ms >= 0 for _, ms in runner.cost.eager_base_points)

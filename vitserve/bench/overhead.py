@@ -176,8 +176,8 @@ class _InProcessRunner:
         self.item, self.device, self.preprocess = item, torch.device(device), preprocess  # (the engine's)
         self.runner = ModelRunner(load_model(model, device=self.device), window)
         self.runner.capture(progress=False)
-        rows = self._patches()[0].shape[0] // self.runner.capacities.merge_factor
         geometry = self.runner.model.geometry
+        rows = sum(geometry.item_rows(*grid) for grid in self._patches()[1])
         self.out = torch.empty(rows, 1 + geometry.num_deepstack, geometry.out_hidden_size, dtype=self.runner.dtype,
                                pin_memory=self.device.type == "cuda")  # (rows, 1 + deepstack, out_hidden)
 

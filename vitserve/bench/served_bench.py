@@ -67,14 +67,14 @@ def _runner_images_per_s(runner: ModelRunner, requests: list, config: Preprocess
         used += count
         most = max(most, used)
     groups.append(group)
-    rows = most // runner.capacities.merge_factor  # of the largest group
+    rows = most // runner.capacities.merge_factor  # of the largest group (at most: Kimi's chunks share rows)
     out = torch.empty((rows, *runner.window.output.shape[1:]), dtype=runner.dtype, pin_memory=cuda)
 
     def one_pass() -> int:
         for items in groups:
             uploaded = [item.to(device, non_blocking=True) for item in items]
             patches = preprocess_batch(uploaded, config, device=device)
-            total = patches.pixel_values.shape[0] // runner.capacities.merge_factor
+            total = sum(runner.model.geometry.item_rows(*grid) for grid in patches.grid_thw.tolist())
             runner.encode(patches.pixel_values, patches.grid_thw, out=out[:total], wait=False)
         return sum(len(items) for items in groups)
 

@@ -43,6 +43,8 @@ class AdmittedItem:
 
     @property
     def sequences(self) -> int:
+        """Grid time steps: the segments of a tower that attends per temporal patch (intake divides
+        by WorkerReady.temporal_pool for one that pools frames, as Kimi K2.5 does)."""
         return self.grid[0]
 
 

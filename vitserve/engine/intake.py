@@ -16,6 +16,7 @@ import numpy as np
 from vitserve.ipc.messages import OutputRef
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slabs import Slot
+from vitserve.models.protocol import item_segment_count
 from vitserve.scheduler import Request, deadline_at
 
 from .admission import AdmissionError, AdmittedItem, admit
@@ -110,7 +111,7 @@ class RequestIntake:
             raise EngineError("invalid_input", f"deadline_ms must be from 0 to {MAX_DEADLINE_MS:.0f} (a day), or "
                                                f"None for no deadline; got {deadline_ms!r}")
         pool = self.ready.temporal_pool  # a segment per `pool` frames (Kimi K2.5: chunks of 4)
-        shapes = [(i.tokens, -(-i.grid[0] // pool)) for i in items]  # (tokens, segments) each
+        shapes = [(i.tokens, item_segment_count(i.grid[0], pool)) for i in items]  # (tokens, segments) each
         check_request_fits(shapes, self.capacities, self.layout, self.config.output_windows)
         self._check_keep(keep, items, keep_s)
         loop = asyncio.get_running_loop()

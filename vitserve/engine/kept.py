@@ -20,6 +20,7 @@ from typing import Sequence
 
 from vitserve.ipc.messages import MAX_NAME_LENGTH, OutputRef
 from vitserve.ipc.slabs import SlabError, Slot
+from vitserve.models.protocol import item_rows
 
 from .admission import AdmittedItem
 from .errors import EngineError
@@ -61,8 +62,9 @@ class KeptItems:
                                                f"{self.config.kept_timeout_s:g}; got {keep_s!r}")
         limit = self._kept_limit()
         for name, item in zip(names, items):
-            if name and item.tokens // self.capacities.merge_factor > limit:
-                raise EngineError("too_large", f"item {name!r} has {item.tokens // self.capacities.merge_factor} "
+            rows = item_rows(item.grid, self.capacities.merge_factor, self.ready.temporal_pool)
+            if name and rows > limit:
+                raise EngineError("too_large", f"item {name!r} has {rows} "
                                                f"output rows, more than kept items may hold ({limit}, kept_share="
                                                f"{self.config.kept_share:g} of a worker's rows): keep it not, or "
                                                f"raise --kept-share")

@@ -206,8 +206,9 @@ class WindowTraffic:
             if pending is None:
                 continue
             admitted = pending.items[item.index]
+            rows_shape = (item_rows(admitted.grid, merge, pool), *self.layout.row_shape)
             pending.outputs[item.index] = OutputRef(
-                shape=(item_rows(admitted.grid, merge, pool), *self.layout.row_shape), dtype=self.ready.dtype, kind=admitted.kind,
+                shape=rows_shape, dtype=self.ready.dtype, kind=admitted.kind,
                 grid=admitted.grid, slab=slot.slab, epoch=slot.epoch,
                 offset=slot.offset + first_row * self.layout.row_bytes)
         for key in {item.request.key for item in dispatch.items}:

@@ -1,5 +1,5 @@
-"""Hugging Face transformers: a loaded Qwen3-VL, Qwen3.5 or GLM-4.xV model takes its image and video
-features from vitserve.
+"""Hugging Face transformers: a loaded Qwen3-VL, Qwen3.5, GLM-4.xV or Kimi K2.5 model takes its image
+and video features from vitserve.
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(path)
     attach(model, "ipc:///run/user/1000/vitserve.sock")  # or a vitserve.Client, or EngineConfig(model=path)
@@ -41,7 +41,8 @@ class Attached:
 
 
 def attach(model: torch.nn.Module, encoder: Any) -> Attached:
-    """Have `model` (a Qwen3-VL, Qwen3.5 or GLM-4.xV model of transformers: ...ForConditionalGeneration or ...Model)
+    """Have `model` (a Qwen3-VL, Qwen3.5, GLM-4.xV or Kimi K2.5 model of transformers: ...ForConditionalGeneration
+    or ...Model)
     take its image and video features from `encoder`: an endpoint (a `vitserve.Client` is made), a
     `vitserve.Client`, or an `EngineConfig` (an engine is started in this process). ValueError
     when the served model's outputs do not fit the decoder's."""
@@ -108,13 +109,9 @@ def verify(model: torch.nn.Module, encoder: Any = None) -> Verification:
         if attached is None:
             raise ValueError("verify needs an encoder: attach(model, ...) first, or pass encoder=")
         encoder = attached.encoder
-    served, visual = encoder.model, inner.visual
+    served, visual = encoder.model, _tower(inner)
     patches = preprocess_image(_probe_image(), PreprocessConfig(**served.preprocess))
-    with torch.no_grad():
-        own = visual(patches.pixel_values.to(visual.device, visual.dtype), grid_thw=patches.grid_thw.to(visual.device),
-                     return_dict=True)
-    features = [own.pooler_output, *(getattr(own, "deepstack_features", None) or [])]  # (Qwen3.5: no deepstack)
-    reference = torch.stack(features).float().cpu()  # (1 + deepstack, rows, out_hidden)
+    reference = _own_features(inner, patches.pixel_values, patches.grid_thw)  # (1 + deepstack, rows, out_hidden)
     with encoder.encode([(patches.pixel_values, patches.grid_thw)]) as result:  # (1 + deepstack, rows, out_hidden)
         item = result.items[0]
         theirs = torch.cat([item.embeddings[None], item.deepstack]).float().cpu()
@@ -126,7 +123,8 @@ def verify(model: torch.nn.Module, encoder: Any = None) -> Verification:
         error = ((theirs - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
     ok = error <= tolerance
     fingerprint = weights_fingerprint(visual.state_dict().items())
-    same = ("equal" if fingerprint == served.fingerprint else
+    same = ("not compared (transformers holds Kimi K2.5's weights renamed and permuted from the files')"
+            if not hasattr(inner, "visual") else "equal" if fingerprint == served.fingerprint else
             f"differs (served {served.fingerprint or 'unknown'}, this model's {fingerprint}: other weights, or the "
             f"same ones in another dtype than stored)")
     message = (f"the served tower ({served.source}, {served.model_type}, {served.dtype}) "
@@ -136,15 +134,35 @@ def verify(model: torch.nn.Module, encoder: Any = None) -> Verification:
     return Verification(ok, error, tolerance, message)
 
 
+def _tower(inner: torch.nn.Module) -> torch.nn.Module:
+    """The model's vision tower: `visual` (Qwen3-VL, Qwen3.5, GLM-4.xV) or `vision_tower` (Kimi K2.5)."""
+    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+
+
+def _own_features(inner, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The model's own features of processed patches, (1 + deepstack, rows, out_hidden) float32 on the CPU."""
+    tower = _tower(inner)
+    with torch.no_grad():
+        if hasattr(inner, "visual"):
+            own = tower(pixel_values.to(tower.device, tower.dtype), grid_thw=grid_thw.to(tower.device), return_dict=True)
+            features = [own.pooler_output, *(getattr(own, "deepstack_features", None) or [])]  # (Qwen3.5: no deepstack)
+        else:  # Kimi K2.5: the tower, then its projector (the class's method: attach may stand in for the instance's)
+            patch = tower.config.patch_size
+            patches = pixel_values.to(tower.device, tower.dtype).view(-1, 3, patch, patch)  # (tokens, C, P, P)
+            own = type(inner).get_image_features(inner, patches, grid_thw.to(tower.device), return_dict=True)
+            features = [torch.cat(own.pooler_output)]
+    return torch.stack(features).float().cpu()
+
+
 def _features(encoder, inner, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
     """The model's features of these items through vitserve: per item its rows and, per deepstack
     layer, its deepstack rows, in the model's device and dtype (copied out of shared memory)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     grids = [tuple(int(x) for x in grid) for grid in grid_thw.tolist()]
-    values = pixel_values.detach().to("cpu", torch.float32)  # (tokens, patch_dim), the processor's
+    values = pixel_values.detach().to("cpu", torch.float32).flatten(1)  # (tokens, patch_dim), the processor's
     pieces = values.split([t * h * w for t, h, w in grids])
-    device, dtype = inner.visual.device, inner.visual.dtype
+    device, dtype = _tower(inner).device, _tower(inner).dtype
     with encoder.encode([(piece, np.array([grid])) for piece, grid in zip(pieces, grids)]) as result:
         rows = tuple(item.embeddings.to(device, dtype, copy=True) for item in result.items)  # (rows, out_hidden) each
         layers = result.items[0].deepstack.shape[0] if result.items else 0
@@ -156,15 +174,18 @@ def _features(encoder, inner, pixel_values: torch.Tensor, grid_thw: torch.Tensor
 def _vision_owner(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward calls get_image_features (e.g. Qwen3VLModel), given it or the model around it."""
     inner = getattr(model, "model", model)
-    if not (hasattr(inner, "visual") and hasattr(inner, "get_image_features")):
-        raise TypeError(f"{type(model).__name__} is not a Qwen3-VL, Qwen3.5 or GLM-4.xV model of transformers (no "
-                        ".visual and get_image_features): pass e.g. a Qwen3VLForConditionalGeneration or Qwen3VLModel")
+    if not ((hasattr(inner, "visual") or hasattr(inner, "vision_tower")) and hasattr(inner, "get_image_features")):
+        raise TypeError(f"{type(model).__name__} is not a Qwen3-VL, Qwen3.5, GLM-4.xV or Kimi K2.5 model of transformers "
+                        "(no vision tower and get_image_features): pass e.g. a Qwen3VLForConditionalGeneration")
     return inner
 
 
 def _check_outputs(served, inner: torch.nn.Module) -> None:
-    vision = inner.visual.config
-    wanted = (vision.out_hidden_size, len(getattr(vision, "deepstack_visual_indexes", None) or []))
+    if hasattr(inner, "visual"):
+        vision = inner.visual.config
+        wanted = (vision.out_hidden_size, len(getattr(vision, "deepstack_visual_indexes", None) or []))
+    else:  # Kimi K2.5: the projector's rows go into the text stream
+        wanted = (inner.config.text_config.hidden_size, 0)
     if (served.out_hidden, served.num_deepstack) != wanted:
         raise ValueError(f"the served model ({served.source}) gives rows of width {served.out_hidden} with "
                          f"{served.num_deepstack} deepstack layers; this model takes {wanted[0]} with {wanted[1]}: "

@@ -158,8 +158,9 @@ def _open_safetensors(path: Path):
 
 
 def _vision_names(directory: Path, files: dict[str, str], prefixes: tuple[str, ...],
-                  owned: tuple[str, ...], aliases: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
-    """The tower's tensors: the name in the model -> the name in the files."""
+                  owned: tuple[str, ...], aliases: tuple[tuple[str, str], ...] = ()) -> tuple[dict[str, str], str]:
+    """The tower's tensors (the name in the model -> the name in the files), and the prefix to show
+    missing ones under (none when each name may have its own)."""
     if owned:  # each name under any prefix (transformers writes some under `model.`, some not)
         vision: dict[str, str] = {}
         for name in files:
@@ -175,13 +176,13 @@ def _vision_names(directory: Path, files: dict[str, str], prefixes: tuple[str, .
                     break
         if not vision:
             raise CheckpointError(f"{directory} has no vision tensors under {' or '.join(owned)}")
-        return vision
+        return vision, ""
     found = [p for p in prefixes if any(name.startswith(p) for name in files)]
     if not found:
         raise CheckpointError(f"{directory} has no vision tensors under {' or '.join(prefixes)}")
     if len(found) > 1:
         raise CheckpointError(f"{directory} has vision tensors under both {found[0]} and {found[1]}; keep one copy")
-    return {name[len(found[0]):]: name for name in files if name.startswith(found[0])}
+    return {name[len(found[0]):]: name for name in files if name.startswith(found[0])}, found[0]
 
 
 def read_vision_tensors(
@@ -193,12 +194,12 @@ def read_vision_tensors(
     `model`; and their fingerprint (of the tensors as stored)."""
     files = _tensor_files(directory)
 
-    vision = _vision_names(directory, files, prefixes, owned, aliases)
+    vision, shown_prefix = _vision_names(directory, files, prefixes, owned, aliases)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     missing = sorted(set(expected) - set(vision))
     extra = sorted(set(vision) - set(expected))
     if missing:
-        shown = ", ".join(prefixes[0] + m for m in missing[:8])
+        shown = ", ".join(shown_prefix + m for m in missing[:8])
         raise CheckpointError(f"{directory} lacks {len(missing)} vision tensor(s) the config needs: {shown}")
     if extra:
         shown = ", ".join(f"{vision[e]} (in {files[vision[e]]})" for e in extra[:8])

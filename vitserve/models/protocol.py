@@ -58,9 +58,14 @@ class EncoderGeometry:
 
 
 def item_rows(grid: Sequence[int], merge_factor: int, temporal_pool: int) -> int:
-    """Output rows of an item with grid (t, h, w): ceil(t / temporal_pool) frames of merged tokens."""
+    """Output rows of an item with grid (t, h, w): one frame of merged tokens per segment."""
     t, h, w = grid
-    return -(-t // temporal_pool) * (h * w // merge_factor)
+    return item_segment_count(t, temporal_pool) * (h * w // merge_factor)
+
+
+def item_segment_count(t: int, temporal_pool: int) -> int:
+    """Attention segments of an item of t grid frames: one per `temporal_pool` of them."""
+    return -(-t // temporal_pool)
 
 
 class EncoderOutput(NamedTuple):

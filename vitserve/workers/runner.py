@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vitserve.models import VisionEncoder, check_patches, grid_list, pack_grids
+from vitserve.models import EncoderGeometry, VisionEncoder, check_patches, grid_list, pack_grids
 
 from .capacities import Capacities, WindowConfig, resolve_capacities
 from .cost_model import CostModel, time_ms
@@ -37,7 +37,7 @@ CALIBRATION_SEGMENT = 256  # tokens per segment where attention is a small part 
 @dataclass(frozen=True)
 class ItemOutput:
     offset: int  # first row of the item in the output buffer
-    rows: int  # output tokens (patch tokens / merge²)
+    rows: int  # output rows (EncoderGeometry.item_rows)
 
 
 @dataclass
@@ -166,7 +166,7 @@ class ModelRunner:
         largest_eager = 2 * self.capacities.max_budget
         wanted = {min(t, largest_eager) for t in EAGER_CALIBRATION_TOKENS} | {self.capacities.max_budget}
         # (segments, segment length) per size, as measured: sizes that round to the same run are timed once.
-        step = merge * pool
+        step = merge * merge * pool  # a segment of `pool` frames, each a whole number of merge blocks
         runs = sorted({(max(1, t // min(short, t)), max(step, min(short, t) // step * step)) for t in wanted})
         for frames, segment in runs:  # `frames` segments of `pool` frames each
             grid = [(frames * pool, merge, segment // pool // merge)]
@@ -250,7 +250,8 @@ class ModelRunner:
         encoded = self.model(pixels.to(self.dtype), meta)
         # One contiguous block, as the static window lays it out, then one copy.
         block = torch.cat([encoded.embeddings[:, None], encoded.deepstack.transpose(0, 1)], dim=1)
-        self.copier.copy(block, destination)  # (rows, 1 + deepstack, out_hidden)
+        # (the forward's tokens / 4 rows: fewer are real when a tower pools frames, as Kimi K2.5 does)
+        self.copier.copy(block[:destination.shape[0]], destination)  # (rows, 1 + deepstack, out_hidden)
         return first_rows(self.model.geometry, window_grids)
 
     def _output_buffer(self, rows: int) -> torch.Tensor:
@@ -258,7 +259,7 @@ class ModelRunner:
         return torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
 
 
-def first_rows(geometry, grids: Sequence[tuple[int, int, int]]) -> list[int]:
+def first_rows(geometry: EncoderGeometry, grids: Sequence[tuple[int, int, int]]) -> list[int]:
     """Where each item's rows start in a window's output: the items' rows back to back."""
     starts, row = [], 0
     for grid in grids:

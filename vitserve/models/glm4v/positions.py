@@ -15,7 +15,7 @@ import torch
 CUBIC_A = -0.75  # torch's bicubic (grid_sample and interpolate), not Pillow's -0.5
 
 
-def _cubic_weights(fraction: torch.Tensor) -> torch.Tensor:
+def cubic_weights(fraction: torch.Tensor) -> torch.Tensor:
     """Keys' weights of the taps at -1, 0, +1, +2 from floor(x), for x's fractional part: (tokens, 4)."""
     a = CUBIC_A
 
@@ -34,7 +34,7 @@ def _axis_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[torc
     floor = source.floor()
     offsets = torch.arange(-1, 3, device=index.device)  # a kernel, not a host-to-device copy
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)  # (tokens, 4)
-    return taps, _cubic_weights(source - floor)  # (tokens, 4) each
+    return taps, cubic_weights(source - floor)  # (tokens, 4) each
 
 
 def bicubic_taps(

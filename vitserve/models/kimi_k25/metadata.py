@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from ..glm4v.positions import cubic_weights
 from ..token_metadata import checked_lengths, segment_bounds
 from .config import KimiK25VisionConfig
 
@@ -26,7 +27,7 @@ class KimiMetadata:
     time_index: torch.Tensor  # (tokens,) int64 row of the time table: 0 (none) or 1 + frame in its chunk
     rope_cos: torch.Tensor  # (tokens, 1, head_dim / 2) float32
     rope_sin: torch.Tensor  # (tokens, 1, head_dim / 2) float32
-    merge_slot: torch.Tensor  # (tokens,) int64: output row * 4 + position in its 2x2 block
+    merge_slot: torch.Tensor  # (tokens,) int64: output row * 4 + position in its 2x2 block (padding: the last)
     merge_weight: torch.Tensor  # (tokens,) float32: 1 / frames of its chunk (0 for padding)
     cu_seqlens: torch.Tensor  # (sequences + 1,) int32 segment boundaries
     max_seqlen: int  # host upper bound of any segment length
@@ -66,7 +67,10 @@ def kimi_metadata(
 
     merged_width = width // merge
     output_row = row_offset[item] + chunk * (frame_tokens[item] // merge**2) + (row // merge) * merged_width + col // merge
-    merge_slot = (output_row * merge**2 + (row % merge) * merge + col % merge) * is_real  # (tokens,)
+    slot = output_row * merge**2 + (row % merge) * merge + col % merge  # (tokens,)
+    # Padding goes to the last slot, a padding row (real rows * 4 <= real tokens < num_tokens), never a real
+    # one: its pixels are whatever an earlier window left, and inf * 0 would be NaN in another request's row
+    merge_slot = torch.where(is_real, slot, num_tokens - 1)
     merge_weight = is_real / chunk_frames.clamp(min=1).to(torch.float32)  # (tokens,)
 
     cu_seqlens = segment_bounds(layout, num_tokens, num_sequences, pool)
@@ -76,16 +80,12 @@ def kimi_metadata(
 
 def _axis_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bicubic taps of F.interpolate(align_corners=False) on one axis: half-pixel centres, Keys' kernel
-    with a = -0.75, taps clamped to the table."""
+    with a = -0.75, taps clamped to the table (the reference's own arithmetic for the source position)."""
     source = (index.to(torch.float32) + 0.5) * side / size - 0.5  # (tokens,)
     floor = source.floor()
     offsets = torch.arange(-1, 3, device=index.device)
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)  # (tokens, 4)
-    distance = (source[:, None] - floor[:, None] - offsets).abs()
-    a = -0.75
-    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
-    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
-    return taps, torch.where(distance <= 1, near, far)  # (tokens, 4) each
+    return taps, cubic_weights(source - floor)  # (tokens, 4) each
 
 
 def _bicubic_taps(row, col, height, width, side: int) -> tuple[torch.Tensor, torch.Tensor]:
