@@ -85,3 +85,31 @@ def test_what_the_processor_refuses_is_refused_as_invalid_input(shape):
     with pytest.raises(AdmissionError, match="aspect ratio") as refused:
         admit(item, config.preprocess, config.item_token_limit)
     assert refused.value.code == "invalid_input"
+
+
+def test_the_default_item_limit_keeps_one_items_outputs_within_max_item_output_bytes():
+    """Without max_item_tokens, an item may take at most max_item_output_bytes of a worker's shared
+    memory (Kimi K2.5's largest clip would take gigabytes); a max_item_tokens given is taken as it is."""
+    import asyncio
+
+    from vitserve import Engine
+    from vitserve.engine import EngineError
+
+    window = WindowConfig(min_budget=64, max_budget=512)
+    row_bytes = (1 + 2) * 128 * 4  # random:tiny: an embedding and 2 deepstack rows of 128 float32
+
+    async def limit_and_refusal(**settings) -> tuple[int, str | None]:
+        async with Engine(EngineConfig(window=window, **settings)) as engine:
+            try:
+                await engine.encode([np.zeros((1200, 1200, 3), np.uint8)])  # 5625 patch tokens
+                code = None
+            except EngineError as err:
+                code = err.code
+            return engine.model.item_token_limit, code
+
+    capped, code = asyncio.run(limit_and_refusal(max_item_output_bytes=1000 * row_bytes))
+    assert capped == 4000 < EngineConfig(window=window).item_token_limit and code == "too_large"
+    given_limit, code = asyncio.run(limit_and_refusal(max_item_output_bytes=1000 * row_bytes, max_item_tokens=8000))
+    assert given_limit == 8000 and code is None
+    with pytest.raises(ValueError, match="max_item_output_bytes"):
+        EngineConfig(max_item_output_bytes=0)

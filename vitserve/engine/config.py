@@ -18,6 +18,7 @@ from .limits import ClientLimits
 
 from vitserve.choices import DEFAULT_MODEL
 DEFAULT_INPUT_SLAB_BYTES = 1 << 30
+DEFAULT_ITEM_OUTPUT_BYTES = 1 << 30
 MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread and the engine busy
 
 
@@ -31,8 +32,11 @@ class EngineConfig:
     max_item_tokens: the largest single item admitted (items over the largest budget run
     eagerly); larger ones get `too_large`. By default, the most the preprocessing's pixel limits
     give one item (anything the model's own processor accepts is accepted), and at least twice
-    the largest budget. max_request_bytes: the input arrays of one request
-    together (over the wire, a larger frame disconnects its sender before it is read).
+    the largest budget, but no more than `max_item_output_bytes` of outputs (each worker's shared
+    memory holds the largest item: Kimi K2.5's processor bounds frames, not clips, so its largest
+    clip would take gigabytes); a max_item_tokens given is taken as it is. max_request_bytes: the
+    input arrays of one request together (over the wire, a larger frame disconnects its sender
+    before it is read).
     input_slab_bytes: the shared memory that inputs received as frames (tcp:// clients, the
     embedded API) are copied into for the workers, page-locked on GPUs; full: `overloaded`.
     lease_timeout_s: results not released this long after they were delivered are reclaimed
@@ -56,6 +60,7 @@ class EngineConfig:
     clients: ClientLimits = field(default_factory=ClientLimits)  # what one client of `serve` may use (limits.py)
     output_windows: int = 16
     max_item_tokens: int | None = None  # default: the preprocessing's largest item, at least twice the largest budget
+    max_item_output_bytes: int = DEFAULT_ITEM_OUTPUT_BYTES  # what the default max_item_tokens may give one item's outputs
     startup_timeout_s: float = 600.0
     cpu_threads_per_worker: int | None = None  # default: the host's cores less two, shared by the CPU workers
     output_device: str | None = None  # embedded engine: copy results to this torch device
@@ -86,6 +91,7 @@ class EngineConfig:
         check_int("output_windows", self.output_windows, 2, "one window fills while clients read another")
         if self.max_item_tokens is not None:
             check_int("max_item_tokens", self.max_item_tokens, 1, "or None for the largest item the preprocessing gives")
+        check_int("max_item_output_bytes", self.max_item_output_bytes, 1, "the outputs of the largest item by default")
         if self.cpu_threads_per_worker is not None:
             check_int("cpu_threads_per_worker", self.cpu_threads_per_worker, 1, "or None to share the host's cores")
         check_int("max_request_bytes", self.max_request_bytes, 1, "the input arrays of one request together")

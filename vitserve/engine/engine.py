@@ -33,7 +33,7 @@ from .config import EngineConfig
 from .inputs import EngineInputs
 from .intake import Pending, RequestIntake
 from .kept import KeptItem, KeptItems, RunKey
-from .outputs_layout import agreed_capacities, output_layout, predictor
+from .outputs_layout import agreed_capacities, item_token_limit, output_layout, predictor
 from .reports import EngineReports
 from .request_ends import RequestEnds
 from .restarts import WorkerRestarts
@@ -53,6 +53,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self._instance = next(_INSTANCES)
         self.capacities: Capacities | None = None
         self.ready: WorkerReady | None = None
+        self.item_token_limit = self.config.item_token_limit  # until the workers say how wide their rows are (_setup)
         self.model: ServedModel | None = None  # what it serves, once started (a client's welcome says it too)
         self.scheduler: Scheduler | None = None
         self._handles: list[WorkerHandle] = []
@@ -159,11 +160,15 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self.ready = ready = readies[0]
         self.capacities = agreed_capacities(readies)
         config = self.config
+        self.item_token_limit = item_token_limit(config, ready, self.capacities)
+        if self.item_token_limit < config.item_token_limit:
+            log.warning("items are limited to %d patch tokens, not the %d the preprocessing allows: their outputs "
+                        "would pass max_item_output_bytes=%d (set max_item_tokens, `vitserve serve --max-item-tokens`, "
+                        "for larger ones)", self.item_token_limit, config.item_token_limit, config.max_item_output_bytes)
         self.model = ServedModel(config.model, ready.model_type, ready.fingerprint, ready.dtype, ready.out_hidden,
-                                 ready.num_deepstack, self.capacities.budgets, config.item_token_limit,
+                                 ready.num_deepstack, self.capacities.budgets, self.item_token_limit,
                                  msgspec.to_builtins(config.preprocess))
-        self.layout = output_layout(self.ready, self.capacities, self.config.output_windows,
-                                    self.config.item_token_limit)
+        self.layout = output_layout(self.ready, self.capacities, self.config.output_windows, self.item_token_limit)
         states = []
         for ready in readies:
             self._worker_started(ready)

@@ -75,7 +75,7 @@ class RequestIntake:
             raise EngineError("invalid_input", "a request needs at least one item")
         places = slabs if slabs is not None else [("", -1)] * len(items)
         try:
-            admitted = [admit(item, self.config.preprocess, self.config.item_token_limit, f"item {i}", place)
+            admitted = [admit(item, self.config.preprocess, self.item_token_limit, f"item {i}", place)
                         for i, (item, place) in enumerate(zip(items, places))]
         except AdmissionError as err:
             raise EngineError(err.code, err.message) from None

@@ -19,6 +19,7 @@ from vitserve.workers import Capacities, CostModel
 from vitserve.workers.cost_model import window_ms
 from vitserve.workers.packing import ItemShape, pack
 
+from .config import EngineConfig
 from .errors import EngineError
 
 SLOTS_PER_WINDOW = 64
@@ -55,14 +56,27 @@ def _served(ready: WorkerReady) -> tuple:
     return ready.model_type, ready.fingerprint, ready.dtype, ready.out_hidden, ready.num_deepstack
 
 
+def row_bytes(ready: WorkerReady) -> int:
+    """Bytes of one output row: the embedding and its deepstack rows."""
+    return (1 + ready.num_deepstack) * ready.out_hidden * numpy_dtype(ready.dtype).itemsize
+
+
+def item_token_limit(config: EngineConfig, ready: WorkerReady, capacities: Capacities) -> int:
+    """The engine's largest item in patch tokens: max_item_tokens when given; else the preprocessing's
+    largest item (at least twice the largest budget), within max_item_output_bytes of outputs."""
+    if config.max_item_tokens is not None:
+        return config.max_item_tokens
+    within_memory = config.max_item_output_bytes // row_bytes(ready) * capacities.merge_factor
+    return max(2 * capacities.max_budget, min(config.item_token_limit, within_memory))
+
+
 def output_layout(ready: WorkerReady, capacities: Capacities, output_windows: int, item_token_limit: int) -> OutputLayout:
     row_shape = (1 + ready.num_deepstack, ready.out_hidden)
-    row_bytes = row_shape[0] * row_shape[1] * numpy_dtype(ready.dtype).itemsize
     window_rows = capacities.max_budget // capacities.merge_factor
     largest_rows = max(window_rows, item_token_limit // capacities.merge_factor)
     slot_rows = max(1, window_rows // SLOTS_PER_WINDOW)
     slots = max(output_windows * -(-window_rows // slot_rows), -(-largest_rows // slot_rows))
-    return OutputLayout(row_shape, row_bytes, slot_rows, slots)
+    return OutputLayout(row_shape, row_bytes(ready), slot_rows, slots)
 
 
 def predictor(cost: WorkerCost, capacities: Capacities) -> Predictor:
