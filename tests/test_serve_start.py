@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from served import RawPeer, served
 from slab_helpers import socket_files_left
@@ -88,3 +89,21 @@ def test_sigusr1_prints_every_threads_stack_and_the_server_goes_on(tmp_path):
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0
     assert "Current thread" in stderr and "vitserve/engine/serve.py" in stderr  # the main thread, in its loop
+
+
+@pytest.mark.parametrize("model", ["missing-dir", "random:nope", "llama-dir", "no-weights-dir"])
+def test_a_model_that_cannot_be_served_is_refused_at_once_in_one_line(tmp_path, model):
+    """Before any worker starts (seconds, not a start's minutes), with what to change, no traceback."""
+    import json
+
+    source = {"missing-dir": str(tmp_path / "missing"), "random:nope": "random:nope"}.get(model, str(tmp_path))
+    if model == "llama-dir":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    if model == "no-weights-dir":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {}}))
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "vitserve.cli", "serve", "--model", source, "--endpoint",
+                           f"ipc://{tmp_path}/refused.sock"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and time.monotonic() - began < 20
+    assert done.stderr.startswith("vitserve serve: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and not socket_files_left(f"ipc://{tmp_path}/refused.sock")

@@ -165,13 +165,33 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", help="explicit comma-separated token budgets (default: derived from min/max)")
     parser.add_argument("--extra-budgets", help="comma-separated budgets added to the derived ones: exact fits for "
                         "common item sizes, e.g. 784 for 448x448 images")
-    parser.add_argument("--min-budget", type=int, default=256)
-    parser.add_argument("--max-budget", type=int, default=8192)
+    parser.add_argument("--min-budget", type=int, default=256, help="smallest derived token budget (a graph each)")
+    parser.add_argument("--max-budget", type=int, default=8192, help="largest derived token budget: larger windows "
+                        "are split, larger items run eagerly")
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    """-v and -q, before the command or after it (SUPPRESS: a command's parser must not reset a flag
+    given before the command to its default)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log at INFO level (default: warnings and errors)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="log errors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitserve", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser = argparse.ArgumentParser(prog="vitserve", description=__doc__, formatter_class=HelpWithDefaults)
+    parser.add_argument("--version", action="version", version=f"vitserve {package_version()}")
+    add_log_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     encode = commands.add_parser("encode", help="encode image files and print shapes and checksums")
     encode.add_argument("files", nargs="*", type=Path, help="image files, or .npy uint8 arrays (videos: T×H×W×3)")
@@ -199,7 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_keys_parser(commands)
     _add_soak_parser(commands)
+    for command in commands.choices.values():
+        command.formatter_class = HelpWithDefaults
+        add_log_arguments(command)
     return parser
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vitserve")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
 
 
 def _add_soak_parser(commands) -> None:
@@ -214,23 +246,29 @@ def _add_soak_parser(commands) -> None:
     add_budget_arguments(soak)
     soak.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     soak.add_argument("--rate", type=float, default=20.0, help="requests per second (Poisson)")
-    soak.add_argument("--workload", default="small-mix", choices=sorted(WORKLOADS))
+    soak.add_argument("--workload", default="small-mix", choices=sorted(WORKLOADS), help="the requests' shapes")
     soak.add_argument("--distinct", type=int, default=32, help="distinct inputs, repeated to compare results")
     soak.add_argument("--clients", type=int, default=4, help="client connections sharing the load")
     soak.add_argument("--deadline-ms", type=float, help="deadline of every request (default: none)")
     soak.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in turn: {', '.join(FAULTS)}")
     soak.add_argument("--fault-interval", type=float, default=10.0, help="seconds between faults")
     soak.add_argument("--overload-burst", type=int, default=400, help="requests sent at once by the overload fault")
-    soak.add_argument("--max-rss-growth-mb", type=float, default=256.0)
-    soak.add_argument("--max-gpu-growth-mb", type=float, default=512.0)
-    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--max-rss-growth-mb", type=float, default=256.0,
+                      help="the engine's resident memory may grow this much over the run; more is a violation")
+    soak.add_argument("--max-gpu-growth-mb", type=float, default=512.0,
+                      help="device memory may grow this much over the run; more is a violation")
+    soak.add_argument("--seed", type=int, default=0, help="of the inputs, arrivals and faults: a run repeats")
     soak.set_defaults(handler=run_soak)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if verbose and quiet:
+        print("vitserve: -v (--verbose) and -q (--quiet) contradict each other: give one", file=sys.stderr)
+        return 2
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.handler(args)
 
 

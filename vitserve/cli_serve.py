@@ -26,9 +26,12 @@ def add_serve_parser(commands) -> None:
                        "the umask (default 0600: only you; 0660 lets your group connect)")
     serve.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 elsewhere")
     add_budget_arguments(serve)
-    serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"))
-    serve.add_argument("--max-queued-items", type=int, default=4096)
-    serve.add_argument("--max-queued-tokens", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--policy", default="deadline", choices=("deadline", "immediate", "max_delay"),
+                       help="when a window goes: deadline-aware flushing, at once, or after a fixed wait")
+    serve.add_argument("--max-queued-items", type=int, default=4096,
+                       help="items waiting for a window; past it new requests get overloaded")
+    serve.add_argument("--max-queued-tokens", type=int, default=4 * 1024 * 1024,
+                       help="patch tokens waiting for a window; past it new requests get overloaded")
     serve.add_argument("--max-request-bytes", type=int, default=1 << 30,
                        help="input bytes of one request; larger ones get too_large")
     serve.add_argument("--lease-timeout-s", type=float, default=300.0,
@@ -36,7 +39,11 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--output-windows", type=int, default=16,
                        help="shared-memory output per worker, in windows of the largest budget")
     serve.add_argument("--max-item-tokens", type=int, help="largest item in patch tokens (default: the most the "
-                       "pixel limits give one item, at least twice the largest budget); larger ones get too_large")
+                       "pixel limits give one item, at least twice the largest budget, within --max-item-output-bytes); "
+                       "larger ones get too_large")
+    serve.add_argument("--max-item-output-bytes", type=int, default=1 << 30,
+                       help="what the default --max-item-tokens may give one item's outputs in each worker's shared "
+                       "memory (Kimi K2.5's processor bounds frames, not clips)")
     serve.add_argument("--worker-restarts", type=int, default=3,
                        help="start attempts for a worker that died before it is given up (0: never restart)")
     serve.add_argument("--window-timeout-s", type=float, default=60.0,
@@ -112,10 +119,12 @@ def _run_serve(args: argparse.Namespace, early) -> int:
     from vitserve.engine.connections import RESERVED_DESCRIPTORS, SHED_FACTOR, raise_descriptor_limit
     from vitserve.ipc.auth import AuthError
     from vitserve.ipc.endpoints import EndpointError, default_endpoint, parse_socket_mode
+    from vitserve.models.loading import check_source
     from vitserve.preprocess.in_force import preprocess_for
     from vitserve.scheduler import SchedulerConfig
 
     try:
+        check_source(args.model)  # in a second, not after the workers' start (CheckpointError is a ValueError)
         window = window_config(args)
         scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
                                     max_queued_tokens=args.max_queued_tokens)
@@ -125,6 +134,7 @@ def _run_serve(args: argparse.Namespace, early) -> int:
                               window=window, scheduler=scheduler, preprocess=preprocess,
                               output_windows=args.output_windows,
                               max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
+                              max_item_output_bytes=args.max_item_output_bytes,
                               lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,

@@ -138,7 +138,8 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                       help="with --compare-policies: arrival sequences, each played once per policy (--duration "
                            "is split among them)")
     load.add_argument("--max-delay-ms", type=float, default=5.0, help="the max_delay policy's wait")
-    load.add_argument("--output-windows", type=int, default=16)
+    load.add_argument("--output-windows", type=int, default=16,
+                      help="the served engine's shared-memory output per worker, in windows of the largest budget")
 
 
 def fail(message: str) -> int:

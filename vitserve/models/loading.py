@@ -50,6 +50,7 @@ def load_model(
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
+    check_source(source)
     if str(source).startswith(PRESET_PREFIX):
         config = preset_config(str(source))
         tower = tower_of(config)
@@ -68,11 +69,6 @@ def load_model(
         model.to(device=device, dtype=dtype)
     else:
         directory = Path(source)
-        if not directory.is_dir():
-            raise CheckpointError(
-                f"model source {str(source)!r} is neither a checkpoint directory nor a preset "
-                f"({PRESET_PREFIX}<name>, e.g. {PRESET_PREFIX}tiny)"
-            )
         config, bare, model_type = read_vision_config(directory)
         family = family_of(model_type, bare=bare)
         with torch.device("meta"):
@@ -90,6 +86,24 @@ def load_model(
     log.info("loaded %s: %d layers, hidden %d, out %d, %s on %s, attention %s", source, config.depth,
              config.hidden_size, config.out_hidden_size, dtype, device, model.attention_backend)
     return model
+
+
+def check_source(source: str | Path) -> None:
+    """CheckpointError (a ValueError) at once, before any worker loads anything, when `source` cannot be
+    a model: an unknown preset, a missing directory, a config.json of a tower vitserve does not run,
+    or no safetensors."""
+    if str(source).startswith(PRESET_PREFIX):
+        try:
+            preset_config(str(source))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        return
+    directory = Path(source)
+    if not directory.is_dir():
+        raise CheckpointError(f"model source {str(source)!r} is neither a checkpoint directory nor a preset "
+                              f"({PRESET_PREFIX}<name>, e.g. {PRESET_PREFIX}tiny)")
+    read_vision_config(directory)
+    _tensor_files(directory)
 
 
 def read_vision_config(directory: Path) -> tuple[object, bool, str]:
