@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -214,14 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(handler=run_bench)
+    demo = commands.add_parser("demo", help="start `vitserve serve`, encode the built-in images and video through a "
+                               "client, print where their rows are and how they were packed, and stop")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset")
+    demo.add_argument("--devices", default="cpu", help="comma-separated torch devices, e.g. cuda:0")
+    demo.set_defaults(handler=_run_demo)
     from vitserve.cli_serve import add_keys_parser, add_serve_parser
 
     add_serve_parser(commands)
     add_keys_parser(commands)
     _add_soak_parser(commands)
-    for command in commands.choices.values():
+    for name, command in commands.choices.items():
         command.formatter_class = HelpWithDefaults
         add_log_arguments(command)
+        command.add_argument("--config", type=Path, help=f"a TOML file whose [{name}] table sets this command's "
+                             f"flags; VITSERVE_<FLAG> environment variables override it, flags override both")
     return parser
 
 
@@ -261,8 +269,25 @@ def _add_soak_parser(commands) -> None:
     soak.set_defaults(handler=run_soak)
 
 
+def _run_demo(args: argparse.Namespace) -> int:
+    from vitserve.demo import run_demo
+
+    return run_demo(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from vitserve.cli_config import ENV_PREFIX, SettingsError, settings_defaults
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None or any(name.startswith(ENV_PREFIX) for name in os.environ):
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        try:
+            command.set_defaults(**settings_defaults(command, args.command, args.config))
+        except SettingsError as err:
+            print(f"vitserve {args.command}: {err}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)  # the flags given, over the file's and the environment's settings
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     if verbose and quiet:
         print("vitserve: -v (--verbose) and -q (--quiet) contradict each other: give one", file=sys.stderr)

@@ -26,7 +26,9 @@ class EncodedItem:
     embeddings: torch.Tensor  # (rows, out_hidden): what the language model consumes
     deepstack: torch.Tensor  # (num_deepstack, rows, out_hidden)
     kind: str  # "image", "video" or "patches" (sent already processed)
-    grid: tuple[int, int, int]  # (t, h, w) in patches, as the processor's grid_thw: rows = t * h * w / merge²
+    # (t, h, w) in patches, as the processor's grid_thw; rows = t * h * w / merge² (Kimi K2.5: per
+    # chunk of 4 frames, t rounded up to whole chunks)
+    grid: tuple[int, int, int]
     # (rows, (1 + num_deepstack) * out_hidden): each row's embedding then its deepstack features, the
     # layout vLLM's encoder cache holds for Qwen3-VL; the same memory as the two above
     packed: torch.Tensor

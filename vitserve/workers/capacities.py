@@ -46,6 +46,20 @@ class WindowConfig:
         if isinstance(self.extra_budgets, (str, bytes)) or not hasattr(self.extra_budgets, "__iter__"):
             raise ValueError(f"extra_budgets must be a sequence of ints, e.g. (784,), got {self.extra_budgets!r}")
         object.__setattr__(self, "extra_budgets", tuple(self.extra_budgets))
+        # What needs no model is checked here, before anything slow starts; what needs its merge size
+        # (multiples of merge²) when a worker resolves the capacities
+        for name in ("min_budget", "max_budget"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_items", "max_sequences"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        for budget in self.budgets or ():
+            _check_positive("every budget", budget)
+        for budget in self.extra_budgets:
+            _check_positive("every extra budget", budget)
+        if self.budgets is None and self.min_budget > self.max_budget:
+            raise ValueError(f"min_budget {self.min_budget} is larger than max_budget {self.max_budget}: lower "
+                             f"min_budget to at most {self.max_budget} or raise max_budget")
 
 
 @dataclass(frozen=True)
