@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,10 +30,12 @@ def run_demo(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)  # (its stderr: the start's progress)
     try:
-        ready = server.stdout.readline()
+        started = select.select([server.stdout], [], [], START_TIMEOUT_S)[0]  # (a start may capture graphs: minutes)
+        ready = server.stdout.readline() if started else ""
         if "ready" not in ready:
-            print(f"vitserve demo: the server did not start (exit code {server.wait(30)}); its messages are above",
-                  file=sys.stderr)
+            code = server.wait(30) if started else None  # (its stdout closed: it is exiting)
+            why = f"exited with code {code}" if code is not None else f"was not ready within {START_TIMEOUT_S:.0f} s"
+            print(f"vitserve demo: the server {why}; its messages are above", file=sys.stderr)
             return 1
         print(f"{ready.strip()} [{time.perf_counter() - began:.1f} s after it was started]", flush=True)
         asyncio.run(_encode(endpoint, demo_inputs()))
@@ -43,6 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 server.wait(60)
             except subprocess.TimeoutExpired:
                 server.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _encode(endpoint: str, items: list) -> None:
