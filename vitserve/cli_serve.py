@@ -22,6 +22,9 @@ def add_serve_parser(commands) -> None:
                        "default: ipc://$XDG_RUNTIME_DIR/vitserve.sock when that is set, else "
                        f"ipc:///tmp/vitserve-{os.getuid()}/vitserve.sock (its directory made with mode 0700). "
                        "An endpoint that another engine serves is refused; the socket file is removed on exit")
+    serve.add_argument("--http-port", type=int, help="serve Prometheus metrics (/metrics), liveness (/livez) and "
+                       "readiness (/readyz) over HTTP on this port (default: no HTTP)")
+    serve.add_argument("--http-host", default="127.0.0.1", help="the address --http-port listens on (0.0.0.0: all)")
     serve.add_argument("--socket-mode", default="0600", help="octal permissions of the ipc:// socket file, whatever "
                        "the umask (default 0600: only you; 0660 lets your group connect)")
     serve.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 elsewhere")
@@ -145,6 +148,9 @@ def _run_serve(args: argparse.Namespace, early) -> int:
         socket_mode = parse_socket_mode(args.socket_mode)
         endpoint = args.endpoint or default_endpoint()
         keys = _server_keys(args)
+        if args.http_port is not None and not 0 <= args.http_port <= 65535:
+            raise ValueError(f"--http-port {args.http_port} is not a port: give 1 to 65535 (0: any free one)")
+        http = (args.http_host, args.http_port) if args.http_port is not None else None
         raise_descriptor_limit(SHED_FACTOR * config.clients.max_connections + RESERVED_DESCRIPTORS)
     except ValueError as err:
         if early is not None:
@@ -152,7 +158,7 @@ def _run_serve(args: argparse.Namespace, early) -> int:
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
     try:
-        return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp, early)
+        return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp, early, http)
     except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2

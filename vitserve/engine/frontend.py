@@ -207,12 +207,15 @@ class Frontend(ClientRequests):
             case Release(ids=request_ids):
                 self._release(connection, request_ids)
             case StatsQuery():
-                counters = self.counters | self.connections.counters | (self.slab_channel.counters
-                                                                          if self.slab_channel else {})
-                self._send(connection, Stats({name: float(value) for name, value in counters.items()}
-                                             | {"connections": float(len(self.connections))} | self.engine.stats()))
+                self._send(connection, Stats(self.stats()))
             case HealthQuery():
                 self._send(connection, self.engine.health())
+
+    def stats(self) -> dict[str, float]:
+        """The frontend's and the engine's counters and gauges: what a stats query and /metrics give."""
+        counters = self.counters | self.connections.counters | (self.slab_channel.counters if self.slab_channel else {})
+        return ({name: float(value) for name, value in counters.items()} | {"connections": float(len(self.connections))}
+                | self.engine.stats())
 
     def engine_started(self) -> None:
         """Welcome the connections that said hello while the engine was starting (and are still open)."""

@@ -5,7 +5,8 @@ milliseconds with EndpointError instead of after minutes of model load and graph
 the engine starts, health answers "starting" and hellos wait for their welcome until it is ready
 (a signal then stops the start).
 On the signal the engine drains: new requests get `shutting_down`, those admitted finish (up to
-drain_timeout_s) and their replies go out while the frontend still runs; then everything stops,
+drain_timeout_s) and their replies go out while the frontend still runs; results not yet released
+stay readable (up to RELEASE_GRACE_S, while their clients map them); then everything stops,
 the slabs are removed, and so is the socket file (also when the engine failed to start)."""
 
 from __future__ import annotations
@@ -17,37 +18,50 @@ import sys
 import time
 
 from vitserve.ipc.auth import ServerKeys
-from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE
+from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, EndpointError
 from vitserve.launch import EarlyWorkers
 from vitserve.preprocess.in_force import describe, overridden
 
 from .config import EngineConfig
 from .engine import Engine
 from .frontend import Frontend
+from .http_endpoint import HttpEndpoint
 
 log = logging.getLogger(__name__)
+
+RELEASE_GRACE_S = 5.0  # after the drain, how long results not yet released stay readable
+RELEASE_POLL_S = 0.02
 
 
 async def serve(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
                 keys: ServerKeys | None = None, allow_insecure_tcp: bool = False,
-                early: EarlyWorkers | None = None) -> int:
+                early: EarlyWorkers | None = None, http: tuple[str, int] | None = None) -> int:
     """The process's exit code: 0 after a signal and a drain, 1 when the engine or the frontend
     stopped by itself (a supervisor should start it again). `early`: worker processes started
-    before (launch.py), for the engine to adopt."""
+    before (launch.py), for the engine to adopt. `http`: (host, port) of /metrics, /livez and /readyz."""
+    web = None
     try:
         frontend = Frontend(endpoint, config, socket_mode, keys, allow_insecure_tcp)
+        try:
+            web = HttpEndpoint(*http) if http is not None else None
+        except OSError as err:
+            frontend.close()
+            raise EndpointError(f"--http-port: cannot listen on {http[0]}:{http[1]} ({err.strerror or err}): "
+                                f"choose another port") from None
     except BaseException:
         if early is not None:
             early.discard()
         raise
     frontend.watch()  # floods and silent peers are shed while the engine starts, too
     try:
-        return await _serve(config, frontend, early)
+        return await _serve(config, frontend, early, web)
     finally:
+        if web is not None:
+            web.close()
         frontend.close()
 
 
-async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers | None) -> int:
+async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers | None, web: HttpEndpoint | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for name in (signal.SIGINT, signal.SIGTERM):
@@ -57,6 +71,10 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
     # The endpoint answers while the engine starts: health says "starting", and hellos are answered
     # once it is ready (a client started alongside the server just waits for its welcome).
     task = loop.create_task(frontend.serve(engine))
+    if web is not None:  # liveness at once, readiness once the engine is ready
+        web.start(loop, lambda: (frontend.stats() if frontend.engine is not None else engine.stats(), engine.health()))
+        print(f"vitserve: metrics on {web.url}/metrics, liveness on /livez, readiness on /readyz", file=sys.stderr,
+              flush=True)
     signalled = loop.create_task(stop.wait())
     # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
     print(f"vitserve: starting on {frontend.endpoint}: {config.model} on {', '.join(config.devices)}",
@@ -101,16 +119,23 @@ async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task,
     print("vitserve: draining", flush=True)
     await engine.drain()
     await asyncio.sleep(0)  # the replies of requests failed at the drain's end are sent from callbacks
+    # A local client reads a result from shared memory, asking the slab channel for the slab first:
+    # results delivered at the drain's end stay readable until their clients release them, a while
+    waited = 0.0
+    while engine.stats()["requests_open"] and waited < RELEASE_GRACE_S:
+        await asyncio.sleep(RELEASE_POLL_S)
+        waited += RELEASE_POLL_S
     task.cancel()
     await asyncio.gather(task, failed, return_exceptions=True)
     return 0
 
 
 def run(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
-        keys: ServerKeys | None = None, allow_insecure_tcp: bool = False, early: EarlyWorkers | None = None) -> int:
+        keys: ServerKeys | None = None, allow_insecure_tcp: bool = False, early: EarlyWorkers | None = None,
+        http: tuple[str, int] | None = None) -> int:
     """Serve until a signal (exit code 0) or a failure (1); EndpointError or AuthError (before the
-    engine starts) when the endpoint cannot be had or may not be served so."""
-    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp, early)
+    engine starts) when an endpoint cannot be had or may not be served so."""
+    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp, early, http)
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency, but a missing one should not stop the server

@@ -1,0 +1,101 @@
+"""`vitserve serve --http-port`: Prometheus metrics that equal what happened, liveness and readiness
+with the right status codes and reasons, and a port that cannot be had refused before the start."""
+
+from __future__ import annotations
+
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from served import served
+
+from vitserve import Client
+from vitserve.engine import EngineError
+from vitserve.engine.metrics import METRICS
+
+FLAGS = ("--min-budget", "64", "--max-budget", "512", "--max-item-tokens", "16384", "--http-port", "0")
+
+
+def http_url(process: subprocess.Popen) -> str:
+    """The URL `vitserve serve` says it serves HTTP on (stderr, before it is ready)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and select.select([process.stderr], [], [], 1)[0]:
+        found = re.search(r"metrics on (http://[0-9.]+:\d+)/metrics", process.stderr.readline())
+        if found:
+            return found.group(1)
+    raise AssertionError("vitserve serve did not say where its metrics are")
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def scrape(url: str) -> dict[str, float]:
+    status, text = get(url + "/metrics")
+    assert status == 200
+    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def image(side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
+    endpoint = f"ipc://{tmp_path}/vitserve.sock"
+    with served(endpoint, *FLAGS) as process:
+        url = http_url(process)
+        assert get(url + "/livez") == (200, "alive\n")
+        status, text = get(url + "/readyz")
+        assert status == 200 and text.startswith("ready: 1 of 1 workers up")
+        with Client(endpoint) as client:
+            for seed in range(3):
+                with client.encode([image(64 + 32 * seed, seed), image(96, seed)]):
+                    pass
+            try:
+                client.encode([image(2200)])  # past --max-item-tokens
+            except EngineError as err:
+                assert err.code == "too_large"
+            stats = client.stats()
+        metrics = scrape(url)
+        assert (metrics["vitserve_requests_total"], metrics["vitserve_results_total"],
+                metrics["vitserve_errors_total"]) == (4, 3, 1)
+        assert metrics["vitserve_window_items_total"] == 6 and 1 <= metrics["vitserve_windows_total"] <= 6
+        assert metrics["vitserve_ready"] == 1 and metrics["vitserve_workers_ready"] == 1
+        assert metrics["vitserve_worker_seconds_total"] == stats["worker_ms"] / 1e3
+        assert set(stats) <= set(METRICS), "every stat has its metric name, type and help"
+        assert get(url + "/nothing-here")[0] == 404
+        with Client(endpoint) as client:  # the drain, with a request of about a second in flight
+            running = threading.Thread(target=lambda: client.encode([image(1536, 9)]).release())
+            running.start()
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            status, text = get(url + "/readyz")
+            assert status == 503 and "not ready: shutting down" in text
+            assert get(url + "/livez") == (200, "alive\n")
+            running.join(60)
+        assert process.wait(60) == 0
+
+
+def test_a_port_that_is_taken_is_refused_before_the_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", f"ipc://{tmp_path}/t.sock",
+                               "--http-port", str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"--http-port: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,68 @@
+"""The engine's counters and gauges as Prometheus metrics: one table from each stat the engine keeps
+(what `client.stats()` returns) to a metric name, type and help line. A scrape reads one snapshot
+of them (engine/http_endpoint.py): nothing is recorded per item for it."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+PREFIX = "vitserve_"
+SCALES = {"_ms": 1e-3}  # stats kept in milliseconds are exported in seconds, as Prometheus names them
+
+# stat -> (metric name without the prefix, counter or gauge, help)
+METRICS: dict[str, tuple[str, str, str]] = {
+    "requests": ("requests", "counter", "Encode and lookup requests received"),
+    "results": ("results", "counter", "Requests answered with their outputs"),
+    "errors": ("errors", "counter", "Requests and messages answered with a coded error"),
+    "replies_dropped": ("replies_dropped", "counter", "Replies that could not be sent (closed or full connection)"),
+    "connections_opened": ("connections_opened", "counter", "Client connections accepted"),
+    "connections_refused": ("connections_refused", "counter", "Client connections refused or shut"),
+    "slabs_granted": ("slabs_granted", "counter", "Shared-memory slabs handed to local clients"),
+    "slab_asks_refused": ("slab_asks_refused", "counter", "Slab requests refused"),
+    "connections": ("connections", "gauge", "Client connections open"),
+    "queued_items": ("queued_items", "gauge", "Items waiting for a window"),
+    "requests_open": ("requests_open", "gauge", "Requests admitted and not yet released"),
+    "windows_in_flight": ("windows_in_flight", "gauge", "Windows sent to workers and not yet done"),
+    "slots_leased": ("output_slots_leased", "gauge", "Shared-memory output slots held by windows and results"),
+    "windows_sent": ("windows", "counter", "Windows sent to workers"),
+    "items_sent": ("window_items", "counter", "Items sent to workers in windows"),
+    "worker_ms": ("worker_seconds", "counter", "Time workers spent on windows, from receipt to reply"),
+    "gpu_busy_ms": ("device_busy_seconds", "counter", "Time the devices spent running windows"),
+    "leases_expired": ("leases_expired", "counter", "Results reclaimed because they were not released in time"),
+    "workers_ready": ("workers_ready", "gauge", "Workers up and taking windows"),
+    "workers_warming": ("workers_warming", "gauge", "Workers serving eagerly while they capture graphs"),
+    "standby_loading": ("standby_loading", "gauge", "Standby worker processes still loading the model"),
+    "worker_restarts": ("worker_restarts", "counter", "Workers started again after they were lost"),
+    "windows_retried": ("windows_retried", "counter", "Windows sent again after their worker was lost"),
+    "worker_hangs": ("worker_hangs", "counter", "Workers found silent past their heartbeat"),
+    "internal_errors": ("internal_errors", "counter", "Faults of the engine contained to one request"),
+    "queued_bytes": ("queued_input_bytes", "gauge", "Input bytes of unfinished requests"),
+    "input_slab_free_bytes": ("input_slab_free_bytes", "gauge", "Free bytes of the engine's input slab"),
+    "input_arenas": ("input_arenas", "gauge", "Clients' input arenas mapped"),
+    "input_arenas_refused": ("input_arenas_refused", "counter", "Input arenas refused to clients"),
+    "kept_items": ("kept_items", "gauge", "Items kept under a name"),
+    "kept_rows": ("kept_rows", "gauge", "Output rows held by kept items"),
+    "kept_lookups": ("kept_lookups", "counter", "Lookups of kept items"),
+    "kept_hits": ("kept_hits", "counter", "Lookups that found their item"),
+    "kept_expired": ("kept_expired", "counter", "Kept items forgotten at their timeout"),
+    "kept_evicted": ("kept_evicted", "counter", "Kept items forgotten to make room"),
+}
+
+
+def metric_families(stats: Mapping[str, float], ready: bool) -> Iterator[Metric]:
+    """The snapshot `stats` as metric families, and whether the engine is ready."""
+    up = GaugeMetricFamily(PREFIX + "ready", "1 when the engine admits requests with a worker up, else 0")
+    up.add_metric([], 1.0 if ready else 0.0)
+    yield up
+    for stat, value in stats.items():
+        known = METRICS.get(stat)
+        if known is None:  # a stat without a row here: still exported, as a gauge (a test keeps the table whole)
+            known = (stat, "gauge", f"The engine's {stat}")
+        name, kind, text = known
+        scale = next((factor for suffix, factor in SCALES.items() if stat.endswith(suffix)), 1.0)
+        family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        metric = family(PREFIX + name, text)
+        metric.add_metric([], value * scale)
+        yield metric
