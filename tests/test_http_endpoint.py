@@ -99,3 +99,42 @@ def test_a_port_that_is_taken_is_refused_before_the_start(tmp_path):
                                "--http-port", str(port)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and f"--http-port: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
+    import asyncio
+
+    from vitserve.engine.http_endpoint import PROBE_TIMEOUT_S, HttpEndpoint
+    from vitserve.ipc.messages import Health
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    running, most, stall, snapshots = [0], [0], [0.0], [0]
+
+    def snapshot():  # on the loop's thread, as the engine's would be
+        snapshots[0] += 1
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(stall[0] or 0.05)
+        running[0] -= 1
+        return {}, Health(True, 1, 1, "", [], 0)
+
+    web = HttpEndpoint("127.0.0.1", 0)
+    web.start(loop, snapshot)
+    try:
+        probes = [threading.Thread(target=get, args=(web.url + "/livez",)) for _ in range(6)]
+        for probe in probes:
+            probe.start()
+        for probe in probes:
+            probe.join(30)
+        assert most[0] == 1  # (the loop is single-threaded anyway: the lock keeps waiting probes off it)
+        stall[0] = PROBE_TIMEOUT_S + 1.5  # a loop that does not come back in time
+        calls = snapshots[0]
+        began = time.monotonic()
+        status, text = get(web.url + "/livez")
+        assert status == 503 and "did not answer" in text and time.monotonic() - began < PROBE_TIMEOUT_S + 1
+        status, text = get(web.url + "/readyz")  # the loop still has the last probe: not asked again
+        assert status == 503 and "has not answered the last probe" in text and snapshots[0] == calls + 1
+    finally:
+        web.close()
+        loop.call_soon_threadsafe(loop.stop)

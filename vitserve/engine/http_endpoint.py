@@ -6,13 +6,15 @@
 
 A small threaded HTTP server answers; each probe asks the engine's event loop for one snapshot
 (stats and health, built in one loop turn) and waits at most PROBE_TIMEOUT_S for it. One probe runs
-at a time: concurrent ones wait for it, so scrapes never pile up on the loop.
+at a time, and a loop that has not taken the last probe's snapshot is not asked again: probes never
+pile up on a stuck loop, they get 503 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -29,6 +31,7 @@ class HttpEndpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._snapshot: Callable[[], Snapshot] | None = None
         self._probe = threading.Lock()  # one probe at a time
+        self._asked: Future | None = None  # the last snapshot asked of the loop: never two waiting there
         self._server = make_server(host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="vitserve-http", daemon=True)
@@ -51,12 +54,20 @@ class HttpEndpoint:
         path = environ.get("PATH_INFO", "")
         if path not in ("/metrics", "/livez", "/readyz"):
             return _answer(start_response, "404 Not Found", "the paths are /metrics, /livez and /readyz\n")
-        with self._probe:
+        if not self._probe.acquire(timeout=PROBE_TIMEOUT_S):
+            return _answer(start_response, "503 Service Unavailable", "another probe is waiting for the engine\n")
+        try:
+            if self._asked is not None and not self._asked.done():  # the loop has not taken the last one yet
+                return _answer(start_response, "503 Service Unavailable",
+                               "the engine's event loop has not answered the last probe\n")
+            self._asked = asyncio.run_coroutine_threadsafe(self._take(), self._loop)
             try:
-                stats, health = asyncio.run_coroutine_threadsafe(self._take(), self._loop).result(PROBE_TIMEOUT_S)
+                stats, health = self._asked.result(PROBE_TIMEOUT_S)
             except (FutureTimeout, RuntimeError):  # a stuck loop, or one that is closing
                 return _answer(start_response, "503 Service Unavailable",
                                f"the engine's event loop did not answer within {PROBE_TIMEOUT_S:g} s\n")
+        finally:
+            self._probe.release()
         if path == "/livez":
             return _answer(start_response, "200 OK", "alive\n")
         if path == "/readyz":
