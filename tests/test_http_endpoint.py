@@ -46,7 +46,8 @@ def get(url: str) -> tuple[int, str]:
 def scrape(url: str) -> dict[str, float]:
     status, text = get(url + "/metrics")
     assert status == 200
-    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {sample.name + (f"{{le={sample.labels['le']}}}" if "le" in sample.labels else ""): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def image(side: int, seed: int = 0) -> np.ndarray:
@@ -76,6 +77,13 @@ def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
         assert metrics["vitserve_ready"] == 1 and metrics["vitserve_workers_ready"] == 1
         assert metrics["vitserve_worker_seconds_total"] == stats["worker_ms"] / 1e3
         assert set(stats) <= set(METRICS), "every stat has its metric name, type and help"
+        # one observation per request, per window and per item sent, in buckets that add up
+        assert metrics["vitserve_end_to_end_seconds_count"] == 3  # (the refused request never queued)
+        assert metrics["vitserve_window_run_seconds_count"] == metrics["vitserve_windows_total"]
+        assert metrics["vitserve_queue_wait_seconds_count"] == metrics["vitserve_window_items_total"]
+        buckets = [value for name, value in metrics.items() if name.startswith("vitserve_end_to_end_seconds_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == 3 and metrics["vitserve_end_to_end_seconds_bucket{le=+Inf}"] == 3
+        assert 0 < metrics["vitserve_end_to_end_seconds_sum"] < 60
         assert get(url + "/nothing-here")[0] == 404
         with Client(endpoint) as client:  # the drain, with a request of about a second in flight
             running = threading.Thread(target=lambda: client.encode([image(1536, 9)]).release())
@@ -117,7 +125,7 @@ def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
         most[0] = max(most[0], running[0])
         time.sleep(stall[0] or 0.05)
         running[0] -= 1
-        return {}, Health(True, 1, 1, "", [], 0)
+        return {}, Health(True, 1, 1, "", [], 0), {}
 
     web = HttpEndpoint("127.0.0.1", 0)
     web.start(loop, snapshot)

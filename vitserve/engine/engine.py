@@ -33,6 +33,7 @@ from .config import EngineConfig
 from .inputs import EngineInputs
 from .intake import Pending, RequestIntake
 from .kept import KeptItem, KeptItems, RunKey
+from .latencies import Histograms
 from .outputs_layout import agreed_capacities, item_token_limit, output_layout, predictor
 from .reports import EngineReports
 from .request_ends import RequestEnds
@@ -54,6 +55,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self.capacities: Capacities | None = None
         self.ready: WorkerReady | None = None
         self.item_token_limit = self.config.item_token_limit  # until the workers say how wide their rows are (_setup)
+        self.latencies = Histograms()  # for /metrics (engine/latencies.py)
         self.model: ServedModel | None = None  # what it serves, once started (a client's welcome says it too)
         self.scheduler: Scheduler | None = None
         self._handles: list[WorkerHandle] = []

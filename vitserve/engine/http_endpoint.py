@@ -22,7 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from vitserve.ipc.messages import Health
 
 PROBE_TIMEOUT_S = 2.0
-Snapshot = tuple[dict[str, float], Health]
+Snapshot = tuple[dict[str, float], Health, dict[str, tuple[list[int], float]]]  # stats, health, latencies
 
 
 class HttpEndpoint:
@@ -62,7 +62,7 @@ class HttpEndpoint:
                                "the engine's event loop has not answered the last probe\n")
             self._asked = asyncio.run_coroutine_threadsafe(self._take(), self._loop)
             try:
-                stats, health = self._asked.result(PROBE_TIMEOUT_S)
+                stats, health, latencies = self._asked.result(PROBE_TIMEOUT_S)
             except (FutureTimeout, RuntimeError):  # a stuck loop, or one that is closing
                 return _answer(start_response, "503 Service Unavailable",
                                f"the engine's event loop did not answer within {PROBE_TIMEOUT_S:g} s\n")
@@ -78,7 +78,7 @@ class HttpEndpoint:
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
         registry = CollectorRegistry()
-        registry.register(_Collected(stats, health.ready))
+        registry.register(_Collected(stats, health.ready, latencies))
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
         return [generate_latest(registry)]
 
@@ -89,13 +89,13 @@ class HttpEndpoint:
 class _Collected:
     """One snapshot, as a collector registers it."""
 
-    def __init__(self, stats: dict[str, float], ready: bool):
-        self._stats, self._ready = stats, ready
+    def __init__(self, stats: dict[str, float], ready: bool, latencies: dict[str, tuple[list[int], float]]):
+        self._stats, self._ready, self._latencies = stats, ready, latencies
 
     def collect(self):
         from .metrics import metric_families
 
-        return metric_families(self._stats, self._ready)
+        return metric_families(self._stats, self._ready, self._latencies)
 
 
 def _answer(start_response, status: str, text: str) -> list[bytes]:

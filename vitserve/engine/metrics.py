@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from .latencies import BUCKETS_S, STAGES
 
 PREFIX = "vitserve_"
 SCALES = {"_ms": 1e-3}  # stats kept in milliseconds are exported in seconds, as Prometheus names them
@@ -51,11 +53,17 @@ METRICS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def metric_families(stats: Mapping[str, float], ready: bool) -> Iterator[Metric]:
-    """The snapshot `stats` as metric families, and whether the engine is ready."""
+def metric_families(stats: Mapping[str, float], ready: bool,
+                    latencies: Mapping[str, tuple[list[int], float]]) -> Iterator[Metric]:
+    """The snapshot `stats` and latency histograms (engine/latencies.py) as metric families, and
+    whether the engine is ready."""
     up = GaugeMetricFamily(PREFIX + "ready", "1 when the engine admits requests with a worker up, else 0")
     up.add_metric([], 1.0 if ready else 0.0)
     yield up
+    for stage, (cumulative, total) in latencies.items():
+        bounds = [*(f"{bound:g}" for bound in BUCKETS_S), "+Inf"]
+        yield HistogramMetricFamily(f"{PREFIX}{stage}_seconds", STAGES[stage], buckets=list(zip(bounds, cumulative)),
+                                    sum_value=total)
     for stat, value in stats.items():
         known = METRICS.get(stat)
         if known is None:  # a stat without a row here: still exported, as a gauge (a test keeps the table whole)

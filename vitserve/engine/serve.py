@@ -72,7 +72,8 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
     # once it is ready (a client started alongside the server just waits for its welcome).
     task = loop.create_task(frontend.serve(engine))
     if web is not None:  # liveness at once, readiness once the engine is ready
-        web.start(loop, lambda: (frontend.stats() if frontend.engine is not None else engine.stats(), engine.health()))
+        web.start(loop, lambda: (frontend.stats() if frontend.engine is not None else engine.stats(), engine.health(),
+                                 engine.latencies.snapshot()))
         print(f"vitserve: metrics on {web.url}/metrics, liveness on /livez, readiness on /readyz", file=sys.stderr,
               flush=True)
     signalled = loop.create_task(stop.wait())

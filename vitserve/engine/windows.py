@@ -137,7 +137,10 @@ class WindowTraffic:
             for key in keys:
                 self._fail(key, "overloaded", "no shared-memory output rows are free", retry_after_ms=100.0)
             return
-        self._windows[dispatch.window] = (dispatch, slot, loop.time())  # from here on, _window_broke frees it
+        sent = loop.time()
+        self._windows[dispatch.window] = (dispatch, slot, sent)  # from here on, _window_broke frees it
+        for item in dispatch.items:
+            self.latencies.observe("queue_wait", sent - item.request.arrival)
         if len(keys) > 1:  # one reference per request with items in the window
             pool.hold(slot, len(keys) - 1)
         self._sync_free_rows(dispatch.worker)
@@ -198,8 +201,9 @@ class WindowTraffic:
             self._fail(key, "worker_failed", problem)
 
     def _complete(self, window: int, rows: list[int], now: float) -> None:
-        dispatch, slot, _ = self._windows.pop(window)
+        dispatch, slot, sent = self._windows.pop(window)
         self.scheduler.window_done(window, now)
+        self.latencies.observe("window_run", now - sent)
         merge, pool = self.capacities.merge_factor, self.ready.temporal_pool
         for item, first_row in zip(dispatch.items, rows):
             pending = self._pending.get(item.request.key)
@@ -223,6 +227,7 @@ class WindowTraffic:
             if request.unfinished == 0 and not pending.future.done():
                 pending.future.set_result(list(pending.outputs))
                 pending.delivered_at = now
+                self.latencies.observe("end_to_end", now - request.arrival)
                 if pending.keep is not None:
                     try:
                         self._keep(pending, now)
