@@ -46,8 +46,11 @@ def get(url: str) -> tuple[int, str]:
 def scrape(url: str) -> dict[str, float]:
     status, text = get(url + "/metrics")
     assert status == 200
-    return {sample.name + (f"{{le={sample.labels['le']}}}" if "le" in sample.labels else ""): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    def key(sample) -> str:  # name{label=value,...}
+        labels = ",".join(f"{name}={value}" for name, value in sorted(sample.labels.items()))
+        return sample.name + (f"{{{labels}}}" if labels else "")
+
+    return {key(sample): sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def image(side: int, seed: int = 0) -> np.ndarray:
@@ -79,6 +82,7 @@ def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
         assert set(stats) <= set(METRICS), "every stat has its metric name, type and help"
         # one observation per request, per window and per item sent, in buckets that add up
         assert metrics["vitserve_end_to_end_seconds_count"] == 3  # (the refused request never queued)
+        assert metrics["vitserve_request_errors_total{code=too_large}"] == 1
         assert metrics["vitserve_window_run_seconds_count"] == metrics["vitserve_windows_total"]
         assert metrics["vitserve_queue_wait_seconds_count"] == metrics["vitserve_window_items_total"]
         buckets = [value for name, value in metrics.items() if name.startswith("vitserve_end_to_end_seconds_bucket")]
@@ -112,7 +116,7 @@ def test_a_port_that_is_taken_is_refused_before_the_start(tmp_path):
 def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
     import asyncio
 
-    from vitserve.engine.http_endpoint import PROBE_TIMEOUT_S, HttpEndpoint
+    from vitserve.engine.http_endpoint import PROBE_TIMEOUT_S, HttpEndpoint, Snapshot
     from vitserve.ipc.messages import Health
 
     loop = asyncio.new_event_loop()
@@ -125,7 +129,7 @@ def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
         most[0] = max(most[0], running[0])
         time.sleep(stall[0] or 0.05)
         running[0] -= 1
-        return {}, Health(True, 1, 1, "", [], 0), {}
+        return Snapshot({}, Health(True, 1, 1, "", [], 0), {}, {})
 
     web = HttpEndpoint("127.0.0.1", 0)
     web.start(loop, snapshot)

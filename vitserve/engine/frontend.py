@@ -19,6 +19,7 @@ Its socket file is removed when serving ends, or by `close()` when the engine ne
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import secrets
@@ -104,6 +105,7 @@ class Frontend(ClientRequests):
         self.socket = BurstSocket(socket)
         self._events = BurstSocket(self.connections.monitor)
         self.counters = {"requests": 0, "results": 0, "errors": 0, "replies_dropped": 0}
+        self.error_codes: collections.Counter[str] = collections.Counter()  # the errors, by code (/metrics)
         self._watcher: asyncio.Task | None = None
         self._queued_items = 0  # items of every client's unfinished requests
         self._hellos_waiting: set[Connection] = set()  # said hello while the engine started: welcomed once ready
@@ -276,6 +278,7 @@ class Frontend(ClientRequests):
     def _error(self, connection: Connection, request_id: int | None, code: str, text: str,
                retry: float | None = None) -> None:
         self.counters["errors"] += 1
+        self.error_codes[code] += 1
         self._send(connection, Error(request_id, code, text, retry))
 
     def _send(self, connection: Connection, message, frames: list | None = None) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
@@ -22,7 +23,14 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from vitserve.ipc.messages import Health
 
 PROBE_TIMEOUT_S = 2.0
-Snapshot = tuple[dict[str, float], Health, dict[str, tuple[list[int], float]]]  # stats, health, latencies
+@dataclass(frozen=True)
+class Snapshot:
+    """The engine at one moment, taken on its loop: what every probe reads."""
+
+    stats: dict[str, float]  # the frontend's and the engine's (what a stats query gives)
+    health: Health
+    latencies: dict[str, tuple[list[int], float]]  # engine/latencies.py
+    error_codes: dict[str, int]  # errors answered, by code
 
 
 class HttpEndpoint:
@@ -62,7 +70,7 @@ class HttpEndpoint:
                                "the engine's event loop has not answered the last probe\n")
             self._asked = asyncio.run_coroutine_threadsafe(self._take(), self._loop)
             try:
-                stats, health, latencies = self._asked.result(PROBE_TIMEOUT_S)
+                taken = self._asked.result(PROBE_TIMEOUT_S)
             except (FutureTimeout, RuntimeError):  # a stuck loop, or one that is closing
                 return _answer(start_response, "503 Service Unavailable",
                                f"the engine's event loop did not answer within {PROBE_TIMEOUT_S:g} s\n")
@@ -70,6 +78,7 @@ class HttpEndpoint:
             self._probe.release()
         if path == "/livez":
             return _answer(start_response, "200 OK", "alive\n")
+        health = taken.health
         if path == "/readyz":
             if health.ready:
                 return _answer(start_response, "200 OK", f"ready: {health.workers_ready} of {health.workers} workers up\n")
@@ -78,7 +87,7 @@ class HttpEndpoint:
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
         registry = CollectorRegistry()
-        registry.register(_Collected(stats, health.ready, latencies))
+        registry.register(_Collected(taken))
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
         return [generate_latest(registry)]
 
@@ -89,13 +98,13 @@ class HttpEndpoint:
 class _Collected:
     """One snapshot, as a collector registers it."""
 
-    def __init__(self, stats: dict[str, float], ready: bool, latencies: dict[str, tuple[list[int], float]]):
-        self._stats, self._ready, self._latencies = stats, ready, latencies
+    def __init__(self, taken: Snapshot):
+        self._taken = taken
 
     def collect(self):
         from .metrics import metric_families
 
-        return metric_families(self._stats, self._ready, self._latencies)
+        return metric_families(self._taken)
 
 
 def _answer(start_response, status: str, text: str) -> list[bytes]:

@@ -53,17 +53,27 @@ METRICS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def metric_families(stats: Mapping[str, float], ready: bool,
-                    latencies: Mapping[str, tuple[list[int], float]]) -> Iterator[Metric]:
-    """The snapshot `stats` and latency histograms (engine/latencies.py) as metric families, and
-    whether the engine is ready."""
+def metric_families(taken) -> Iterator[Metric]:
+    """A snapshot (http_endpoint.Snapshot) as metric families."""
     up = GaugeMetricFamily(PREFIX + "ready", "1 when the engine admits requests with a worker up, else 0")
-    up.add_metric([], 1.0 if ready else 0.0)
+    up.add_metric([], 1.0 if taken.health.ready else 0.0)
     yield up
+    by_code = CounterMetricFamily(PREFIX + "request_errors", "Errors answered, by their code", labels=["code"])
+    for code, count in sorted(taken.error_codes.items()):
+        by_code.add_metric([code], count)
+    yield by_code
+    yield from _histograms(taken.latencies)
+    yield from _stats(taken.stats)
+
+
+def _histograms(latencies: Mapping[str, tuple[list[int], float]]) -> Iterator[Metric]:
     for stage, (cumulative, total) in latencies.items():
         bounds = [*(f"{bound:g}" for bound in BUCKETS_S), "+Inf"]
         yield HistogramMetricFamily(f"{PREFIX}{stage}_seconds", STAGES[stage], buckets=list(zip(bounds, cumulative)),
                                     sum_value=total)
+
+
+def _stats(stats: Mapping[str, float]) -> Iterator[Metric]:
     for stat, value in stats.items():
         known = METRICS.get(stat)
         if known is None:  # a stat without a row here: still exported, as a gauge (a test keeps the table whole)
