@@ -21,6 +21,7 @@ from served import served
 from vitserve import Client
 from vitserve.engine import EngineError
 from vitserve.engine.metrics import METRICS
+from vitserve.preprocess import preprocess_image
 
 FLAGS = ("--min-budget", "64", "--max-budget", "512", "--max-item-tokens", "16384", "--http-port", "0")
 
@@ -83,6 +84,10 @@ def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
         # one observation per request, per window and per item sent, in buckets that add up
         assert metrics["vitserve_end_to_end_seconds_count"] == 3  # (the refused request never queued)
         assert metrics["vitserve_request_errors_total{code=too_large}"] == 1
+        runs = {name: value for name, value in metrics.items() if name.startswith("vitserve_runs_total")}
+        assert sum(runs.values()) >= metrics["vitserve_windows_total"] and all("path=" in name for name in runs)
+        sent = [image(64 + 32 * seed, seed) for seed in range(3)] + [image(96)] * 3
+        assert metrics["vitserve_run_tokens_total"] == sum(int(preprocess_image(item).grid_thw.prod()) for item in sent)
         assert metrics["vitserve_window_run_seconds_count"] == metrics["vitserve_windows_total"]
         assert metrics["vitserve_queue_wait_seconds_count"] == metrics["vitserve_window_items_total"]
         buckets = [value for name, value in metrics.items() if name.startswith("vitserve_end_to_end_seconds_bucket")]
@@ -129,7 +134,7 @@ def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
         most[0] = max(most[0], running[0])
         time.sleep(stall[0] or 0.05)
         running[0] -= 1
-        return Snapshot({}, Health(True, 1, 1, "", [], 0), {}, {})
+        return Snapshot({}, Health(True, 1, 1, "", [], 0), {}, {}, ({}, 0, 0))
 
     web = HttpEndpoint("127.0.0.1", 0)
     web.start(loop, snapshot)
@@ -150,3 +155,33 @@ def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
     finally:
         web.close()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def wait_for(url: str, status: int, timeout_s: float = 60) -> str:
+    """The body of the first answer with `status` within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code, text = get(url)
+        if code == status:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer {status} within {timeout_s} s (last: {code} {text!r})")
+
+
+def test_readiness_follows_a_stopped_and_a_killed_worker_liveness_stays(tmp_path):
+    import os
+
+    endpoint = f"ipc://{tmp_path}/vitserve.sock"
+    with served(endpoint, "--min-budget", "64", "--max-budget", "512", "--http-port", "0",
+                "--worker-heartbeat-s", "0.3") as process:
+        url = http_url(process)
+        for fault in (signal.SIGSTOP, signal.SIGKILL):  # a hung worker (silent heartbeat), then a dead one
+            with Client(endpoint) as client:
+                worker = client.health().worker_pids[0]
+            os.kill(worker, fault)
+            reason = wait_for(url + "/readyz", 503, timeout_s=10)
+            assert "not ready:" in reason and ("not responding" in reason or "no worker is up" in reason), reason
+            assert get(url + "/livez") == (200, "alive\n")  # the engine itself is fine
+            assert wait_for(url + "/readyz", 200).startswith("ready: 1 of 1 workers up")  # restarted
+            with Client(endpoint) as client:
+                assert client.health().worker_pids[0] != worker

@@ -34,6 +34,7 @@ from .inputs import EngineInputs
 from .intake import Pending, RequestIntake
 from .kept import KeptItem, KeptItems, RunKey
 from .latencies import Histograms
+from .run_counts import RunCounts
 from .outputs_layout import agreed_capacities, item_token_limit, output_layout, predictor
 from .reports import EngineReports
 from .request_ends import RequestEnds
@@ -56,6 +57,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self.ready: WorkerReady | None = None
         self.item_token_limit = self.config.item_token_limit  # until the workers say how wide their rows are (_setup)
         self.latencies = Histograms()  # for /metrics (engine/latencies.py)
+        self.run_counts = RunCounts()  # for /metrics: how the workers ran the windows (engine/run_counts.py)
         self.model: ServedModel | None = None  # what it serves, once started (a client's welcome says it too)
         self.scheduler: Scheduler | None = None
         self._handles: list[WorkerHandle] = []

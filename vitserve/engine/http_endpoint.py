@@ -31,6 +31,7 @@ class Snapshot:
     health: Health
     latencies: dict[str, tuple[list[int], float]]  # engine/latencies.py
     error_codes: dict[str, int]  # errors answered, by code
+    runs: tuple[dict[tuple[int, str], int], int, int]  # engine/run_counts.py
 
 
 class HttpEndpoint:

@@ -62,6 +62,15 @@ def metric_families(taken) -> Iterator[Metric]:
     for code, count in sorted(taken.error_codes.items()):
         by_code.add_metric([code], count)
     yield by_code
+    runs, tokens, padding = taken.runs
+    by_path = CounterMetricFamily(PREFIX + "runs", "Forward runs of the workers, by budget (0: unpadded) and path: "
+                                  "graph, padded (the graph's buffers run eagerly) or why it ran eagerly",
+                                  labels=["budget", "path"])
+    for (budget, path), count in sorted(runs.items()):
+        by_path.add_metric([str(budget), path], count)
+    yield by_path
+    yield CounterMetricFamily(PREFIX + "run_tokens", "Patch tokens the workers ran, padding not counted", value=tokens)
+    yield CounterMetricFamily(PREFIX + "padding_tokens", "Padding tokens run to fill graph budgets", value=padding)
     yield from _histograms(taken.latencies)
     yield from _stats(taken.stats)
 

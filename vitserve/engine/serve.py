@@ -73,7 +73,8 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
     task = loop.create_task(frontend.serve(engine))
     if web is not None:  # liveness at once, readiness once the engine is ready
         web.start(loop, lambda: Snapshot(frontend.stats() if frontend.engine is not None else engine.stats(),
-                                         engine.health(), engine.latencies.snapshot(), dict(frontend.error_codes)))
+                                         engine.health(), engine.latencies.snapshot(), dict(frontend.error_codes),
+                                         engine.run_counts.snapshot()))
         print(f"vitserve: metrics on {web.url}/metrics, liveness on /livez, readiness on /readyz", file=sys.stderr,
               flush=True)
     signalled = loop.create_task(stop.wait())

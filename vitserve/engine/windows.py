@@ -180,9 +180,10 @@ class WindowTraffic:
                 return
             for message in messages:
                 match message:
-                    case WindowDone(window=window, rows=rows, worker_ms=worker_ms, gpu_ms=gpu_ms):
+                    case WindowDone(window=window, rows=rows, worker_ms=worker_ms, gpu_ms=gpu_ms, runs=runs):
                         self._worker_ms += worker_ms
                         self._gpu_busy_ms += gpu_ms
+                        self.run_counts.add(runs)
                         self._complete(window, rows, loop.time())
                     case WindowFailed(window=window, message=problem):
                         dispatch, slot, _ = self._windows.pop(window)

@@ -237,6 +237,9 @@ class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
     rows: list[int]  # first output row of each item inside the slot, in the window's order
     worker_ms: float = 0.0  # from the worker's receipt of the window to its reply (diagnostics)
     gpu_ms: float = 0.0  # device time the window kept busy, not overlapping the window before (CUDA events)
+    # how the worker ran it, per run of its forward: (budget, 0 unpadded; "graph", "padded" (eager over the
+    # graph's buffers) or why it ran eagerly; patch tokens; padding tokens)
+    runs: list[tuple[int, str, int, int]] = []
 
 
 class WindowFailed(msgspec.Struct, frozen=True, tag="window_failed"):

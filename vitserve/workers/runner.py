@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -45,6 +45,8 @@ class EncodeResult:
     output: torch.Tensor  # (rows, 1 + deepstack, out_hidden): row r holds the embedding, then deepstack
     items: list[ItemOutput]  # in the caller's order
     done: torch.cuda.Event | None = None  # recorded after the last copy; None when already complete
+    # per run of the forward: (budget, 0 when unpadded; "graph", or why it ran eagerly; patch tokens; padding tokens)
+    runs: list[tuple[int, str, int, int]] = field(default_factory=list)
 
     def wait(self) -> None:
         if self.done is not None:
@@ -201,6 +203,7 @@ class ModelRunner:
         out = self._output_buffer(total_rows) if out is None else _check_output(out, total_rows, self.window.output)
 
         items: list[ItemOutput | None] = [None] * len(grids)
+        runs: list[tuple[int, str, int, int]] = []
         cursor = 0
         for window in pack(shapes, self.capacities):
             sequences = window.sequences
@@ -214,6 +217,8 @@ class ModelRunner:
                 first_rows = self._run_static(window, shape, grids, pixel_values, pixel_offsets)
                 self.copier.copy(self.window.output[:rows], out[cursor:cursor + rows])
                 self.stats.record_padded(window, sequences, replayed=self.graphs is not None)
+                runs.append((window.budget, "graph" if self.graphs is not None else "padded", window.tokens,
+                             window.padding))
             else:
                 first_rows = self._run_eager(window, grids, pixel_values, pixel_offsets, out[cursor:cursor + rows])
                 reason = oversize_reason(shapes[window.items[0]], self.capacities)
@@ -221,11 +226,12 @@ class ModelRunner:
                     measured = captured and shape in self.cost.padded_base_ms
                     reason = "cheaper_than_graph" if measured else "not_measured" if captured else "not_captured"
                 self.stats.record_eager(window, sequences, reason)
+                runs.append((0, reason, window.tokens, 0))
             for index, first in zip(window.items, first_rows):
                 items[index] = ItemOutput(cursor + first, item_rows[index])
             cursor += rows
 
-        result = EncodeResult(out, items, done=self.copier.barrier())
+        result = EncodeResult(out, items, done=self.copier.barrier(), runs=runs)
         if wait:
             result.wait()
         return result

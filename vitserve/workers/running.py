@@ -56,7 +56,7 @@ class Running:
             if self.previous is not None:  # the part of the window before's copies that ran alongside
                 gpu_ms -= max(0.0, min(self.began.elapsed_time(self.previous), gpu_ms))
         return WindowDone(self.window, [item.offset for item in self.result.items],
-                          (time.perf_counter() - self.received) * 1e3, gpu_ms)
+                          (time.perf_counter() - self.received) * 1e3, gpu_ms, self.result.runs)
 
 
 def is_cuda_error(err: BaseException) -> bool:
