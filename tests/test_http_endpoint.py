@@ -185,3 +185,26 @@ def test_readiness_follows_a_stopped_and_a_killed_worker_liveness_stays(tmp_path
             assert wait_for(url + "/readyz", 200).startswith("ready: 1 of 1 workers up")  # restarted
             with Client(endpoint) as client:
                 assert client.health().worker_pids[0] != worker
+
+
+def test_a_result_after_its_deadline_is_counted_as_late():
+    """A deadline miss either fails (deadline_exceeded, an error by code) or, when the result comes
+    anyway, counts in vitserve_late_results_total; a request in time counts in neither."""
+    import asyncio
+
+    from vitserve import Engine, EngineConfig
+    from vitserve.workers import WindowConfig
+
+    async def run() -> tuple[int, float]:
+        async with Engine(EngineConfig(window=WindowConfig(min_budget=64, max_budget=512))) as engine:
+            (await engine.encode([image(64)], deadline_ms=60_000)).release()  # in time
+            try:
+                (await engine.encode([image(1024, 1)], deadline_ms=1)).release()  # a CPU window takes longer
+                late = 1
+            except EngineError as err:
+                assert err.code == "deadline_exceeded"
+                late = 0
+            return late, engine.stats()["late_results"]
+
+    late, counted = asyncio.run(run())
+    assert counted == late

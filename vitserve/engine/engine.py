@@ -79,6 +79,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
         self._gpu_busy_ms = 0.0  # summed over completed windows: device time they kept busy (CUDA events)
         self._leases_expired = 0
+        self._late_results = 0  # results delivered after their request's deadline
         self._worker_restarts = 0
         self._windows_retried = 0
         self._worker_hangs = 0

@@ -33,6 +33,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "worker_ms": ("worker_seconds", "counter", "Time workers spent on windows, from receipt to reply"),
     "gpu_busy_ms": ("device_busy_seconds", "counter", "Time the devices spent running windows"),
     "leases_expired": ("leases_expired", "counter", "Results reclaimed because they were not released in time"),
+    "late_results": ("late_results", "counter", "Results delivered after their request's deadline (a deadline miss "
+                     "that still succeeded; those failed for it count as errors with code deadline_exceeded)"),
     "workers_ready": ("workers_ready", "gauge", "Workers up and taking windows"),
     "workers_warming": ("workers_warming", "gauge", "Workers serving eagerly while they capture graphs"),
     "standby_loading": ("standby_loading", "gauge", "Standby worker processes still loading the model"),

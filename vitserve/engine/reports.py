@@ -23,6 +23,7 @@ class EngineReports:
             "worker_ms": self._worker_ms,
             "gpu_busy_ms": self._gpu_busy_ms,
             "leases_expired": float(self._leases_expired),
+            "late_results": float(self._late_results),
             "workers_ready": float(self.workers_ready()),
             "workers_warming": float(len(self._warming)),  # serving, graphs not all captured yet
             "standby_loading": float(len(self._standby) - len(self._standby_loaded)),  # standby processes

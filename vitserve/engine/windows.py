@@ -229,6 +229,7 @@ class WindowTraffic:
                 pending.future.set_result(list(pending.outputs))
                 pending.delivered_at = now
                 self.latencies.observe("end_to_end", now - request.arrival)
+                self._late_results += now > request.deadline
                 if pending.keep is not None:
                     try:
                         self._keep(pending, now)
