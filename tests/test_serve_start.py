@@ -107,3 +107,18 @@ def test_a_model_that_cannot_be_served_is_refused_at_once_in_one_line(tmp_path, 
     assert done.returncode == 2 and time.monotonic() - began < 20
     assert done.stderr.startswith("vitserve serve: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr and not socket_files_left(f"ipc://{tmp_path}/refused.sock")
+
+
+def test_json_logs_are_one_object_per_line_workers_too(tmp_path):
+    import json
+
+    endpoint = f"ipc://{tmp_path}/json.sock"
+    with served(endpoint, *FLAGS, "--log-format", "json", "-v") as process:
+        with Client(endpoint) as client, client.encode([np.zeros((64, 64, 3), np.uint8)]):
+            pass
+    lines = [line for line in process.stderr.read().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    events = [entry["event"] for entry in entries if "event" in entry]
+    assert events[0].startswith("starting on") and entries[0]["endpoint"] == endpoint
+    assert any(entry.get("phase", "").startswith("loading") and entry.get("worker") == 0 for entry in entries)
+    assert all({"time", "level"} <= set(entry) for entry in entries)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vitserve.choices import ATTENTION_BACKENDS, DEFAULT_MODEL, DTYPES
+from vitserve.log_lines import FORMAT_ENV, FORMATS, configure_logging
 
 # No torch at import: `vitserve serve` starts its GPU workers before this process imports it (launch.py).
 
@@ -160,11 +161,13 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 def add_log_arguments(parser: argparse.ArgumentParser) -> None:
-    """-v and -q, before the command or after it (SUPPRESS: a command's parser must not reset a flag
-    given before the command to its default)."""
+    """-v, -q and --log-format, before the command or after it (SUPPRESS: a command's parser must not
+    reset a flag given before the command to its default)."""
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log at INFO level (default: warnings and errors)")
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="log errors only")
+    parser.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
+                        help="stderr as text lines, or one JSON object per line (default: text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     if verbose and quiet:
         print("vitserve: -v (--verbose) and -q (--quiet) contradict each other: give one", file=sys.stderr)
         return 2
-    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "log_format", None):  # (an environment's VITSERVE_LOG_FORMAT stands otherwise)
+        os.environ[FORMAT_ENV] = args.log_format  # worker processes inherit it
+    configure_logging(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
     return args.handler(args)
 
 

@@ -36,7 +36,7 @@ def settings_defaults(command: argparse.ArgumentParser, name: str, config_file: 
     """The command's defaults from the file's `[name]` table, then the environment over them, as
     destinations of its flags (`dest` -> value, converted and checked as its flags would be)."""
     flags = {_key(option): action for action in command._actions for option in action.option_strings
-             if option.startswith("--") and action.dest not in ("help", "config", "verbose", "quiet")
+             if option.startswith("--") and action.dest not in ("help", "config", "verbose", "quiet", "log_format")
              and not (isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-"))}
     values: dict[str, Any] = {}
     if config_file is not None:

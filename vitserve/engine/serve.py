@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import time
 
 from vitserve.ipc.auth import ServerKeys
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, EndpointError
 from vitserve.launch import EarlyWorkers
+from vitserve.log_lines import event
 from vitserve.preprocess.in_force import describe, overridden
 
 from .config import EngineConfig
@@ -75,14 +75,13 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
         web.start(loop, lambda: Snapshot(frontend.stats() if frontend.engine is not None else engine.stats(),
                                          engine.health(), engine.latencies.snapshot(), dict(frontend.error_codes),
                                          engine.run_counts.snapshot()))
-        print(f"vitserve: metrics on {web.url}/metrics, liveness on /livez, readiness on /readyz", file=sys.stderr,
-              flush=True)
+        event(f"metrics on {web.url}/metrics, liveness on /livez, readiness on /readyz", url=web.url)
     signalled = loop.create_task(stop.wait())
     # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
-    print(f"vitserve: starting on {frontend.endpoint}: {config.model} on {', '.join(config.devices)}",
-          file=sys.stderr, flush=True)
+    event(f"starting on {frontend.endpoint}: {config.model} on {', '.join(config.devices)}",
+          endpoint=frontend.endpoint, model=config.model, devices=list(config.devices))
     flags = [f"--{name.replace('_', '-')}" for name in overridden(config.preprocess, config.model)]  # (serve's flags)
-    print(f"vitserve: {describe(config.preprocess, config.model, flags)}", file=sys.stderr, flush=True)
+    event(describe(config.preprocess, config.model, flags), overridden=flags)
     starting = loop.create_task(engine.start())
     await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # a signal during the start: stop starting (start() cleans up after itself)

@@ -27,6 +27,7 @@ import msgspec
 import torch
 
 from vitserve.ipc.codec import Codec
+from vitserve.log_lines import configure_logging
 from vitserve.ipc.link import LinkError
 from vitserve.ipc.worker_link import WorkerLink
 from vitserve.ipc.messages import (
@@ -72,7 +73,7 @@ def worker_main(spec: WorkerSpec) -> None:
     engine_pid = os.getppid()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack on stderr
     start_heartbeat(spec.beat_at, spec.heartbeat_s)
-    logging.basicConfig(level=spec.log_level, format=f"worker {spec.worker}: %(levelname)s %(message)s")
+    configure_logging(spec.log_level, prefix=f"worker {spec.worker}: ")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     link = WorkerLink(spec.endpoint, engine_pid)  # (connects at the first send: the engine may not listen yet)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import msgspec
 import torch
+
+from vitserve.log_lines import event
 
 from vitserve.ipc.messages import Begin, MakeSlabs, RunWindow, SlabsMade, WorkerCost, WorkerReady, WorkerWarm
 from vitserve.ipc.sealed import SealError, create_sealed
@@ -238,6 +239,7 @@ def start_progress(spec: WorkerSpec, since: float):
 
     def say(message: str) -> None:
         if spec.progress:
-            print(f"vitserve: worker {spec.worker} ({spec.device}), {time.monotonic() - began:5.1f} s: {message}",
-                  file=sys.stderr, flush=True)
+            seconds = time.monotonic() - began
+            event(f"worker {spec.worker} ({spec.device}), {seconds:5.1f} s: {message}", worker=spec.worker,
+                  device=spec.device, seconds=round(seconds, 3), phase=message)
     return say
