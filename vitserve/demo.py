@@ -79,4 +79,4 @@ async def _encode(endpoint: str, items: list) -> None:
         print(f"\n{int(stats['items_sent'])} items in {int(windows)} windows "
               f"({stats['items_sent'] / max(windows, 1):.1f} per window), the worker busy "
               f"{stats['worker_ms']:.0f} ms; read the rows with `client.encode` / `client.view` "
-              f"(zero-copy on this host), see the README")
+              f"(zero-copy on this host), see docs/usage.md")
