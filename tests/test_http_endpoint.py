@@ -28,11 +28,16 @@ FLAGS = ("--min-budget", "64", "--max-budget", "512", "--max-item-tokens", "1638
 
 def http_url(process: subprocess.Popen) -> str:
     """The URL `vitserve serve` says it serves HTTP on (stderr, before it is ready)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and select.select([process.stderr], [], [], 1)[0]:
-        found = re.search(r"metrics on (http://[0-9.]+:\d+)/metrics", process.stderr.readline())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not select.select([process.stderr], [], [], 1)[0]:
+            continue
+        line = process.stderr.readline()
+        found = re.search(r"metrics on (http://[0-9.]+:\d+)/metrics", line)
         if found:
             return found.group(1)
+        if not line:  # (it ended)
+            break
     raise AssertionError("vitserve serve did not say where its metrics are")
 
 
@@ -208,3 +213,28 @@ def test_a_result_after_its_deadline_is_counted_as_late():
 
     late, counted = asyncio.run(run())
     assert counted == late
+
+
+def test_while_the_engine_starts_it_is_alive_and_not_ready(tmp_path):
+    """The HTTP endpoint answers before the model is loaded: alive, not ready ("starting"), then ready;
+    a killed worker counts as a restart in /metrics."""
+    import os
+
+    command = [sys.executable, "-m", "vitserve.cli", "serve", "--endpoint", f"ipc://{tmp_path}/s.sock",
+               "--min-budget", "64", "--max-budget", "512", "--http-port", "0", "--cache-dir", "none"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = http_url(process)
+        status, text = get(url + "/readyz")
+        assert (status, get(url + "/livez")[0]) == (503, 200) and "starting" in text, text  # (measuring costs)
+        assert wait_for(url + "/readyz", 200).startswith("ready")
+        with Client(f"ipc://{tmp_path}/s.sock") as client:
+            os.kill(client.health().worker_pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while scrape(url)["vitserve_worker_restarts_total"] < 1:  # counted once the worker is started again
+            assert time.monotonic() < deadline, "the killed worker was not counted as restarted"
+            time.sleep(0.2)
+        assert wait_for(url + "/readyz", 200).startswith("ready")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
