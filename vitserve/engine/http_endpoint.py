@@ -75,6 +75,8 @@ class HttpEndpoint:
             except (FutureTimeout, RuntimeError):  # a stuck loop, or one that is closing
                 return _answer(start_response, "503 Service Unavailable",
                                f"the engine's event loop did not answer within {PROBE_TIMEOUT_S:g} s\n")
+            except Exception as err:  # the snapshot failed (an engine stopping): a reason, not a traceback
+                return _answer(start_response, "503 Service Unavailable", f"the engine could not say: {err!r}\n")
         finally:
             self._probe.release()
         if path == "/livez":
