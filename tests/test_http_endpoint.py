@@ -238,3 +238,33 @@ def test_while_the_engine_starts_it_is_alive_and_not_ready(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
+
+
+def test_an_embedded_engine_answers_the_same_probes():
+    from vitserve.engine import EngineConfig
+    from vitserve.integrations.embedded import EmbeddedEncoder
+    from vitserve.workers import WindowConfig
+
+    config = EngineConfig(window=WindowConfig(min_budget=64, max_budget=512), max_item_tokens=4096)
+    with EmbeddedEncoder(config, http=("127.0.0.1", 0)) as encoder:
+        url = encoder.http_url
+        assert get(url + "/livez") == (200, "alive\n") and get(url + "/readyz")[0] == 200
+        for seed in range(2):
+            encoder.encode([image(64, seed)]).release()
+        try:
+            encoder.encode([image(2200)])
+        except EngineError as err:
+            assert err.code == "too_large"
+        deadline = time.monotonic() + 10
+        while (metrics := scrape(url)).get("vitserve_request_errors_total{code=too_large}") != 1:
+            assert time.monotonic() < deadline, metrics  # (counted on the engine's loop, a moment later)
+            time.sleep(0.05)
+        assert metrics["vitserve_end_to_end_seconds_count"] == 2 and metrics["vitserve_ready"] == 1
+    try:  # closed with the encoder: nothing listens
+        urllib.request.urlopen(url + "/livez", timeout=5)
+        answered = True
+    except urllib.error.HTTPError:
+        answered = True
+    except urllib.error.URLError:
+        answered = False
+    assert not answered, "the embedded engine's HTTP endpoint outlived it"

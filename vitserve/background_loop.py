@@ -17,6 +17,10 @@ class BackgroundLoop:
         self._thread.start()
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
     def running(self) -> bool:
         return self._loop.is_running()
 

@@ -1,4 +1,5 @@
-"""What the engine says of itself: its counters (`stats`) and whether it serves (`health`).
+"""What the engine says of itself: its counters (`stats`), whether it serves (`health`), and both with
+its latencies and runs for an HTTP probe (`snapshot`).
 
 A mixin of `Engine` (engine.py), which owns the state read here.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import os
 
 from vitserve.ipc.messages import Health
+
+from .http_endpoint import Snapshot
 
 
 class EngineReports:
@@ -33,6 +36,12 @@ class EngineReports:
             "internal_errors": float(self._internal_errors),
             "queued_bytes": float(self._queued_bytes),
         } | (self.inputs.stats() if self.inputs is not None else {}) | self._kept_stats()
+
+    def snapshot(self, stats: dict[str, float] | None = None, error_codes: dict[str, int] | None = None) -> Snapshot:
+        """What an HTTP probe reads (engine/http_endpoint.py), taken on the engine's loop: `stats` (a
+        frontend's, which include the engine's) or the engine's own, and the errors answered by code."""
+        return Snapshot(self.stats() if stats is None else stats, self.health(), self.latencies.snapshot(),
+                        dict(error_codes or {}), self.run_counts.snapshot())
 
     def health(self) -> Health:
         """Ready while admitting requests with a worker up; not while shutting down or restarting.

@@ -25,7 +25,7 @@ from vitserve.preprocess.in_force import describe, overridden
 from .config import EngineConfig
 from .engine import Engine
 from .frontend import Frontend
-from .http_endpoint import HttpEndpoint, Snapshot
+from .http_endpoint import HttpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,8 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
     # once it is ready (a client started alongside the server just waits for its welcome).
     task = loop.create_task(frontend.serve(engine))
     if web is not None:  # liveness at once, readiness once the engine is ready
-        web.start(loop, lambda: Snapshot(frontend.stats() if frontend.engine is not None else engine.stats(),
-                                         engine.health(), engine.latencies.snapshot(), dict(frontend.error_codes),
-                                         engine.run_counts.snapshot()))
+        web.start(loop, lambda: engine.snapshot(frontend.stats() if frontend.engine is not None else None,
+                                                frontend.error_codes))
         event(f"metrics on {web.url}/metrics, liveness on /livez, readiness on /readyz", url=web.url)
     signalled = loop.create_task(stop.wait())
     # At once, on stderr (stdout's first line stays the "ready" line that scripts wait for).
