@@ -17,9 +17,10 @@ from torch import nn
 
 from vitserve.preprocess.config import released_preprocess
 
-from ..attention import AttentionFn, head_width, select_attention
-from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
+from ..attention import AttentionFn
+from ..protocol import EncoderGeometry, EncoderOutput
 from ..rotary import rotary_qk
+from ..tower import TowerBase
 from ..token_metadata import TokenMetadata, build_token_metadata
 from .config import Glm4vVisionConfig
 from .positions import bicubic_taps
@@ -111,7 +112,7 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.position_grid_side**2, config.hidden_size)
 
 
-class Glm4vVisionTower(nn.Module):
+class Glm4vVisionTower(TowerBase):
     """Implements the `VisionEncoder` protocol."""
 
     def __init__(self, config: Glm4vVisionConfig, attention: str | None = None):
@@ -138,16 +139,8 @@ class Glm4vVisionTower(nn.Module):
         self.model_type = "glm4v"  # the checkpoint's config.json says which (load_model)
         self.weights_fingerprint = ""  # load_model's (models/fingerprint.py); empty for a tower built in code
         self.preprocess = released_preprocess(self.model_type)  # load_model gives a checkpoint's own
-        self.attention_backend: str | None = None
-        self._attend: AttentionFn | None = None
 
     # -- protocol ---------------------------------------------------------------------------
-    def item_tokens(self, t: int, h: int, w: int) -> int:
-        return t * h * w
-
-    def item_sequences(self, t: int, h: int, w: int) -> int:
-        return t  # the reference splits a video into one image per temporal patch
-
     def metadata(
         self,
         layout: torch.Tensor,
@@ -164,7 +157,7 @@ class Glm4vVisionTower(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, meta: TokenMetadata) -> EncoderOutput:
-        attend = self._attend or self.select_attention(self.requested_attention)
+        attend = self.attend()
         x = self.post_conv_layernorm(self.patch_embed(pixel_values))  # (tokens, hidden)
         table = self.embeddings.position_embedding.weight
         # 16 taps per token summed without a (tokens, 16, hidden) intermediate, in float32 as the
@@ -182,25 +175,8 @@ class Glm4vVisionTower(nn.Module):
         embeddings = self.merger(merged)  # (tokens / 4, out_hidden)
         return EncoderOutput(embeddings, embeddings.new_empty((0, *embeddings.shape)))
 
-    # -- conveniences -----------------------------------------------------------------------
-    def select_attention(self, requested: str | None) -> AttentionFn:
-        """Pick (and remember) the attention backend for this model's device and dtype."""
-        weight = self.patch_embed.proj.weight
-        self.attention_backend, self._attend = select_attention(requested, weight.device, weight.dtype)
-        self.requested_attention = requested
-        for block in self.blocks:
-            block.attn.head_width = head_width(self.attention_backend, self.config.head_dim)
-        return self._attend
+    def _embed_weight(self) -> torch.Tensor:
+        return self.patch_embed.proj.weight
 
-    @torch.inference_mode()
-    def encode_patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> EncoderOutput:
-        """Eager reference path on Hugging Face processor outputs: `pixel_values` (sum t*h*w, C*T*P*P),
-        `grid_thw` (items, 3) in patch units."""
-        grids = grid_list(grid_thw)
-        packed = pack_grids(self, grids)
-        check_patches(pixel_values, packed.num_tokens, self.geometry, grids)
-        device = self.patch_embed.proj.weight.device
-        meta = self.metadata(
-            packed.layout.to(device), packed.num_tokens, packed.num_sequences, packed.max_seqlen, packed.segment_lengths
-        )
-        return self.forward(pixel_values.to(device), meta)
+    def _attention_modules(self):
+        return (block.attn for block in self.blocks)

@@ -19,9 +19,10 @@ from torch import nn
 
 from vitserve.preprocess.config import released_preprocess
 
-from ..attention import AttentionFn, head_width, select_attention
-from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
+from ..attention import AttentionFn
+from ..protocol import EncoderGeometry, EncoderOutput
 from ..rotary import rotary_qk
+from ..tower import TowerBase
 from .config import KimiK25VisionConfig
 from .metadata import KimiMetadata, kimi_metadata, time_table
 
@@ -103,7 +104,7 @@ class Projector(nn.Module):
         return self.proj(merged)  # (rows, out_hidden)
 
 
-class KimiK25VisionTower(nn.Module):
+class KimiK25VisionTower(TowerBase):
     """Implements the `VisionEncoder` protocol."""
 
     def __init__(self, config: KimiK25VisionConfig, attention: str | None = None):
@@ -125,16 +126,8 @@ class KimiK25VisionTower(nn.Module):
         self.model_type = "kimi_k25"  # the checkpoint's config.json says which (load_model)
         self.weights_fingerprint = ""  # load_model's (models/fingerprint.py); empty for a tower built in code
         self.preprocess = released_preprocess(self.model_type)  # load_model gives a checkpoint's own
-        self.attention_backend: str | None = None
-        self._attend: AttentionFn | None = None
 
     # -- protocol ---------------------------------------------------------------------------
-    def item_tokens(self, t: int, h: int, w: int) -> int:
-        return t * h * w
-
-    def item_sequences(self, t: int, h: int, w: int) -> int:
-        return len(self.geometry.item_segments(t, h, w))  # a chunk of up to 4 frames attends together
-
     def metadata(
         self,
         layout: torch.Tensor,
@@ -148,7 +141,7 @@ class KimiK25VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, meta: KimiMetadata) -> EncoderOutput:
         """Rows (tokens / 4, out_hidden): each item's rows at the running sum of `geometry.item_rows`;
         rows past the last item's are padding (fewer rows than tokens / 4 when a chunk has frames)."""
-        attend = self._attend or self.select_attention(self.requested_attention)
+        attend = self.attend()
         tower = self.vision_tower
         weight = tower.patch_embed.proj.weight
         x = F.linear(pixel_values.to(weight.dtype), weight.flatten(1), tower.patch_embed.proj.bias)  # (tokens, hidden)
@@ -168,27 +161,8 @@ class KimiK25VisionTower(nn.Module):
         embeddings = self.mm_projector(blocks)  # (tokens / 4, out_hidden)
         return EncoderOutput(embeddings, embeddings.new_empty((0, *embeddings.shape)))
 
-    # -- conveniences -----------------------------------------------------------------------
-    def select_attention(self, requested: str | None) -> AttentionFn:
-        """Pick (and remember) the attention backend for this model's device and dtype."""
-        weight = self.vision_tower.patch_embed.proj.weight
-        self.attention_backend, self._attend = select_attention(requested, weight.device, weight.dtype)
-        self.requested_attention = requested
-        for block in self.vision_tower.encoder.blocks:
-            block.head_width = head_width(self.attention_backend, self.config.head_dim)
-        return self._attend
+    def _embed_weight(self) -> torch.Tensor:
+        return self.vision_tower.patch_embed.proj.weight
 
-    @torch.inference_mode()
-    def encode_patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> EncoderOutput:
-        """Eager reference path: `pixel_values` (sum t*h*w, 3*P*P) in the processor's raster order, a
-        video's frames in order; `grid_thw` (items, 3) with t its frame count."""
-        grids = grid_list(grid_thw)
-        packed = pack_grids(self, grids)
-        check_patches(pixel_values, packed.num_tokens, self.geometry, grids)
-        device = self.vision_tower.patch_embed.proj.weight.device
-        meta = self.metadata(
-            packed.layout.to(device), packed.num_tokens, packed.num_sequences, packed.max_seqlen, packed.segment_lengths
-        )
-        out = self.forward(pixel_values.to(device), meta)
-        rows = sum(self.geometry.item_rows(*grid) for grid in grids)
-        return EncoderOutput(out.embeddings[:rows], out.deepstack[:, :rows])
+    def _attention_modules(self):
+        return self.vision_tower.encoder.blocks

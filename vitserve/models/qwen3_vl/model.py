@@ -15,9 +15,10 @@ from torch import nn
 from vitserve.preprocess.config import PreprocessConfig
 
 from ..add_norm import add_layer_norm
-from ..attention import AttentionFn, head_width, select_attention
-from ..protocol import EncoderGeometry, EncoderOutput, check_patches, grid_list, pack_grids
+from ..attention import AttentionFn
+from ..protocol import EncoderGeometry, EncoderOutput
 from ..rotary import rotary_qk
+from ..tower import TowerBase
 from .config import Qwen3VLVisionConfig
 from ..token_metadata import TokenMetadata
 from .metadata import qwen3_vl_metadata
@@ -110,7 +111,7 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(merged)))
 
 
-class Qwen3VLVisionTower(nn.Module):
+class Qwen3VLVisionTower(TowerBase):
     """Implements the `VisionEncoder` protocol."""
 
     def __init__(self, config: Qwen3VLVisionConfig, attention: str | None = None):
@@ -137,16 +138,8 @@ class Qwen3VLVisionTower(nn.Module):
         self.model_type = "qwen3_vl"  # the checkpoint's config.json says which (load_model)
         self.weights_fingerprint = ""  # load_model's (models/fingerprint.py); empty for a tower built in code
         self.preprocess = PreprocessConfig()  # load_model gives a checkpoint's own
-        self.attention_backend: str | None = None
-        self._attend: AttentionFn | None = None
 
     # -- protocol ---------------------------------------------------------------------------
-    def item_tokens(self, t: int, h: int, w: int) -> int:
-        return t * h * w
-
-    def item_sequences(self, t: int, h: int, w: int) -> int:
-        return t  # each temporal patch (frame pair) attends only within itself
-
     def metadata(
         self,
         layout: torch.Tensor,
@@ -158,7 +151,7 @@ class Qwen3VLVisionTower(nn.Module):
         return qwen3_vl_metadata(self.config, layout, num_tokens, num_sequences, max_seqlen, segment_lengths)
 
     def forward(self, pixel_values: torch.Tensor, meta: TokenMetadata) -> EncoderOutput:
-        attend = self._attend or self.select_attention(self.requested_attention)
+        attend = self.attend()
         x = self.patch_embed(pixel_values)  # (tokens, hidden)
         positions = (self.pos_embed.weight[meta.pos_index] * meta.pos_weight[..., None]).sum(1)  # (tokens, hidden) fp32
         x = x + positions.to(x.dtype)
@@ -176,27 +169,8 @@ class Qwen3VLVisionTower(nn.Module):
             stacked = embeddings.new_empty((0, *embeddings.shape))
         return EncoderOutput(embeddings, stacked)
 
-    # -- conveniences -----------------------------------------------------------------------
-    def select_attention(self, requested: str | None) -> AttentionFn:
-        """Pick (and remember) the attention backend for this model's device and dtype."""
-        weight = self.patch_embed.proj.weight
-        self.attention_backend, self._attend = select_attention(requested, weight.device, weight.dtype)
-        self.requested_attention = requested
-        for block in self.blocks:
-            block.attn.head_width = head_width(self.attention_backend, self.config.head_dim)
-        return self._attend
+    def _embed_weight(self) -> torch.Tensor:
+        return self.patch_embed.proj.weight
 
-    @torch.inference_mode()
-    def encode_patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> EncoderOutput:
-        """Eager reference path on Hugging Face processor outputs.
-
-        `pixel_values` is (sum t*h*w, C*T*P*P); `grid_thw` is (items, 3) in patch units.
-        """
-        grids = grid_list(grid_thw)
-        packed = pack_grids(self, grids)
-        check_patches(pixel_values, packed.num_tokens, self.geometry, grids)
-        device = self.patch_embed.proj.weight.device
-        meta = self.metadata(
-            packed.layout.to(device), packed.num_tokens, packed.num_sequences, packed.max_seqlen, packed.segment_lengths
-        )
-        return self.forward(pixel_values.to(device), meta)
+    def _attention_modules(self):
+        return (block.attn for block in self.blocks)
