@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..hf_config import axial_rope_theta, check_activation, check_positive_ints, hf_fields
+
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -30,11 +32,8 @@ class Glm4vVisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        for name in ("depth", "hidden_size", "num_heads", "out_hidden_size", "intermediate_size", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "in_channels", "image_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"vision config: {name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("depth", "hidden_size", "num_heads", "out_hidden_size", "intermediate_size",
+                                   "patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels", "image_size"))
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"vision config: hidden_size {self.hidden_size} / num_heads {self.num_heads} must be a "
                              f"whole head dim that is a multiple of 4 (for the 2D rotary embedding)")
@@ -45,9 +44,7 @@ class Glm4vVisionConfig:
             raise ValueError(f"vision config: attention_bias must be true or false, got {self.attention_bias!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise ValueError(f"vision config: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"vision config: hidden_act {self.hidden_act!r} is not supported; expected one of "
-                             f"{list(SUPPORTED_ACTIVATIONS)}")
+        check_activation(self.hidden_act, SUPPORTED_ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -60,19 +57,7 @@ class Glm4vVisionConfig:
     @classmethod
     def from_hf(cls, vision: dict[str, Any]) -> "Glm4vVisionConfig":
         """Build from a Hugging Face `vision_config` dict."""
-        known = {k: vision[k] for k in cls.__dataclass_fields__ if k in vision and k != "rope_theta"}
-        if "num_heads" not in known and "num_attention_heads" in vision:
-            known["num_heads"] = vision["num_attention_heads"]
-        if "depth" not in known and "num_hidden_layers" in vision:
-            known["depth"] = vision["num_hidden_layers"]
-        for name in ("image_size", "patch_size", "temporal_patch_size"):  # HF allows [n, n]
-            if isinstance(known.get(name), list) and len(set(known[name])) == 1:
-                known[name] = known[name][0]
-        rope = vision.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", vision.get("rope_theta", cls.rope_theta))
-        if rope.get("rope_type", "axial") != "axial":
-            raise ValueError(f"vision config: rope_type {rope['rope_type']!r} is not supported (expected 'axial')")
-        return cls(**known, rope_theta=float(theta))
+        return cls(**hf_fields(cls, vision), rope_theta=axial_rope_theta(vision, cls.rope_theta))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

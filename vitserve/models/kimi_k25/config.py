@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..hf_config import axial_rope_theta, check_activation, check_positive_ints, hf_fields
+
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 
@@ -30,11 +32,9 @@ class KimiK25VisionConfig:
     in_channels: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "pos_emb_height",
-                     "pos_emb_width", "pos_emb_time", "merge_size", "out_hidden_size", "in_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"vision config: {name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
+                                   "pos_emb_height", "pos_emb_width", "pos_emb_time", "merge_size", "out_hidden_size",
+                                   "in_channels"))
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"vision config: hidden_size {self.hidden_size} / num_heads {self.num_heads} must be a "
                              f"whole head dim that is a multiple of 4 (for the 2D rotary embedding)")
@@ -43,9 +43,7 @@ class KimiK25VisionConfig:
         if self.pos_emb_height != self.pos_emb_width:
             raise ValueError(f"vision config: the position table must be square, got "
                              f"{self.pos_emb_height}x{self.pos_emb_width}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"vision config: hidden_act {self.hidden_act!r} is not supported; expected one of "
-                             f"{list(SUPPORTED_ACTIVATIONS)}")
+        check_activation(self.hidden_act, SUPPORTED_ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -54,18 +52,11 @@ class KimiK25VisionConfig:
     @classmethod
     def from_hf(cls, vision: dict[str, Any], whole: dict[str, Any] | None = None) -> "KimiK25VisionConfig":
         """From a Hugging Face `vision_config` dict and the whole model's config (projector, text width)."""
-        names = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
-        known = {names.get(k, k): v for k, v in vision.items() if names.get(k, k) in cls.__dataclass_fields__}
-        known.pop("rope_theta", None)
+        known = hf_fields(cls, vision)
         kernel = vision.get("merge_kernel_size", (2, 2))
         if not isinstance(kernel, (list, tuple)) or len(kernel) != 2 or kernel[0] != kernel[1]:
             raise ValueError(f"vision config: merge_kernel_size {kernel!r} must be a square [n, n]")
         known["merge_size"] = kernel[0]
-        if isinstance(known.get("patch_size"), list) and len(set(known["patch_size"])) == 1:
-            known["patch_size"] = known["patch_size"][0]
-        rope = vision.get("rope_parameters") or {}
-        if rope.get("rope_type", "axial") != "axial":
-            raise ValueError(f"vision config: rope_type {rope['rope_type']!r} is not supported (expected 'axial')")
         whole = whole or {}
         text = whole.get("text_config") or {}
         projection = whole.get("projection_hidden_size", known.get("hidden_size", cls.hidden_size))
@@ -77,7 +68,7 @@ class KimiK25VisionConfig:
             extra["out_hidden_size"] = text["hidden_size"]
         if "projection_layer_norm_eps" in whole:
             extra["projection_layer_norm_eps"] = whole["projection_layer_norm_eps"]
-        return cls(**known, **extra, rope_theta=float(rope.get("rope_theta", cls.rope_theta)))
+        return cls(**known, **extra, rope_theta=axial_rope_theta(vision, cls.rope_theta))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..hf_config import axial_rope_theta, check_activation, check_positive_ints, hf_fields
+
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 
@@ -27,12 +29,9 @@ class Qwen3VLVisionConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deepstack_visual_indexes", tuple(self.deepstack_visual_indexes))
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
-                     "patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels",
-                     "num_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"vision config: {name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                                   "patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels",
+                                   "num_position_embeddings"))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"vision config: hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
@@ -54,11 +53,7 @@ class Qwen3VLVisionConfig:
                 f"vision config: deepstack_visual_indexes {list(self.deepstack_visual_indexes)} must be "
                 f"distinct block indexes in [0, {self.depth})"
             )
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(
-                f"vision config: hidden_act {self.hidden_act!r} is not supported; expected one of "
-                f"{list(SUPPORTED_ACTIVATIONS)}"
-            )
+        check_activation(self.hidden_act, SUPPORTED_ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -71,16 +66,7 @@ class Qwen3VLVisionConfig:
     @classmethod
     def from_hf(cls, vision: dict[str, Any]) -> "Qwen3VLVisionConfig":
         """Build from a Hugging Face `vision_config` dict (4.57 and 5.x spellings)."""
-        known = {k: vision[k] for k in cls.__dataclass_fields__ if k in vision and k != "rope_theta"}
-        if "num_heads" not in known and "num_attention_heads" in vision:
-            known["num_heads"] = vision["num_attention_heads"]
-        if "depth" not in known and "num_hidden_layers" in vision:
-            known["depth"] = vision["num_hidden_layers"]
-        rope = vision.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", vision.get("rope_theta", cls.rope_theta))
-        if rope.get("rope_type", "axial") != "axial":
-            raise ValueError(f"vision config: rope_type {rope['rope_type']!r} is not supported (expected 'axial')")
-        return cls(**known, rope_theta=float(theta))
+        return cls(**hf_fields(cls, vision), rope_theta=axial_rope_theta(vision, cls.rope_theta))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
