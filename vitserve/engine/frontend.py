@@ -22,7 +22,6 @@ import asyncio
 import collections
 import logging
 import math
-import secrets
 
 import zmq
 
@@ -31,14 +30,13 @@ from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, server_codec
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, bind_endpoint
 from vitserve.ipc.messages import (
-    MAX_ITEMS_PER_REQUEST, PROTOCOL_VERSION, Cancel, Encode, Error, Forget, HealthQuery, Hello, Lookup, Release, Stats,
-    StatsQuery, Welcome,
+    MAX_ITEMS_PER_REQUEST, Cancel, Encode, Error, Forget, HealthQuery, Hello, Lookup, Release, Stats, StatsQuery,
 )
 from vitserve.ipc.slab_channel import SlabChannel
-from vitserve.ipc.slabs import SlabError
 from vitserve.log_limits import LogLimiter
 
 from .client_requests import ClientRequests
+from .handshakes import Handshakes
 from .config import EngineConfig
 from .connections import (
     RESERVED_DESCRIPTORS, SHED_FACTOR, Connection, Connections, raise_descriptor_limit, seed_routing_ids,
@@ -52,12 +50,11 @@ MAX_HEADER_BYTES = 1 << 20  # a message header (the frames' descriptions) is far
 MAX_FRAMES = MAX_ITEMS_PER_REQUEST + 1  # a header and one frame per item
 CLOSE_LINGER_MS = 2000  # at shutdown, replies already queued get this long to reach their clients
 UNREAD_REPLIES_PER_CLIENT = 1000  # ZeroMQ's default high-water mark, made explicit: replies past it are dropped
-REFUSAL_LINGER_S = 1.0  # a refused connection is shut this long after its refusal, which may reach it first
 # tcp:// peers that vanish without closing (a host gone) are found by ZMTP heartbeats
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 10_000, 30_000
 
 
-class Frontend(ClientRequests):
+class Frontend(ClientRequests, Handshakes):
     def __init__(self, endpoint: str, config: EngineConfig, socket_mode: int = DEFAULT_SOCKET_MODE,
                  keys: ServerKeys | None = None, allow_insecure_tcp: bool = False):
         """Bind `endpoint` (EndpointError when it is taken or unusable; AuthError when it would serve
@@ -219,44 +216,6 @@ class Frontend(ClientRequests):
         return ({name: float(value) for name, value in counters.items()} | {"connections": float(len(self.connections))}
                 | self.engine.stats())
 
-    def engine_started(self) -> None:
-        """Welcome the connections that said hello while the engine was starting (and are still open)."""
-        waiting, self._hellos_waiting = self._hellos_waiting, set()
-        for connection in waiting:
-            if not connection.closed and not connection.helloed:
-                self._hello(connection, PROTOCOL_VERSION, None)
-
-    def _hello(self, connection: Connection, version: int, header: zmq.Frame | None) -> None:
-        if version != PROTOCOL_VERSION:
-            self._send(connection, Error(None, "protocol", f"protocol version {version} is not supported; "
-                                                           f"this engine speaks version {PROTOCOL_VERSION}"))
-            return
-        if not connection.helloed and self.connections.helloed() >= self.limits.max_connections:
-            self._send(connection, Error(None, "overloaded", f"the engine serves its limit of "
-                                                             f"{self.limits.max_connections} connections "
-                                                             f"(max_connections): try again later", 1000.0))
-            asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, self.connections.shut, connection)
-            return
-        if header is not None and self._key_priorities:  # the client's key, as the CURVE handshake authenticated it
-            connection.priorities = self._key_priorities.get(_user_id(header))
-        if not self.engine.started:  # the welcome names the model's outputs: it waits for the start
-            self._hellos_waiting.add(connection)
-            return
-        connection.helloed = True
-        if self.slab_channel is not None and self.limits.input_arena_bytes and not connection.input_token:
-            connection.input_token = secrets.token_hex(16)
-            self._input_tokens[connection.input_token] = connection
-        self._send(connection, Welcome(PROTOCOL_VERSION, self.engine.model, connection.input_token))
-
-    def _arena(self, token: str) -> tuple[str, int]:
-        """The input arena of the connection whose welcome gave `token` (made on its first ask)."""
-        connection = self._input_tokens.get(token)
-        if connection is None or connection.closed:
-            raise SlabError("no open connection has this token: ask with the token of your connection's welcome")
-        if not connection.arena:
-            connection.arena = self.engine.inputs.new_arena().name
-        return connection.arena, self.engine.inputs.arenas[connection.arena].fd
-
     def _ended(self, closed: list[Connection]) -> None:
         """Closed connections: what they still wait for is cancelled, what they hold is released."""
         for connection in closed:
@@ -299,10 +258,3 @@ class Frontend(ClientRequests):
                             dropped)
         return sent
 
-
-def _user_id(header: zmq.Frame) -> str | None:
-    """The User-Id that authentication gave the message's connection (a CURVE client's public key)."""
-    try:
-        return header.get("User-Id")
-    except zmq.ZMQError:  # not authenticated
-        return None
