@@ -1,5 +1,6 @@
 """The docs a newcomer follows: every page is reachable from the README, and every command and flag
-they name exists (in vitserve's command line, or in the example client they show)."""
+they name exists (in vitserve's command line, or in the example client they show), and the configuration
+reference is the command line's as it stands."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 from vitserve.cli import build_parser
+from vitserve.cli_reference import reference_markdown
 from vitserve.engine.metrics import METRICS, PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +56,9 @@ def test_the_metrics_reference_lists_every_metric():
     reference = (ROOT / "docs/operations.md").read_text()
     names = [PREFIX + name + ("_total" if kind == "counter" else "") for name, kind, _ in METRICS.values()]
     assert [name for name in names if f"`{name}`" not in reference] == []
+
+
+def test_the_configuration_reference_is_generated_from_the_command_line():
+    assert (ROOT / "docs/configuration.md").read_text() == reference_markdown(), (
+        "docs/configuration.md differs from the command line's flags: regenerate it with "
+        "`python -m vitserve.cli_reference > docs/configuration.md`")

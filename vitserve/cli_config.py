@@ -35,9 +35,7 @@ def settings_defaults(command: argparse.ArgumentParser, name: str, config_file: 
                       environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The command's defaults from the file's `[name]` table, then the environment over them, as
     destinations of its flags (`dest` -> value, converted and checked as its flags would be)."""
-    flags = {_key(option): action for action in command._actions for option in action.option_strings
-             if option.startswith("--") and action.dest not in ("help", "config", "verbose", "quiet", "log_format")
-             and not (isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-"))}
+    flags = settings(command)
     values: dict[str, Any] = {}
     if config_file is not None:
         table = _read_table(config_file, name)
@@ -48,10 +46,22 @@ def settings_defaults(command: argparse.ArgumentParser, name: str, config_file: 
                                     f"its settings: {', '.join(sorted(flags))}")
             values[action.dest] = _from_file(action, key, value, f"{config_file} [{name}]")
     for option, action in flags.items():
-        variable = ENV_PREFIX + option.replace("-", "_").upper()
+        variable = environment_variable(option)
         if variable in environ:
             values[action.dest] = _from_text(action, environ[variable], f"the environment's {variable}")
     return values
+
+
+def settings(command: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The command's settings by key (`max-budget`): its long flags but --help, --config and the
+    logging flags (given before the command as well), and of a --x/--no-x pair only --x."""
+    return {_key(option): action for action in command._actions for option in action.option_strings
+            if option.startswith("--") and action.dest not in ("help", "config", "verbose", "quiet", "log_format")
+            and not (isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-"))}
+
+
+def environment_variable(key: str) -> str:
+    return ENV_PREFIX + key.replace("-", "_").upper()
 
 
 def _key(name: str) -> str:
