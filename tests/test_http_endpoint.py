@@ -95,6 +95,11 @@ def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
         assert metrics["vitserve_run_tokens_total"] == sum(int(preprocess_image(item).grid_thw.prod()) for item in sent)
         assert metrics["vitserve_window_run_seconds_count"] == metrics["vitserve_windows_total"]
         assert metrics["vitserve_queue_wait_seconds_count"] == metrics["vitserve_window_items_total"]
+        for per_window in ("preprocess_seconds", "output_transfer_seconds", "items_per_window", "sequences_per_window"):
+            assert metrics[f"vitserve_{per_window}_count"] == metrics["vitserve_windows_total"], per_window
+        assert metrics["vitserve_items_per_window_sum"] == 6 and metrics["vitserve_sequences_per_window_sum"] == 6
+        assert metrics["vitserve_output_transfer_seconds_sum"] > 0 and metrics["vitserve_preprocess_seconds_sum"] > 0
+        assert metrics["vitserve_queued_tokens"] == 0 and metrics["vitserve_output_slots"] > 0
         buckets = [value for name, value in metrics.items() if name.startswith("vitserve_end_to_end_seconds_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == 3 and metrics["vitserve_end_to_end_seconds_bucket{le=+Inf}"] == 3
         assert 0 < metrics["vitserve_end_to_end_seconds_sum"] < 60

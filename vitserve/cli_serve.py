@@ -53,6 +53,11 @@ def add_serve_parser(commands) -> None:
                        help="a window running longer means a stuck worker: it is killed and restarted (0: no watchdog)")
     serve.add_argument("--worker-heartbeat-s", type=float, default=1.0,
                        help="how often a worker proves it is alive; one silent for three beats is restarted")
+    serve.add_argument("--readiness-probe-s", type=float, default=5.0,
+                       help="a worker with no window for this long runs a small forward to show it still serves "
+                       "(0: no probes)")
+    serve.add_argument("--readiness-timeout-s", type=float, default=5.0,
+                       help="a probe unanswered this long makes its worker unready (/readyz, health) until it answers")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long admitted requests may take to finish")
     serve.add_argument("--max-queued-bytes", type=int, default=4 << 30,
@@ -141,6 +146,8 @@ def _run_serve(args: argparse.Namespace, early) -> int:
                               lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
                               window_timeout_s=args.window_timeout_s or None,
                               worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
+                              readiness_probe_s=args.readiness_probe_s or None,
+                              readiness_timeout_s=args.readiness_timeout_s,
                               max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
                               kept_timeout_s=args.kept_timeout_s, kept_share=args.kept_share,
                               standby_workers=args.standby_workers, clients=_client_limits(args), progress=True,

@@ -45,7 +45,10 @@ class EngineConfig:
     window running longer is taken for a stuck worker, which is killed and restarted (None: no
     watchdog). worker_heartbeat_s: how often each worker proves it is alive; one silent for three
     beats is hung (e.g. stopped): it takes no more windows, its windows are retried or failed, and
-    it is killed and restarted. drain_timeout_s: how long close() lets queued and running requests
+    it is killed and restarted. readiness_probe_s: a worker that has answered no window for this long
+    runs a small forward on its device (a probe) to show that it still serves; None: no probes (a
+    worker is then ready while its process beats). readiness_timeout_s: a probe unanswered this long
+    makes its worker unready until it answers. drain_timeout_s: how long close() lets queued and running requests
     finish before it fails the rest with `shutting_down`. standby_workers: keep a started process
     per worker waiting with the model loaded, which replaces the worker at once if it is lost
     (instead of seconds of imports and loading). None: on for GPU workers (it holds a device
@@ -73,6 +76,8 @@ class EngineConfig:
     worker_restarts: int = 3
     window_timeout_s: float | None = 60.0
     worker_heartbeat_s: float = 1.0
+    readiness_probe_s: float | None = 5.0
+    readiness_timeout_s: float = 5.0
     drain_timeout_s: float = 30.0
     standby_workers: bool | None = None
     progress: bool = False  # workers say their start-up phases on stderr (`vitserve serve` turns it on)
@@ -111,6 +116,9 @@ class EngineConfig:
         if self.worker_heartbeat_s < MIN_HEARTBEAT_S:
             raise ValueError(f"worker_heartbeat_s must be at least {MIN_HEARTBEAT_S} s (faster beats only cost CPU), "
                              f"got {self.worker_heartbeat_s!r}")
+        check_seconds("readiness_probe_s", self.readiness_probe_s, "or None: no probes", none_ok=True)
+        check_seconds("readiness_timeout_s", self.readiness_timeout_s, "a probe unanswered this long makes its "
+                      "worker unready")
         check_seconds("drain_timeout_s", self.drain_timeout_s, "0: fail what is pending at once", zero_ok=True)
         check_seconds("startup_timeout_s", self.startup_timeout_s, "how long a worker may take to load the model")
 

@@ -36,6 +36,7 @@ from .kept import KeptItem, KeptItems, RunKey
 from .latencies import Histograms
 from .run_counts import RunCounts
 from .outputs_layout import agreed_capacities, item_token_limit, output_layout, predictor
+from .probes import ReadinessProbes
 from .reports import EngineReports
 from .request_ends import RequestEnds
 from .restarts import WorkerRestarts
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 _INSTANCES = itertools.count()  # engines made in this process (their slab names differ)
 
 
-class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItems, EngineReports):
+class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItems, EngineReports, ReadinessProbes):
     def __init__(self, config: EngineConfig | None = None, early: EarlyWorkers | None = None):
         """`early`: worker processes `vitserve serve` started before the engine (launch.py), adopted."""
         self.config = config or EngineConfig()
@@ -71,6 +72,11 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self._standby: dict[int, tuple[WorkerHandle, asyncio.Task]] = {}
         self._standby_loaded: set[int] = set()
         self._hung: set[int] = set()  # workers whose heartbeat stopped, until they are back
+        self._proven_at: dict[int, float] = {}  # worker -> time.monotonic() of its latest answered window or probe
+        self._probes: dict[int, tuple[int, float]] = {}  # worker -> (its unanswered probe, time.monotonic() sent)
+        self._probe_failures: dict[int, str] = {}  # worker -> why its latest probe failed, until it answers
+        self._probe_numbers = itertools.count(1)
+        self._probes_sent = 0
         self._pending: dict[int, Pending] = {}
         self._windows: dict[int, tuple[Dispatch, Slot, float]] = {}  # window -> (dispatch, slot, loop time sent)
         self._keys = itertools.count(1)
@@ -142,6 +148,8 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         if config.lease_timeout_s is not None:
             self._tasks.append(loop.create_task(self._lease_loop(config.lease_timeout_s), name="vitserve-leases"))
         self._tasks.append(loop.create_task(self._kept_loop(), name="vitserve-kept"))
+        if config.readiness_probe_s is not None:
+            self._tasks.append(loop.create_task(self._probe_loop(config.readiness_probe_s), name="vitserve-probes"))
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
         self.started = True

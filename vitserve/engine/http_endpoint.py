@@ -29,7 +29,7 @@ class Snapshot:
 
     stats: dict[str, float]  # the frontend's and the engine's (what a stats query gives)
     health: Health
-    latencies: dict[str, tuple[list[int], float]]  # engine/latencies.py
+    latencies: dict[str, tuple[tuple[float, ...], list[int], float]]  # engine/latencies.py: bounds, counts, sum
     error_codes: dict[str, int]  # errors answered, by code
     runs: tuple[dict[tuple[int, str], int], int, int]  # engine/run_counts.py
 

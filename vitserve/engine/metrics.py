@@ -8,7 +8,7 @@ from typing import Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from .latencies import BUCKETS_S, STAGES
+from .latencies import COUNTS, STAGES
 
 PREFIX = "vitserve_"
 SCALES = {"_ms": 1e-3}  # stats kept in milliseconds are exported in seconds, as Prometheus names them
@@ -25,9 +25,11 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "slab_asks_refused": ("slab_asks_refused", "counter", "Slab requests refused"),
     "connections": ("connections", "gauge", "Client connections open"),
     "queued_items": ("queued_items", "gauge", "Items waiting for a window"),
+    "queued_tokens": ("queued_tokens", "gauge", "Patch tokens of the items waiting for a window"),
     "requests_open": ("requests_open", "gauge", "Requests admitted and not yet released"),
     "windows_in_flight": ("windows_in_flight", "gauge", "Windows sent to workers and not yet done"),
     "slots_leased": ("output_slots_leased", "gauge", "Shared-memory output slots held by windows and results"),
+    "slots_total": ("output_slots", "gauge", "Shared-memory output slots of the workers up, leased or free"),
     "windows_sent": ("windows", "counter", "Windows sent to workers"),
     "items_sent": ("window_items", "counter", "Items sent to workers in windows"),
     "worker_ms": ("worker_seconds", "counter", "Time workers spent on windows, from receipt to reply"),
@@ -41,6 +43,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "worker_restarts": ("worker_restarts", "counter", "Workers started again after they were lost"),
     "windows_retried": ("windows_retried", "counter", "Windows sent again after their worker was lost"),
     "worker_hangs": ("worker_hangs", "counter", "Workers found silent past their heartbeat"),
+    "probes_sent": ("readiness_probes", "counter", "Readiness probes sent to workers that had no window lately"),
+    "workers_unproven": ("workers_unproven", "gauge", "Workers up whose readiness probe failed or is overdue"),
     "internal_errors": ("internal_errors", "counter", "Faults of the engine contained to one request"),
     "queued_bytes": ("queued_input_bytes", "gauge", "Input bytes of unfinished requests"),
     "input_slab_free_bytes": ("input_slab_free_bytes", "gauge", "Free bytes of the engine's input slab"),
@@ -77,11 +81,11 @@ def metric_families(taken) -> Iterator[Metric]:
     yield from _stats(taken.stats)
 
 
-def _histograms(latencies: Mapping[str, tuple[list[int], float]]) -> Iterator[Metric]:
-    for stage, (cumulative, total) in latencies.items():
-        bounds = [*(f"{bound:g}" for bound in BUCKETS_S), "+Inf"]
-        yield HistogramMetricFamily(f"{PREFIX}{stage}_seconds", STAGES[stage], buckets=list(zip(bounds, cumulative)),
-                                    sum_value=total)
+def _histograms(histograms: Mapping[str, tuple[tuple[float, ...], list[int], float]]) -> Iterator[Metric]:
+    for name, (bounds, cumulative, total) in histograms.items():
+        labels = [*(f"{bound:g}" for bound in bounds), "+Inf"]
+        metric, text = (f"{name}_seconds", STAGES[name]) if name in STAGES else (name, COUNTS[name])
+        yield HistogramMetricFamily(PREFIX + metric, text, buckets=list(zip(labels, cumulative)), sum_value=total)
 
 
 def _stats(stats: Mapping[str, float]) -> Iterator[Metric]:

@@ -18,9 +18,11 @@ class EngineReports:
         """Counts for health checks and tests: queue, requests not yet released, windows and slots in use."""
         return {
             "queued_items": float(len(self.scheduler.queue)) if self.scheduler else 0.0,
+            "queued_tokens": float(self.scheduler.queue.tokens) if self.scheduler else 0.0,
             "requests_open": float(len(self._pending)),
             "windows_in_flight": float(len(self._windows)),
             "slots_leased": float(sum(p.total_slots - p.free_slots() for p in self._all_pools())),
+            "slots_total": float(sum(p.total_slots for p in self._pools.values())),
             "windows_sent": float(self._windows_sent),
             "items_sent": float(self._items_sent),
             "worker_ms": self._worker_ms,
@@ -33,6 +35,8 @@ class EngineReports:
             "worker_restarts": float(self._worker_restarts),
             "windows_retried": float(self._windows_retried),
             "worker_hangs": float(self._worker_hangs),
+            "probes_sent": float(self._probes_sent),
+            "workers_unproven": float(len(self._unproven())),
             "internal_errors": float(self._internal_errors),
             "queued_bytes": float(self._queued_bytes),
         } | (self.inputs.stats() if self.inputs is not None else {}) | self._kept_stats()
@@ -44,17 +48,21 @@ class EngineReports:
                         dict(error_codes or {}), self.run_counts.snapshot())
 
     def health(self) -> Health:
-        """Ready while admitting requests with a worker up; not while shutting down or restarting.
-        The detail names workers that stopped responding (hung) until they are back."""
-        up = self.workers_ready()
+        """Ready while admitting requests with a worker up that answers its readiness probes (probes.py);
+        not while starting, shutting down or restarting. The detail names workers that stopped
+        responding (hung) until they are back, and those that failed or have not answered a probe."""
+        up = taking = self.workers_ready()
         if self._draining or self._closing:
             problems = ["shutting down"]
         elif not self.started:
             problems = ["starting: loading the model"]
         else:
             problems = [f"worker {w} is not responding" for w in sorted(self._hung)]
+            unproven = self._unproven()
+            problems += [unproven[w] for w in sorted(unproven)]
+            up -= sum(1 for w in unproven if self.scheduler.workers[w].ready)
             problems += [f"worker {w} is capturing graphs (serving eagerly meanwhile)" for w in sorted(self._warming)]
-            if not up:
+            if not taking:
                 problems.append("no worker is up; restarting" if self._restarting else "no worker is up")
         ready = up > 0 and self.started and not (self._draining or self._closing)
         return Health(ready, up, len(self.config.devices), "; ".join(problems),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgspec
 
@@ -120,6 +121,7 @@ class WorkerRestarts:
 
     def _worker_started(self, ready: WorkerReady) -> None:
         """Note a worker's cost model (final unless it is warming) and whether it warms up."""
+        self._worker_proven(ready.worker)  # (its start ran a forward)
         if ready.warming:
             self._warming.add(ready.worker)
         else:
@@ -134,16 +136,19 @@ class WorkerRestarts:
         return SlabPool(owner, slot_bytes, self.layout.slots, epoch=epoch, descriptors=descriptors)
 
     def _check_stuck(self, handle: WorkerHandle, now: float) -> bool:
-        """Kill the worker if its oldest window has run past the watchdog; True when it was killed."""
+        """Kill the worker if its oldest window, or its readiness probe, has run past the watchdog;
+        True when it was killed. (`now`: the loop's time.)"""
         limit = self.config.window_timeout_s
         in_flight = self.scheduler.workers[handle.worker].in_flight
-        if limit is None or not in_flight:
+        probe = self._probe_sent_at(handle.worker)
+        if limit is None or not (in_flight or probe is not None):
             return False
         oldest = min((self._windows[window][2] for window in in_flight if window in self._windows), default=now)
-        if now - oldest <= limit:
+        window_s, probe_s = now - oldest, 0.0 if probe is None else time.monotonic() - probe
+        if max(window_s, probe_s) <= limit:
             return False
-        log.error("worker %d has run a window for %.1f s, over window_timeout_s=%g: killing it",
-                  handle.worker, now - oldest, limit)
+        log.error("worker %d has run a %s for %.1f s, over window_timeout_s=%g: killing it", handle.worker,
+                  "window" if window_s >= probe_s else "readiness probe", max(window_s, probe_s), limit)
         handle.kill()
         return True
 
@@ -172,6 +177,7 @@ class WorkerRestarts:
         problem = f"worker {worker} was lost ({cause}) while running the request's items twice"
         lost = self.scheduler.worker_lost(worker)
         self._warming.discard(worker)
+        self._forget_probe(worker)
         self.inputs.worker_gone(worker)
         pool = self._pools.pop(worker)
         self._retired[(worker, pool.epoch)] = pool

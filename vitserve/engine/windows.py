@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 from vitserve.ipc.messages import (
-    InputsDropped, OutputRef, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerWarm,
+    InputsDropped, OutputRef, ProbeDone, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerWarm,
 )
 from vitserve.ipc.slabs import SlabError, Slot
 from vitserve.models.protocol import item_rows
@@ -141,6 +141,8 @@ class WindowTraffic:
         self._windows[dispatch.window] = (dispatch, slot, sent)  # from here on, _window_broke frees it
         for item in dispatch.items:
             self.latencies.observe("queue_wait", sent - item.request.arrival)
+        self.latencies.count("items_per_window", len(dispatch.items))
+        self.latencies.count("sequences_per_window", sum(item.sequences for item in dispatch.items))
         if len(keys) > 1:  # one reference per request with items in the window
             pool.hold(slot, len(keys) - 1)
         self._sync_free_rows(dispatch.worker)
@@ -184,7 +186,12 @@ class WindowTraffic:
                         self._worker_ms += worker_ms
                         self._gpu_busy_ms += gpu_ms
                         self.run_counts.add(runs)
+                        self.latencies.observe("preprocess", message.preprocess_ms / 1e3)
+                        self.latencies.observe("output_transfer", message.transfer_ms / 1e3)
+                        self._worker_proven(handle.worker)
                         self._complete(window, rows, loop.time())
+                    case ProbeDone():
+                        self._probe_answered(handle.worker, message)
                     case WindowFailed(window=window, message=problem):
                         dispatch, slot, _ = self._windows.pop(window)
                         self.scheduler.window_done(window, loop.time(), learn=False)

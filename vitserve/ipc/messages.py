@@ -240,6 +240,23 @@ class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
     # how the worker ran it, per run of its forward: (budget, 0 unpadded; "graph", "padded" (eager over the
     # graph's buffers) or why it ran eagerly; patch tokens; padding tokens)
     runs: list[tuple[int, str, int, int]] = []
+    # stages, device time where the worker has one (CUDA events), else host time: inputs uploaded and
+    # preprocessed; the output rows' copy to shared memory after the last forward
+    preprocess_ms: float = 0.0
+    transfer_ms: float = 0.0
+
+
+class Probe(msgspec.Struct, frozen=True, tag="probe"):
+    """Run a small forward on the device and say so (ProbeDone): the engine's readiness proof for a
+    worker that has had no window lately. Queued behind the windows already sent."""
+
+    probe: int
+
+
+class ProbeDone(msgspec.Struct, frozen=True, tag="probe_done"):
+    probe: int
+    ms: float  # from the probe's receipt to its forward's end
+    problem: str = ""  # why the forward failed (a CUDA error ends the worker instead)
 
 
 class WindowFailed(msgspec.Struct, frozen=True, tag="window_failed"):
@@ -338,5 +355,6 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
-ToWorker = Union[RunWindow, MakeSlabs, MapInputs, DropInputs, Begin, Shutdown]
-FromWorker = Union[WorkerLoaded, WorkerReady, WorkerWarm, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed, InputsDropped]
+ToWorker = Union[RunWindow, Probe, MakeSlabs, MapInputs, DropInputs, Begin, Shutdown]
+FromWorker = Union[WorkerLoaded, WorkerReady, WorkerWarm, WorkerStartFailed, SlabsMade, WindowDone, WindowFailed,
+                   ProbeDone, InputsDropped]

@@ -7,6 +7,8 @@ the device, fast) and a copy stream moves them to the host while the next window
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 STAGING_DEPTH = 2
@@ -19,6 +21,7 @@ class OutputCopier:
         self.copy_stream = torch.cuda.Stream(like.device) if self.cuda else None
         self._free: list[torch.cuda.Event | None] = [None] * len(self.staging)
         self._next = 0
+        self.host_copy_s = 0.0  # on the CPU (no streams to time): the copies' time so far, for the worker's stages
 
     @property
     def nbytes(self) -> int:
@@ -26,7 +29,12 @@ class OutputCopier:
 
     def copy(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         """Copy `source` (rows, ...) from the compute stream's current point into `destination`."""
-        if not self.cuda or destination.device.type == "cuda" or source.shape[0] > self.staging[0].shape[0]:
+        if not self.cuda:
+            began = time.perf_counter()
+            destination.copy_(source)
+            self.host_copy_s += time.perf_counter() - began
+            return
+        if destination.device.type == "cuda" or source.shape[0] > self.staging[0].shape[0]:
             destination.copy_(source, non_blocking=True)  # in stream order (an oversize eager window's rows)
             return
         slot = self._next

@@ -31,13 +31,13 @@ from vitserve.log_lines import configure_logging
 from vitserve.ipc.link import LinkError
 from vitserve.ipc.worker_link import WorkerLink
 from vitserve.ipc.messages import (
-    Begin, DropInputs, InputsDropped, MakeSlabs, MapInputs, RunWindow, Shutdown, ToWorker, WorkerLoaded,
+    Begin, DropInputs, InputsDropped, MakeSlabs, MapInputs, Probe, RunWindow, Shutdown, ToWorker, WorkerLoaded,
     WorkerStartFailed,
 )
 
 from vitserve.launch import WorkerSpec
 
-from .running import DeviceFault, Running
+from .running import DeviceFault, Probing, Running
 from .worker import Worker, load_for_worker, start_progress
 
 __all__ = ["EXIT_DEVICE_FAULT", "Worker", "WorkerSpec", "worker_main"]
@@ -174,7 +174,7 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
     """Run the engine's windows until it says Shutdown (or is gone)."""
     _tight_sleeps()
     codec = Codec(ToWorker)
-    running: deque[Running] = deque()  # windows whose GPU work is queued, oldest first
+    running: deque[Running | Probing] = deque()  # windows (and probes) whose GPU work is queued, oldest first
 
     def send_retired() -> None:  # input slabs dropped before the oldest window still running
         for slab in worker.inputs.retire(running[0].sequence if running else None):
@@ -212,6 +212,8 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
                 break
             case RunWindow():
                 running.append(worker.start(message))
+            case Probe(probe=probe):
+                running.append(worker.probe(probe))
             case MapInputs():
                 worker.inputs.map(message)
             case DropInputs(slab=slab):

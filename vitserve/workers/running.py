@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitserve.ipc.messages import FromWorker, WindowDone, WindowFailed
+from vitserve.ipc.messages import FromWorker, ProbeDone, WindowDone, WindowFailed
 
 from .runner import EncodeResult
 
@@ -35,6 +35,11 @@ class Running:
     began: torch.cuda.Event | None = None
     ended: torch.cuda.Event | None = None
     previous: torch.cuda.Event | None = None
+    # stages: CUDA events where the inputs are preprocessed and where the last forward has been queued;
+    # on the CPU, host milliseconds measured as the window ran (preprocess, output copies)
+    prepared: torch.cuda.Event | None = None
+    computed: torch.cuda.Event | None = None
+    host_stages_ms: tuple[float, float] = (0.0, 0.0)
 
     def finished(self) -> bool:
         try:
@@ -50,13 +55,42 @@ class Running:
         except Exception as err:  # an asynchronous CUDA error surfaces here
             raise DeviceFault(f"window {self.window}: {type(err).__name__}: {err}") from err
         gpu_ms = 0.0
+        preprocess_ms, transfer_ms = self.host_stages_ms
         if self.ended is not None:
             self.ended.synchronize()  # recorded just after the copies' barrier: done with them
             gpu_ms = self.began.elapsed_time(self.ended)
             if self.previous is not None:  # the part of the window before's copies that ran alongside
                 gpu_ms -= max(0.0, min(self.began.elapsed_time(self.previous), gpu_ms))
+            preprocess_ms = self.began.elapsed_time(self.prepared)
+            transfer_ms = max(0.0, self.computed.elapsed_time(self.ended))  # the copies' tail after the forward
         return WindowDone(self.window, [item.offset for item in self.result.items],
-                          (time.perf_counter() - self.received) * 1e3, gpu_ms, self.result.runs)
+                          (time.perf_counter() - self.received) * 1e3, gpu_ms, self.result.runs,
+                          preprocess_ms, transfer_ms)
+
+
+@dataclass
+class Probing:
+    """A readiness probe's forward, queued on the device like a window (answered in the same order)."""
+
+    probe: int
+    done: torch.cuda.Event | None  # None: already complete (the CPU), or it failed (`problem`)
+    received: float
+    sequence: int  # the next window's: input slabs dropped before it may go once this is answered
+    problem: str = ""
+
+    def finished(self) -> bool:
+        try:
+            return self.done is None or self.done.query()
+        except Exception as err:
+            raise DeviceFault(f"readiness probe: {type(err).__name__}: {err}") from err
+
+    def reply(self) -> ProbeDone:
+        if self.done is not None:
+            try:
+                self.done.synchronize()
+            except Exception as err:
+                raise DeviceFault(f"readiness probe: {type(err).__name__}: {err}") from err
+        return ProbeDone(self.probe, (time.perf_counter() - self.received) * 1e3, self.problem)
 
 
 def is_cuda_error(err: BaseException) -> bool:

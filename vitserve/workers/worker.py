@@ -26,7 +26,7 @@ from .capacities import WindowConfig
 from .cost_cache import cost_cache_path, read_cost, write_cost
 from .cost_model import CostModel
 from .runner import EncodeResult, ModelRunner
-from .running import DeviceFault, Running, is_cuda_error
+from .running import DeviceFault, Probing, Running, is_cuda_error
 from .worker_inputs import TORCH_DTYPES, WorkerInputs, pin_for_cuda
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class Worker:
         self._last_end: torch.cuda.Event | None = None  # timing event after the last window's copies
         geometry = model.geometry
         self.row_shape = (1 + geometry.num_deepstack, geometry.out_hidden_size)
+        merge = geometry.merge_size  # the readiness probe's input, made once
+        self._probe_grid = (1, merge, merge)
+        self._probe_patches = torch.zeros(merge * merge, geometry.patch_dim, device=self.device)
         caps = self.runner.capacities
         self.ready = WorkerReady(
             worker=spec.worker, device=str(self.device), budgets=caps.budgets, max_items=caps.max_items,
@@ -144,19 +147,44 @@ class Worker:
         """Queue the window's work on the device without waiting for it."""
         received = time.perf_counter()
         self.started += 1
+        cuda = self.device.type == "cuda"
         try:
-            began = self._timing_event(torch.cuda.current_stream(self.device)) if self.device.type == "cuda" else None
-            result = self._encode(message)
+            mark = (lambda: self._timing_event(torch.cuda.current_stream(self.device))) if cuda else time.perf_counter
+            began, copied = mark(), self.runner.copier.host_copy_s
+            pixel_values, grids = self._inputs(message)
+            prepared = mark()
+            result = self._encode(message, pixel_values, grids)
             running = Running(message.window, result, received=received, sequence=self.started)
-            if began is not None:
-                running.began, running.previous = began, self._last_end
+            if cuda:
+                running.began, running.prepared, running.computed = began, prepared, mark()
+                running.previous = self._last_end
                 running.ended = self._last_end = self._timing_event(self.runner.copier.copy_stream)
+            else:
+                running.host_stages_ms = ((prepared - began) * 1e3, (self.runner.copier.host_copy_s - copied) * 1e3)
             return running
         except Exception as err:  # the window fails, the worker goes on (unless the device is broken)
-            if self.device.type == "cuda" and is_cuda_error(err):
+            if cuda and is_cuda_error(err):
                 raise DeviceFault(f"window {message.window}: {type(err).__name__}: {err}") from err
             log.exception("window %d failed", message.window)
             return Running(message.window, None, f"{type(err).__name__}: {err}", received, self.started)
+
+    def probe(self, probe: int) -> Probing:
+        """Queue the readiness probe's forward (one merge block of zeros, as at load) on the device."""
+        received = time.perf_counter()
+        sequence = self.started + 1
+        try:
+            with torch.inference_mode():
+                self.runner.model.encode_patches(self._probe_patches, [self._probe_grid])
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+            return Probing(probe, done, received, sequence)
+        except Exception as err:
+            if self.device.type == "cuda" and is_cuda_error(err):
+                raise DeviceFault(f"readiness probe: {type(err).__name__}: {err}") from err
+            log.exception("readiness probe %d failed", probe)
+            return Probing(probe, None, received, sequence, f"{type(err).__name__}: {err}")
 
     @staticmethod
     def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -165,7 +193,8 @@ class Worker:
         return event
 
     @torch.inference_mode()
-    def _encode(self, message: RunWindow) -> EncodeResult:
+    def _inputs(self, message: RunWindow) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """The window's patches on the device, raw items preprocessed there, and their grids."""
         grids = [item.grid for item in message.items]
         pieces = self.inputs.on_device(message.items)  # each item's array on the device, in the window's order
         raw = [i for i, item in enumerate(message.items) if item.kind != "patches"]
@@ -177,6 +206,10 @@ class Worker:
             for i, part in zip(raw, patches.pixel_values.split([t * h * w for t, h, w in done])):
                 pieces[i] = part
         pixel_values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (tokens, patch_dim) in the window's order
+        return pixel_values, grids
+
+    @torch.inference_mode()
+    def _encode(self, message: RunWindow, pixel_values: torch.Tensor, grids: list) -> EncodeResult:
         rows = sum(self.runner.model.geometry.item_rows(*grid) for grid in grids)
         out = self._slot(message, rows)
         result = self.runner.encode(pixel_values, grids, out=out, wait=False)

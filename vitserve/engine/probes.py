@@ -1,0 +1,76 @@
+"""Readiness probes: a worker counts as ready only while it shows that it runs forwards.
+
+Heartbeats (liveness.py) show that a worker process is alive, but they come from a thread of their
+own: a main thread stuck in a device call goes on beating. A completed window shows more: the
+worker took it, ran its forward on the device and answered. A worker that has had no window for
+`readiness_probe_s` gets a probe instead, a one-block forward queued behind its windows and
+answered in order like one (workers/running.py, Probing). A probe unanswered for
+`readiness_timeout_s`, or one that failed, takes the worker out of readiness, with the reason in
+the health detail, until it answers again; one unanswered past `window_timeout_s` is a stuck
+worker, killed and restarted as one with a stuck window is (restarts.py). A worker has at most
+one probe out at a time, and none while windows run on it: probes never pile up.
+
+A mixin of `Engine` (engine.py), which owns the state used here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from vitserve.ipc.messages import Probe, ProbeDone
+
+
+class ReadinessProbes:
+    def _worker_proven(self, worker: int) -> None:
+        """The worker answered a window or a probe (or has just started): proven as of now."""
+        self._proven_at[worker] = time.monotonic()
+        self._probe_failures.pop(worker, None)
+
+    def _forget_probe(self, worker: int) -> None:
+        """The worker was lost: its probe cannot be answered any more."""
+        self._probes.pop(worker, None)
+        self._probe_failures.pop(worker, None)
+
+    async def _probe_loop(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(min(period_s, self.config.readiness_timeout_s) / 4)
+            now = time.monotonic()
+            for handle in list(self._handles):
+                worker = handle.worker
+                state = self.scheduler.workers[worker]
+                if (not state.ready or state.in_flight or worker in self._probes
+                        or now - self._proven_at.get(worker, now) < period_s):
+                    continue
+                probe = next(self._probe_numbers)
+                self._probes[worker] = (probe, now)
+                self._probes_sent += 1
+                if not handle.send_now(Probe(probe)):
+                    self._worker_died(handle)  # the link is broken: the process is gone
+
+    def _probe_answered(self, worker: int, done: ProbeDone) -> None:
+        out = self._probes.get(worker)
+        if out is None or out[0] != done.probe:
+            return  # not the probe this worker has out (it cannot happen within one epoch)
+        del self._probes[worker]
+        if not done.problem:
+            self._worker_proven(worker)
+            return
+        self._probe_failures[worker] = done.problem
+        self._log_limits.error("probe", "worker %d failed its readiness probe: %s", worker, done.problem)
+
+    def _probe_sent_at(self, worker: int) -> float | None:
+        """When the worker's unanswered probe went out (time.monotonic()), if one is out."""
+        out = self._probes.get(worker)
+        return None if out is None else out[1]
+
+    def _unproven(self) -> dict[int, str]:
+        """Workers that are up but failed, or have not answered in time, their readiness probe: why."""
+        now, timeout = time.monotonic(), self.config.readiness_timeout_s
+        unproven = {worker: f"worker {worker} failed its readiness probe ({problem})"
+                    for worker, problem in self._probe_failures.items()}
+        for worker, (_, sent) in self._probes.items():
+            if now - sent > timeout:
+                unproven[worker] = (f"worker {worker} has not answered its readiness probe for {now - sent:.1f} s "
+                                    f"(readiness_timeout_s={timeout:g})")
+        return unproven
