@@ -249,3 +249,35 @@ def test_the_cost_model_calibrates_kimi_on_budgets_of_any_size():
     runner = ModelRunner(load_model("random:tiny-kimi"), WindowConfig(budgets=(64, 108)))
     runner.capture(progress=False)
     assert runner.cost.eager_base_points and all(ms >= 0 for _, ms in runner.cost.eager_base_points)
+
+
+def test_a_video_window_leases_the_rows_its_chunks_give_not_a_row_per_merge_block():
+    """A video's frames pool in chunks of 4 into one set of rows: its window leases those rows (a
+    quarter of tokens / 4 for a whole chunk), and its rows read back as the eager model's."""
+    import asyncio
+
+    import numpy as np
+
+    from vitserve import Engine, EngineConfig
+    from vitserve.models.protocol import item_rows
+    from vitserve.preprocess import preprocess_video
+    from vitserve.workers import WindowConfig
+
+    video = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+
+    async def run() -> None:
+        config = EngineConfig(model="random:tiny-kimi", window=WindowConfig(min_budget=64, max_budget=512),
+                              max_item_tokens=4096)
+        async with Engine(config) as engine:
+            with await engine.encode([video]) as result:
+                grid = result.items[0].grid
+                rows = item_rows(grid, 4, 4)
+                assert grid == (8, 8, 8) and rows == 32 and result.items[0].embeddings.shape[0] == rows
+                leased = engine.stats()["slots_leased"]
+                assert leased == engine.layout.slots_for(rows) < engine.layout.slots_for(8 * 8 * 8 // 4)
+                model = load_model("random:tiny-kimi")
+                patches = preprocess_video(video, model.preprocess)
+                expected = model.encode_patches(patches.pixel_values, patches.grid_thw).embeddings
+                torch.testing.assert_close(result.items[0].embeddings, expected, atol=1e-5, rtol=1e-5)
+
+    asyncio.run(run())

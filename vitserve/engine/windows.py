@@ -130,7 +130,9 @@ class WindowTraffic:
         if not self.scheduler.holds(dispatch.window):
             return  # its worker was lost while this poll's windows went out: its items were retried or failed then
         pool = self._pools[dispatch.worker]
-        rows = dispatch.tokens // self.capacities.merge_factor
+        admitted = [self._pending[item.request.key].items[item.index] for item in dispatch.items]
+        # the rows the worker writes: exact, where the scheduler counts tokens / merge (4x that for pooled frames)
+        rows = sum(item_rows(item.grid, self.capacities.merge_factor, self.ready.temporal_pool) for item in admitted)
         slot = pool.acquire(self.layout.slots_for(rows))
         if slot is None:  # should not happen (the scheduler counts rows in whole slots); fail, do not stop
             self.scheduler.window_done(dispatch.window, loop.time(), learn=False)
@@ -148,12 +150,9 @@ class WindowTraffic:
         self._sync_free_rows(dispatch.worker)
         self._windows_sent += 1
         self._items_sent += len(dispatch.items)
-        window_items = []
-        for item in dispatch.items:
-            admitted = self._pending[item.request.key].items[item.index]
-            dtype = "float32" if admitted.kind == "patches" else "uint8"
-            window_items.append(WindowItem(admitted.kind, admitted.grid, admitted.slab, admitted.offset, dtype,
-                                           admitted.array.shape))
+        window_items = [WindowItem(item.kind, item.grid, item.slab, item.offset,
+                                   "float32" if item.kind == "patches" else "uint8", item.array.shape)
+                        for item in admitted]
         handle = self._handles[dispatch.worker]
         if not handle.send_now(RunWindow(dispatch.window, window_items, slot.slab, slot.offset,
                                          slot.count * pool.slot_bytes)):
