@@ -63,3 +63,31 @@ def test_serve_refuses_a_wrong_setting_at_once_with_its_name(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "vitserve.cli", "serve", "--config", str(tmp_path / "none.toml")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "none.toml: cannot read it" in missing.stderr
+
+
+def numeric_serve_settings() -> list[tuple[str, str]]:
+    from vitserve.cli_config import settings
+
+    command = build_parser()._subparsers._group_actions[0].choices["serve"]
+    cases = []
+    for key, action in settings(command).items():
+        if action.type in (int, float):
+            cases += [(key, "-1")] + ([(key, "nan"), (key, "inf")] if action.type is float else [])
+    return cases
+
+
+@pytest.mark.parametrize("key, value", numeric_serve_settings())
+def test_every_numeric_serve_setting_refuses_a_wrong_value_by_its_name(key, value, capsys):
+    """serve's settings are all checked before anything starts (serve_settings: no model is loaded, no
+    worker spawned), and the error names the setting, by its flag or its configuration field."""
+    from vitserve.cli_serve import serve_settings
+
+    try:
+        args = build_parser().parse_args(["serve", "--endpoint", "ipc:///tmp/unused.sock", f"--{key}", value])
+    except SystemExit:  # argparse refused it, naming the flag
+        assert f"--{key}" in capsys.readouterr().err
+        return
+    with pytest.raises(ValueError) as refused:
+        serve_settings(args)
+    message = str(refused.value)
+    assert f"--{key}" in message or key.replace("-", "_") in message, message

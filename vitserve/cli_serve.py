@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from vitserve.choices import DEFAULT_MODEL, DTYPES
 
@@ -121,54 +122,71 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace, early) -> int:
-    from vitserve.cli import window_config
-    from vitserve.engine import EngineConfig
-    from vitserve.engine.serve import run
     from vitserve.engine.connections import RESERVED_DESCRIPTORS, SHED_FACTOR, raise_descriptor_limit
+    from vitserve.engine.serve import run
     from vitserve.ipc.auth import AuthError
-    from vitserve.ipc.endpoints import EndpointError, default_endpoint, parse_socket_mode
-    from vitserve.models.loading import check_source
-    from vitserve.preprocess.in_force import preprocess_for
-    from vitserve.scheduler import SchedulerConfig
+    from vitserve.ipc.endpoints import EndpointError
 
     try:
-        check_source(args.model)  # in a second, not after the workers' start (CheckpointError is a ValueError)
-        window = window_config(args)
-        scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
-                                    max_queued_tokens=args.max_queued_tokens)
-        overrides = preprocess_overrides(args)
-        preprocess = preprocess_for(args.model, overrides)
-        config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
-                              window=window, scheduler=scheduler, preprocess=preprocess,
-                              output_windows=args.output_windows,
-                              max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
-                              max_item_output_bytes=args.max_item_output_bytes,
-                              lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
-                              window_timeout_s=args.window_timeout_s or None,
-                              worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
-                              readiness_probe_s=args.readiness_probe_s or None,
-                              readiness_timeout_s=args.readiness_timeout_s,
-                              max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
-                              kept_timeout_s=args.kept_timeout_s, kept_share=args.kept_share,
-                              standby_workers=args.standby_workers, clients=_client_limits(args), progress=True,
-                              **_cache_dir(args))
-        socket_mode = parse_socket_mode(args.socket_mode)
-        endpoint = args.endpoint or default_endpoint()
-        keys = _server_keys(args)
-        if args.http_port is not None and not 0 <= args.http_port <= 65535:
-            raise ValueError(f"--http-port {args.http_port} is not a port: give 1 to 65535 (0: any free one)")
-        http = (args.http_host, args.http_port) if args.http_port is not None else None
-        raise_descriptor_limit(SHED_FACTOR * config.clients.max_connections + RESERVED_DESCRIPTORS)
+        settings = serve_settings(args)
+        raise_descriptor_limit(SHED_FACTOR * settings.config.clients.max_connections + RESERVED_DESCRIPTORS)
     except ValueError as err:
         if early is not None:
             early.discard()
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
     try:
-        return run(config, endpoint, socket_mode, keys, args.allow_insecure_tcp, early, http)
+        return run(settings.config, settings.endpoint, settings.socket_mode, settings.keys, args.allow_insecure_tcp,
+                   early, settings.http)
     except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2
+
+
+class ServeSettings(NamedTuple):
+    config: Any  # EngineConfig
+    endpoint: str
+    socket_mode: int | None
+    keys: Any  # ServerKeys | None
+    http: tuple[str, int] | None
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """Every setting of `serve` checked and built, in a second and before anything starts: a ValueError
+    that names the setting otherwise."""
+    from vitserve.cli import window_config
+    from vitserve.engine import EngineConfig
+    from vitserve.ipc.endpoints import default_endpoint, parse_socket_mode
+    from vitserve.models.loading import check_source
+    from vitserve.preprocess.in_force import preprocess_for
+    from vitserve.scheduler import SchedulerConfig
+
+    check_source(args.model)  # in a second, not after the workers' start (CheckpointError is a ValueError)
+    window = window_config(args)
+    scheduler = SchedulerConfig(policy=args.policy, max_queued_items=args.max_queued_items,
+                                max_queued_tokens=args.max_queued_tokens)
+    preprocess = preprocess_for(args.model, preprocess_overrides(args))
+    config = EngineConfig(model=args.model, devices=tuple(args.devices.split(",")), dtype=args.dtype,
+                          window=window, scheduler=scheduler, preprocess=preprocess,
+                          output_windows=args.output_windows,
+                          max_request_bytes=args.max_request_bytes, max_item_tokens=args.max_item_tokens,
+                          max_item_output_bytes=args.max_item_output_bytes,
+                          lease_timeout_s=args.lease_timeout_s or None, worker_restarts=args.worker_restarts,
+                          window_timeout_s=args.window_timeout_s or None,
+                          worker_heartbeat_s=args.worker_heartbeat_s, drain_timeout_s=args.drain_timeout_s,
+                          readiness_probe_s=args.readiness_probe_s or None,
+                          readiness_timeout_s=args.readiness_timeout_s,
+                          max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
+                          kept_timeout_s=args.kept_timeout_s, kept_share=args.kept_share,
+                          standby_workers=args.standby_workers, clients=_client_limits(args), progress=True,
+                          **_cache_dir(args))
+    socket_mode = parse_socket_mode(args.socket_mode)
+    endpoint = args.endpoint or default_endpoint()
+    keys = _server_keys(args)
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port {args.http_port} is not a port: give 1 to 65535 (0: any free one)")
+    http = (args.http_host, args.http_port) if args.http_port is not None else None
+    return ServeSettings(config, endpoint, socket_mode, keys, http)
 
 
 def _add_client_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,10 +224,18 @@ def _client_limits(args: argparse.Namespace):
         low, high = (int(value) for value in args.priorities.split(","))
     except ValueError:
         raise ValueError(f"--priorities must be two integers LOW,HIGH such as -100,100, got {args.priorities!r}") from None
-    return ClientLimits(max_connections=args.max_connections, max_requests=args.max_requests_per_client,
-                        queue_share=args.client_queue_share, output_share=args.client_output_share,
-                        max_inline_bytes=args.max_inline_bytes, priorities=(low, high),
-                        input_arena_bytes=args.input_arena_bytes, max_input_arenas=args.max_input_arenas)
+    flags = {"max_connections": "--max-connections", "max_requests": "--max-requests-per-client",
+             "queue_share": "--client-queue-share", "output_share": "--client-output-share",
+             "max_inline_bytes": "--max-inline-bytes", "input_arena_bytes": "--input-arena-bytes",
+             "max_input_arenas": "--max-input-arenas"}
+    try:
+        return ClientLimits(max_connections=args.max_connections, max_requests=args.max_requests_per_client,
+                            queue_share=args.client_queue_share, output_share=args.client_output_share,
+                            max_inline_bytes=args.max_inline_bytes, priorities=(low, high),
+                            input_arena_bytes=args.input_arena_bytes, max_input_arenas=args.max_input_arenas)
+    except ValueError as err:  # named by its field: say the flag that sets it
+        field = str(err).split(" ", 1)[0]
+        raise ValueError(f"{flags[field]} ({err})" if field in flags else str(err)) from None
 
 
 def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
