@@ -122,6 +122,7 @@ class ClientRequests:
 
     def _lookup(self, connection: Connection, message: Lookup) -> None:
         """Kept items by name, delivered (and held) as a result is."""
+        self.counters["requests"] += 1
         if not self._new_id(connection, message.id):
             return
         try:
@@ -135,6 +136,7 @@ class ClientRequests:
             self._error(connection, message.id, "invalid_input", f"the lookup could not be processed: {err}")
             return
         connection.requests[message.id] = key
+        self.counters["results"] += 1
         self._deliver(connection, message.id, key, refs, message.inline, Found)
 
     def _forget(self, names: list[str]) -> None:

@@ -12,7 +12,7 @@ import secrets
 
 import zmq
 
-from vitserve.ipc.messages import PROTOCOL_VERSION, Error, Welcome
+from vitserve.ipc.messages import PROTOCOL_VERSION, Welcome
 from vitserve.ipc.slabs import SlabError
 
 from .connections import Connection
@@ -30,13 +30,13 @@ class Handshakes:
 
     def _hello(self, connection: Connection, version: int, header: zmq.Frame | None) -> None:
         if version != PROTOCOL_VERSION:
-            self._send(connection, Error(None, "protocol", f"protocol version {version} is not supported; "
-                                                           f"this engine speaks version {PROTOCOL_VERSION}"))
+            self._error(connection, None, "protocol", f"protocol version {version} is not supported; "
+                                                      f"this engine speaks version {PROTOCOL_VERSION}")
             return
         if not connection.helloed and self.connections.helloed() >= self.limits.max_connections:
-            self._send(connection, Error(None, "overloaded", f"the engine serves its limit of "
-                                                             f"{self.limits.max_connections} connections "
-                                                             f"(max_connections): try again later", 1000.0))
+            self._error(connection, None, "overloaded", f"the engine serves its limit of "
+                                                        f"{self.limits.max_connections} connections "
+                                                        f"(max_connections): try again later", 1000.0)
             asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, self.connections.shut, connection)
             return
         if header is not None and self._key_priorities:  # the client's key, as the CURVE handshake authenticated it

@@ -16,7 +16,7 @@ SCALES = {"_ms": 1e-3}  # stats kept in milliseconds are exported in seconds, as
 # stat -> (metric name without the prefix, counter or gauge, help)
 METRICS: dict[str, tuple[str, str, str]] = {
     "requests": ("requests", "counter", "Encode and lookup requests received"),
-    "results": ("results", "counter", "Requests answered with their outputs"),
+    "results": ("results", "counter", "Encode and lookup requests answered with their outputs"),
     "errors": ("errors", "counter", "Requests and messages answered with a coded error"),
     "replies_dropped": ("replies_dropped", "counter", "Replies that could not be sent (closed or full connection)"),
     "connections_opened": ("connections_opened", "counter", "Client connections accepted"),
