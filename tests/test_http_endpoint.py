@@ -100,6 +100,7 @@ def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
         assert metrics["vitserve_items_per_window_sum"] == 6 and metrics["vitserve_sequences_per_window_sum"] == 6
         assert metrics["vitserve_output_transfer_seconds_sum"] > 0 and metrics["vitserve_preprocess_seconds_sum"] > 0
         assert metrics["vitserve_queued_tokens"] == 0 and metrics["vitserve_output_slots"] > 0
+        assert metrics["vitserve_worker_windows_total{worker=0}"] == metrics["vitserve_windows_total"]
         buckets = [value for name, value in metrics.items() if name.startswith("vitserve_end_to_end_seconds_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == 3 and metrics["vitserve_end_to_end_seconds_bucket{le=+Inf}"] == 3
         assert 0 < metrics["vitserve_end_to_end_seconds_sum"] < 60
@@ -132,6 +133,7 @@ def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
     import asyncio
 
     from vitserve.engine.http_endpoint import PROBE_TIMEOUT_S, HttpEndpoint, Snapshot
+    from vitserve.engine.run_counts import RunTotals
     from vitserve.ipc.messages import Health
 
     loop = asyncio.new_event_loop()
@@ -144,7 +146,7 @@ def test_probes_run_one_at_a_time_and_a_stuck_loop_is_not_alive():
         most[0] = max(most[0], running[0])
         time.sleep(stall[0] or 0.05)
         running[0] -= 1
-        return Snapshot({}, Health(True, 1, 1, "", [], 0), {}, {}, ({}, 0, 0))
+        return Snapshot({}, Health(True, 1, 1, "", [], 0), {}, {}, RunTotals({}, 0, 0, {}, {}))
 
     web = HttpEndpoint("127.0.0.1", 0)
     web.start(loop, snapshot)

@@ -95,7 +95,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"vitserve bench: unknown workloads {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
         return 2
-    if args.endpoint or args.compare_policies or args.overhead or args.served:
+    if args.endpoint or args.compare_policies or args.overhead or args.served or args.scaling:
         from vitserve.bench import load_cli
 
         args.workloads = ",".join(names)

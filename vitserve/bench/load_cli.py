@@ -20,6 +20,8 @@ def run(args: argparse.Namespace, window) -> int:
         return _overhead(args, window)
     if args.served:
         return _served(args, window)
+    if args.scaling:
+        return _scaling(args, window)
     jobs = [job for name in args.workloads.split(",") for job in make_jobs(name, REQUEST_POOL, args.deadline_ms)]
     if args.compare_policies:
         if args.rounds < 1:
@@ -65,6 +67,20 @@ def _served(args: argparse.Namespace, window) -> int:
                               _serve_arguments(args, window))
     print(served_table(result))
     for path in write_served(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _scaling(args: argparse.Namespace, window) -> int:
+    from .scaling_bench import run_scaling_bench, scaling_table, write_scaling
+
+    try:
+        result = run_scaling_bench(args.model, args.devices.split(","), args.workloads.split(","), args.concurrency,
+                                   _serve_arguments(args, window))
+    except ValueError as err:
+        return fail(str(err))
+    print(scaling_table(result))
+    for path in write_scaling(result, args.out):
         print(f"wrote {path}")
     return 0
 
@@ -126,13 +142,18 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                       help="the runner alone (raw items, preprocessing on the device) against `vitserve serve` on the "
                            "first of --devices, taking turns on it, per workload: throughput and ratio, p50/p99, GPU "
                            "busy share, engine CPU per request (--concurrency outstanding)")
-    load.add_argument("--serve-flags", default="", help="more flags for the `vitserve serve` that --served and "
-                                                          "--overhead start, e.g. \"--output-windows 32\"")
+    load.add_argument("--scaling", action="store_true",
+                      help="`vitserve serve` on the first of --devices against one on all of them, taking turns, per "
+                           "workload: images/s of each and their ratio (ideal: the device count), p50/p99, busy share "
+                           "per device (--concurrency outstanding per device); then a worker killed under load")
+    load.add_argument("--serve-flags", default="", help="more flags for the `vitserve serve` that --served, "
+                      "--scaling and --overhead start, e.g. \"--output-windows 32\"")
     load.add_argument("--image-side", type=int, default=448, help="with --overhead: the square image's side")
     load.add_argument("--item-grid", help="with --overhead: send an already-processed image of this patch grid "
                                           "instead, e.g. 2x2 (isolates the engine's costs from the model's)")
     load.add_argument("--devices", default="cuda:0",
-                      help="with --compare-policies or --overhead: comma-separated torch devices")
+                      help="with --compare-policies, --overhead, --served or --scaling: comma-separated torch "
+                           "devices (one may repeat: two workers on one GPU)")
     load.add_argument("--load", type=float, default=0.8, help="with --compare-policies: fraction of saturation")
     load.add_argument("--rounds", type=int, default=4,
                       help="with --compare-policies: arrival sequences, each played once per policy (--duration "

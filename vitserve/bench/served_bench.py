@@ -111,7 +111,7 @@ class ServedSlice:
     windows: int
 
 
-async def _served(endpoint: str, requests: list, total: int, concurrency: int, warm_up: bool) -> ServedSlice:
+async def served_slice(endpoint: str, requests: list, total: int, concurrency: int, warm_up: bool) -> ServedSlice:
     from vitserve.client import AsyncClient
 
     async with AsyncClient(endpoint) as client:
@@ -130,7 +130,7 @@ async def _served(endpoint: str, requests: list, total: int, concurrency: int, w
                        int(after["windows_sent"] - before["windows_sent"]))
 
 
-def _served_row(slices: list[ServedSlice]) -> dict:
+def served_row(slices: list[ServedSlice]) -> dict:
     """The slices' figures together: their requests, over the time they ran."""
     merged, seconds = LoadResult("served"), sum(piece.result.seconds for piece in slices)
     for piece in slices:
@@ -143,7 +143,7 @@ def _served_row(slices: list[ServedSlice]) -> dict:
             "items_per_window": sum(piece.items for piece in slices) / max(sum(piece.windows for piece in slices), 1)}
 
 
-async def _until_settled(endpoint: str) -> None:
+async def wait_settled(endpoint: str) -> None:
     from vitserve.client import AsyncClient
 
     async with AsyncClient(endpoint) as client:
@@ -183,7 +183,7 @@ def run_served_bench(model: str, device: str, window, names: list[str], concurre
     start_s = time.perf_counter() - began
     rows, restart = [], {}
     try:
-        run_loop(_until_settled(endpoint))
+        run_loop(wait_settled(endpoint))
         warm_s = time.perf_counter() - began
         for name, requests in workloads.items():
             batched = _runner_images_per_s(runner, requests, config, BATCH_TOKENS, slice_s)
@@ -192,9 +192,9 @@ def run_served_bench(model: str, device: str, window, names: list[str], concurre
             for turn in range(rounds):
                 runner_rates.append(_runner_images_per_s(runner, requests, config, largest, slice_s))
                 total = max(2 * concurrency, int(runner_rates[0] * slice_s / images_per_request))
-                slices.append(run_loop(_served(endpoint, requests, total, concurrency, warm_up=turn == 0)))
+                slices.append(run_loop(served_slice(endpoint, requests, total, concurrency, warm_up=turn == 0)))
             runner_rates.append(_runner_images_per_s(runner, requests, config, largest, slice_s))
-            served, runner_rate = _served_row(slices), sum(runner_rates) / len(runner_rates)
+            served, runner_rate = served_row(slices), sum(runner_rates) / len(runner_rates)
             rows.append({"workload": name, "runner_images_per_s": runner_rate, "runner_slices": runner_rates,
                          "served_slices": [piece.result.images / piece.result.seconds for piece in slices],
                          "runner_batched_images_per_s": batched, **served,

@@ -22,7 +22,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from vitserve.ipc.messages import Health
 
+from .run_counts import RunTotals
+
 PROBE_TIMEOUT_S = 2.0
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The engine at one moment, taken on its loop: what every probe reads."""
@@ -31,7 +35,7 @@ class Snapshot:
     health: Health
     latencies: dict[str, tuple[tuple[float, ...], list[int], float]]  # engine/latencies.py: bounds, counts, sum
     error_codes: dict[str, int]  # errors answered, by code
-    runs: tuple[dict[tuple[int, str], int], int, int]  # engine/run_counts.py
+    runs: RunTotals  # engine/run_counts.py
 
 
 class HttpEndpoint:

@@ -68,7 +68,7 @@ def metric_families(taken) -> Iterator[Metric]:
     for code, count in sorted(taken.error_codes.items()):
         by_code.add_metric([code], count)
     yield by_code
-    runs, tokens, padding = taken.runs
+    runs, tokens, padding = taken.runs.runs, taken.runs.tokens, taken.runs.padding
     by_path = CounterMetricFamily(PREFIX + "runs", "Forward runs of the workers, by budget (0: unpadded) and path: "
                                   "graph, padded (the graph's buffers run eagerly) or why it ran eagerly",
                                   labels=["budget", "path"])
@@ -77,6 +77,14 @@ def metric_families(taken) -> Iterator[Metric]:
     yield by_path
     yield CounterMetricFamily(PREFIX + "run_tokens", "Patch tokens the workers ran, padding not counted", value=tokens)
     yield CounterMetricFamily(PREFIX + "padding_tokens", "Padding tokens run to fill graph budgets", value=padding)
+    windows = CounterMetricFamily(PREFIX + "worker_windows", "Windows each worker answered", labels=["worker"])
+    busy = CounterMetricFamily(PREFIX + "worker_device_busy_seconds", "Device time each worker's windows kept busy",
+                               labels=["worker"])
+    for worker, count in sorted(taken.runs.worker_windows.items()):
+        windows.add_metric([str(worker)], count)
+        busy.add_metric([str(worker)], taken.runs.worker_busy_ms.get(worker, 0.0) / 1e3)
+    yield windows
+    yield busy
     yield from _histograms(taken.latencies)
     yield from _stats(taken.stats)
 

@@ -184,7 +184,7 @@ class WindowTraffic:
                     case WindowDone(window=window, rows=rows, worker_ms=worker_ms, gpu_ms=gpu_ms, runs=runs):
                         self._worker_ms += worker_ms
                         self._gpu_busy_ms += gpu_ms
-                        self.run_counts.add(runs)
+                        self.run_counts.add(handle.worker, runs, gpu_ms)
                         self.latencies.observe("preprocess", message.preprocess_ms / 1e3)
                         self.latencies.observe("output_transfer", message.transfer_ms / 1e3)
                         self._worker_proven(handle.worker)
