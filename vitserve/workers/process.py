@@ -37,6 +37,7 @@ from vitserve.ipc.messages import (
 
 from vitserve.launch import WorkerSpec
 
+from .placement import keep_to_device_node
 from .running import DeviceFault, Probing, Running
 from .worker import Worker, load_for_worker, start_progress
 
@@ -71,9 +72,10 @@ def worker_main(spec: WorkerSpec) -> None:
     """Entry point of the spawned process: load the model, then wait for the engine's Begin (at
     once at a start; later for a standby process), get ready and serve windows."""
     engine_pid = os.getppid()
+    configure_logging(spec.log_level, prefix=f"worker {spec.worker}: ")
+    keep_to_device_node(spec.device)  # before its threads and pages: they inherit the device's node
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack on stderr
     start_heartbeat(spec.beat_at, spec.heartbeat_s)
-    configure_logging(spec.log_level, prefix=f"worker {spec.worker}: ")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     link = WorkerLink(spec.endpoint, engine_pid)  # (connects at the first send: the engine may not listen yet)
