@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# What a GPU issue needs checked on the GPU machine, in as few device calls as fit its 600 s limit.
+# Run from the repository root on the device (carry .whl: msgspec, pyzmq, uvloop, psutil, prometheus-client):
+#   tools/gpu_check.sh tests families     # pytest -m gpu, then `vitserve bench` of the newer families
+#   tools/gpu_check.sh served scaling     # issue 14's served bench, then two workers on one GPU
+# Logs and bench outputs go under $OUT (the device tool's folder that comes back); a summary is printed last.
+set -u
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl 2>/dev/null
+export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
+summary=()
+
+step() {  # name, seconds allowed, command...
+    local name=$1 limit=$2
+    shift 2
+    local began=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$(printf '%-28s rc=%-3s %4ds  %s' "$name" "$rc" $((SECONDS - began)) "$(tail -n 1 "$OUT/$name.log")")")
+}
+
+for what in "$@"; do
+    case $what in
+        tests) step gpu-tests 330 python3 -m pytest -p no:cacheprovider -q -m gpu tests ;;
+        families)
+            for model in qwen3.5-9b glm-4.6v kimi-k2.5; do
+                step "bench-$model" 120 python3 -m vitserve.cli bench --model "random:$model" --workloads all \
+                    --out "$OUT/bench-$model"
+            done ;;
+        served) step served 330 python3 -m vitserve.cli bench --served --concurrency 32 \
+                    --workloads single-448,arena-mix,many-336,video-448 --out "$OUT/served" ;;
+        scaling) step scaling-one-gpu 240 python3 -m vitserve.cli bench --scaling --devices cuda:0,cuda:0 \
+                    --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
+        *) echo "unknown step $what (tests, families, served, scaling)"; exit 2 ;;
+    esac
+done
+for line in "${summary[@]}"; do echo "$line"; done
+for table in "$OUT"/*/*.txt; do [ -f "$table" ] && { echo "== $table"; cat "$table"; }; done
