@@ -64,6 +64,28 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def paired_bars(path: Path, workloads: list[str], bars: tuple[list[float], list[float]], labels: tuple[str, str],
+                notes: list[str], title: str) -> Path:
+    """Two bars per workload (a baseline, then what is compared with it), a note over the second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    xs = range(len(workloads))
+    axis.bar([x - 0.2 for x in xs], bars[0], 0.4, label=labels[0])
+    axis.bar([x + 0.2 for x in xs], bars[1], 0.4, label=labels[1])
+    for x, value, note in zip(xs, bars[1], notes):
+        axis.annotate(note, (x + 0.2, value), ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(list(xs), workloads)
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
 def write(result: dict, directory: Path, stem: str = "bench", table=table, plot=plot) -> list[Path]:
     """`stem`.json, .txt (`table(result)`) and .png (`plot(result, path)`, when matplotlib is there)."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from .load import closed_loop, jobs_of
-from .report import write
+from .report import paired_bars, write
 from .served_bench import ServedSlice, served_row, served_slice, wait_settled
 from .server_process import run_loop, start_server, stop_server
 from .workloads import make_requests
@@ -149,22 +149,8 @@ def write_scaling(result: dict, directory) -> list:
 
 
 def plot_scaling(result: dict, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n, rows = len(result["devices"]), result["rows"]
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    xs = range(len(rows))
-    axis.bar([x - 0.2 for x in xs], [r["devices_1"]["images_per_s"] for r in rows], 0.4, label="1 device")
-    axis.bar([x + 0.2 for x in xs], [r[f"devices_{n}"]["images_per_s"] for r in rows], 0.4, label=f"{n} devices")
-    for x, r in zip(xs, rows):
-        axis.annotate(f"{r['scaling']:.2f}x", (x + 0.2, r[f"devices_{n}"]["images_per_s"]), ha="center",
-                      va="bottom", fontsize=8)
-    axis.set_xticks(list(xs), [r["workload"] for r in rows])
-    axis.set_title(f"served images/s: {result['model']} on 1 and {n} devices")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return path
+    return paired_bars(path, [r["workload"] for r in rows],
+                       ([r["devices_1"]["images_per_s"] for r in rows], [r[f"devices_{n}"]["images_per_s"] for r in rows]),
+                       ("1 device", f"{n} devices"), [f"{r['scaling']:.2f}x" for r in rows],
+                       f"served images/s: {result['model']} on 1 and {n} devices")

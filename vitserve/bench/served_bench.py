@@ -42,7 +42,7 @@ from vitserve.workers import ModelRunner
 
 from .load import LoadResult, closed_loop, jobs_of, until_settled
 from .server_process import run_loop, start_server, stop_server
-from .report import write
+from .report import paired_bars, write
 from .workloads import make_requests
 
 BATCH_TOKENS = 32768  # patch tokens of the requests the runner takes at once for its batched figure
@@ -233,22 +233,9 @@ def write_served(result: dict, directory: Path) -> list[Path]:
 
 
 def plot_served(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    xs = range(len(rows))
-    axis.bar([x - 0.2 for x in xs], [r["runner_images_per_s"] for r in rows], 0.4, label="runner alone")
-    axis.bar([x + 0.2 for x in xs], [r["images_per_s"] for r in rows], 0.4, label="vitserve serve")
-    for x, r in zip(xs, rows):
-        axis.annotate(f"{r['ratio']:.2f}x, GPU {100 * r['gpu_busy']:.0f}%", (x + 0.2, r["images_per_s"]),
-                      ha="center", va="bottom", fontsize=8)
-    axis.set_xticks(list(xs), [r["workload"] for r in rows])
-    axis.set_title(f"images/s at saturation: {result['model']} on {result['device']}")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return path
+    return paired_bars(path, [r["workload"] for r in rows],
+                       ([r["runner_images_per_s"] for r in rows], [r["images_per_s"] for r in rows]),
+                       ("runner alone", "vitserve serve"),
+                       [f"{r['ratio']:.2f}x, GPU {100 * r['gpu_busy']:.0f}%" for r in rows],
+                       f"images/s at saturation: {result['model']} on {result['device']}")
