@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from served import served
 
@@ -116,6 +117,8 @@ def test_metrics_equal_what_happened_and_probes_say_why(tmp_path):
             assert get(url + "/livez") == (200, "alive\n")
             running.join(60)
         assert process.wait(60) == 0
+        with pytest.raises(urllib.error.URLError):  # shut down: nothing answers on the port any more
+            urllib.request.urlopen(url + "/livez", timeout=5)
 
 
 def test_a_port_that_is_taken_is_refused_before_the_start(tmp_path):
