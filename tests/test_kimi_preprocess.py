@@ -31,6 +31,7 @@ from vitserve.preprocess import (  # noqa: E402
 from vitserve.preprocess.config import preprocess_family, released_preprocess  # noqa: E402
 from vitserve.preprocess.geometry import MAX_ASPECT_RATIO, largest_item_tokens, plan_image, plan_video  # noqa: E402
 from vitserve.preprocess.resize import resize_uint8_portable  # noqa: E402
+from vitserve.preprocess.validate import check_frames  # noqa: E402
 
 KIMI = released_preprocess("kimi_k25")
 # One uint8 step of resize rounding after normalising by std 0.5, plus float32 slack.
@@ -278,6 +279,14 @@ def test_largest_item_tokens_bounds_items_under_other_limits(patch, merge, budge
     assert plan.num_patches <= largest_item_tokens(config)
 
 
-def test_inputs_past_the_aspect_ratio_are_refused_as_for_every_model():
-    with pytest.raises(PreprocessError, match="aspect ratio"):
-        plan_image(10, 2010, KIMI)
+@pytest.mark.parametrize("height,width", [(10, 2010), (2, 3000), (4000, 5), (1, 7200)])
+def test_aspect_ratios_past_qwens_limit_are_accepted_as_hf_accepts_them(hf_image_processor, height, width):
+    """Qwen's smart_resize refuses an aspect ratio over 200; Kimi K2.5's processor has no such limit."""
+    image = random_pixels(height, width, 3, seed=height + width)
+    check_frames(image, KIMI, kind="image")
+    reference = hf_image_processor(images=image, return_tensors="pt", input_data_format="channels_last")
+    ours = preprocess_image(image, KIMI)
+    assert torch.equal(ours.grid_thw, reference["image_grid_thw"])
+    assert_close(ours.pixel_values, as_rows(reference["pixel_values"]), plan_image(height, width, KIMI).needs_resize)
+    with pytest.raises(PreprocessError, match="aspect ratio"):  # (as for Qwen's rule)
+        check_frames(image, replace(KIMI, resize_rule="smart_resize"), kind="image")

@@ -189,8 +189,8 @@ def plan_video(frames: int, height: int, width: int, config: PreprocessConfig) -
 
 
 def _navit_plan(frames: int, height: int, width: int, config: PreprocessConfig, *, is_video: bool) -> ItemPlan:
-    """The grid covers the padded frame; a video's frames are its grid_t (with temporal_patch_size 1)."""
-    check_aspect_ratio(height, width)
+    """The grid covers the padded frame; a video's frames are its grid_t (with temporal_patch_size 1). No
+    aspect-ratio limit: the rule never scales a side below one pixel, and Kimi K2.5's processor has none."""
     (resized_height, resized_width), (padded_height, padded_width) = navit_resize(
         height,
         width,

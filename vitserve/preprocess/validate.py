@@ -78,10 +78,11 @@ def check_frames(
             f"{label} has {height}×{width} = {height * width} pixels per {unit}, "
             f"over max_input_pixels={config.max_input_pixels}; downscale it before sending"
         )
-    try:
-        check_aspect_ratio(height, width)
-    except PreprocessError as error:
-        raise PreprocessError(f"{label}: {error}") from None
+    if config.resize_rule != "navit":  # (smart_resize's limit: the navit rule has none)
+        try:
+            check_aspect_ratio(height, width)
+        except PreprocessError as error:
+            raise PreprocessError(f"{label}: {error}") from None
     return (frames, height, width), kind
 
 
