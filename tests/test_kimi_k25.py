@@ -237,9 +237,27 @@ def test_generate_of_a_kimi_model_takes_its_features_from_vitserve(tmp_path):
     try:
         assert greedy_tokens(model, prompts) == own
         verdict = verify(model)
-        assert verdict.ok, verdict.message
+        assert verdict.ok and "fingerprint equal" in verdict.message, verdict.message
+        with torch.no_grad():  # one weight of the projector, changed in memory
+            model.model.mm_projector.out_proj.bias[0] += 1.0
+        assert "fingerprint differs" in verify(model).message
     finally:
         detach(model)
+
+
+def test_transformers_names_and_layout_go_back_to_the_files():
+    """verify fingerprints a transformers model's Kimi weights as the files store them: the names
+    transformers holds map back to the released ones, and q and k rows go back to their layout."""
+    from vitserve.models.kimi_k25.hf_names import from_transformers, to_transformers
+    from vitserve.models.kimi_k25.weights import to_interleaved, to_rotate_half
+
+    tower = load_model("random:tiny-kimi")
+    stored = {name: t.clone() for name, t in tower.state_dict().items()}
+    config = tower.config
+    held = to_transformers(to_rotate_half({n: t.clone() for n, t in stored.items()}, config))
+    assert not set(held) & {n for n in stored if "wqkv" in n or "blocks" in n}  # renamed, split
+    back = to_interleaved(from_transformers(held), config.num_heads, config.head_dim)
+    assert set(back) == set(stored) and all(torch.equal(back[n], stored[n]) for n in stored)
 
 
 def test_the_cost_model_calibrates_kimi_on_budgets_of_any_size():

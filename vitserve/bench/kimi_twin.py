@@ -3,24 +3,10 @@ the family (its model's get_image_features, without the language model around th
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-# our (the released checkpoints') names -> transformers' (its conversion mapping for kimi_k25)
-RENAMES = [
-    (r"^vision_tower\.patch_embed\.pos_emb\.weight$", "vision_tower.patch_embed.pos_emb.position_embeddings"),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.norm0\.", r"vision_tower.layers.\1.norm1."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.norm1\.", r"vision_tower.layers.\1.norm2."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.wo\.", r"vision_tower.layers.\1.attn.proj."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.mlp\.fc1\.", r"vision_tower.layers.\1.mlp.fc2."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.mlp\.fc0\.", r"vision_tower.layers.\1.mlp.fc1."),
-    (r"^vision_tower\.encoder\.final_layernorm\.", "vision_tower.final_layernorm."),
-    (r"^mm_projector\.proj\.0\.", "mm_projector.in_proj."),
-    (r"^mm_projector\.proj\.2\.", "mm_projector.out_proj."),
-]
-FUSED = re.compile(r"^vision_tower\.encoder\.blocks\.(\d+)\.wqkv\.(weight|bias)$")
+from vitserve.models.kimi_k25.hf_names import to_transformers
 
 
 class KimiTwin(nn.Module):
@@ -56,23 +42,5 @@ def kimi_twin(model, attention: str = "sdpa") -> KimiTwin:
                                                                 dtype=weight.dtype)
         projector = Kimi_K25MultimodalProjection(whole).to(weight.dtype)
     twin = KimiTwin(tower, projector, config.patch_size)
-    twin.load_state_dict(hf_state(model.state_dict()))
+    twin.load_state_dict(to_transformers(model.state_dict()))
     return twin.eval()
-
-
-def hf_state(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict in transformers' names: wqkv split (its q and k rows are in transformers' layout
-    already: loading permuted them), the rest renamed."""
-    state = {}
-    for name, tensor in ours.items():
-        if match := FUSED.match(name):
-            layer, kind = match.groups()
-            for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3)):
-                state[f"vision_tower.layers.{layer}.attn.{part}.{kind}"] = piece
-            continue
-        for pattern, replacement in RENAMES:
-            if re.search(pattern, name):
-                name = re.sub(pattern, replacement, name)
-                break
-        state[name] = tensor
-    return state

@@ -122,9 +122,8 @@ def verify(model: torch.nn.Module, encoder: Any = None) -> Verification:
     else:
         error = ((theirs - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
     ok = error <= tolerance
-    fingerprint = weights_fingerprint(visual.state_dict().items())
-    same = ("not compared (transformers holds Kimi K2.5's weights renamed and permuted from the files')"
-            if not hasattr(inner, "visual") else "equal" if fingerprint == served.fingerprint else
+    fingerprint = weights_fingerprint(_stored_weights(inner).items())
+    same = ("equal" if fingerprint == served.fingerprint else
             f"differs (served {served.fingerprint or 'unknown'}, this model's {fingerprint}: other weights, or the "
             f"same ones in another dtype than stored)")
     message = (f"the served tower ({served.source}, {served.model_type}, {served.dtype}) "
@@ -137,6 +136,22 @@ def verify(model: torch.nn.Module, encoder: Any = None) -> Verification:
 def _tower(inner: torch.nn.Module) -> torch.nn.Module:
     """The model's vision tower: `visual` (Qwen3-VL, Qwen3.5, GLM-4.xV) or `vision_tower` (Kimi K2.5)."""
     return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+
+
+def _stored_weights(inner: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tower's weights as the checkpoint's files name and lay them out (what the served fingerprint is
+    of): Qwen's and GLM's as they are; Kimi K2.5's tower and projector renamed back and their q and k rows
+    permuted back (transformers converts both at load)."""
+    if hasattr(inner, "visual"):
+        return inner.visual.state_dict()
+    from vitserve.models.kimi_k25.hf_names import from_transformers
+    from vitserve.models.kimi_k25.weights import to_interleaved
+
+    held = {f"vision_tower.{name}": t for name, t in inner.vision_tower.state_dict().items()}
+    held |= {f"mm_projector.{name}": t for name, t in inner.mm_projector.state_dict().items()}
+    config = inner.vision_tower.config
+    return to_interleaved(from_transformers(held), config.num_attention_heads,
+                          config.hidden_size // config.num_attention_heads)
 
 
 def _own_features(inner, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
