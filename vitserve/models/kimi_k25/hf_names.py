@@ -11,32 +11,28 @@ import re
 
 import torch
 
-# ours -> transformers'
-RENAMES = [
-    (r"^vision_tower\.patch_embed\.pos_emb\.weight$", "vision_tower.patch_embed.pos_emb.position_embeddings"),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.norm0\.", r"vision_tower.layers.\1.norm1."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.norm1\.", r"vision_tower.layers.\1.norm2."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.wo\.", r"vision_tower.layers.\1.attn.proj."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.mlp\.fc1\.", r"vision_tower.layers.\1.mlp.fc2."),
-    (r"^vision_tower\.encoder\.blocks\.(\d+)\.mlp\.fc0\.", r"vision_tower.layers.\1.mlp.fc1."),
-    (r"^vision_tower\.encoder\.final_layernorm\.", "vision_tower.final_layernorm."),
-    (r"^mm_projector\.proj\.0\.", "mm_projector.in_proj."),
-    (r"^mm_projector\.proj\.2\.", "mm_projector.out_proj."),
+# (ours, transformers') name starts; {n} is a block's number
+NAMES = [
+    ("vision_tower.patch_embed.pos_emb.weight", "vision_tower.patch_embed.pos_emb.position_embeddings"),
+    ("vision_tower.encoder.blocks.{n}.norm0.", "vision_tower.layers.{n}.norm1."),
+    ("vision_tower.encoder.blocks.{n}.norm1.", "vision_tower.layers.{n}.norm2."),
+    ("vision_tower.encoder.blocks.{n}.wo.", "vision_tower.layers.{n}.attn.proj."),
+    ("vision_tower.encoder.blocks.{n}.mlp.fc1.", "vision_tower.layers.{n}.mlp.fc2."),
+    ("vision_tower.encoder.blocks.{n}.mlp.fc0.", "vision_tower.layers.{n}.mlp.fc1."),
+    ("vision_tower.encoder.final_layernorm.", "vision_tower.final_layernorm."),
+    ("mm_projector.proj.0.", "mm_projector.in_proj."),
+    ("mm_projector.proj.2.", "mm_projector.out_proj."),
 ]
 FUSED = re.compile(r"^vision_tower\.encoder\.blocks\.(\d+)\.wqkv\.(weight|bias)$")
 SPLIT = re.compile(r"^vision_tower\.layers\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
-# transformers' -> ours (RENAMES read backwards)
-BACK = [
-    (r"^vision_tower\.patch_embed\.pos_emb\.position_embeddings$", "vision_tower.patch_embed.pos_emb.weight"),
-    (r"^vision_tower\.layers\.(\d+)\.norm1\.", r"vision_tower.encoder.blocks.\1.norm0."),
-    (r"^vision_tower\.layers\.(\d+)\.norm2\.", r"vision_tower.encoder.blocks.\1.norm1."),
-    (r"^vision_tower\.layers\.(\d+)\.attn\.proj\.", r"vision_tower.encoder.blocks.\1.wo."),
-    (r"^vision_tower\.layers\.(\d+)\.mlp\.fc2\.", r"vision_tower.encoder.blocks.\1.mlp.fc1."),
-    (r"^vision_tower\.layers\.(\d+)\.mlp\.fc1\.", r"vision_tower.encoder.blocks.\1.mlp.fc0."),
-    (r"^vision_tower\.final_layernorm\.", "vision_tower.encoder.final_layernorm."),
-    (r"^mm_projector\.in_proj\.", "mm_projector.proj.0."),
-    (r"^mm_projector\.out_proj\.", "mm_projector.proj.2."),
-]
+
+
+def _rule(start: str, replacement: str) -> tuple[re.Pattern, str]:
+    return re.compile("^" + re.escape(start).replace(re.escape("{n}"), r"(\d+)")), replacement.replace("{n}", r"\1")
+
+
+RENAMES = [_rule(ours, theirs) for ours, theirs in NAMES]  # ours -> transformers'
+BACK = [_rule(theirs, ours) for ours, theirs in NAMES]  # transformers' -> ours
 
 
 def to_transformers(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,8 +64,8 @@ def from_transformers(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return state
 
 
-def _renamed(name: str, renames: list[tuple[str, str]]) -> str:
-    for pattern, replacement in renames:
-        if re.search(pattern, name):
-            return re.sub(pattern, replacement, name)
+def _renamed(name: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, replacement in rules:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
     return name
