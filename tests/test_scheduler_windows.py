@@ -175,3 +175,17 @@ def test_window_at_max_sequences_counts_as_full():
     submit_ok(scheduler, req(1, (64, 16)))
     dispatches, _ = scheduler.poll(0.0)
     assert [ids(d) for d in dispatches] == [[(1, 0)]]
+
+
+def test_a_suspect_worker_gets_windows_only_while_every_worker_up_is_suspect():
+    """A worker whose readiness probe is overdue (suspect) gets nothing while a trusted worker is up,
+    even one that is momentarily full; with the trusted one down, it serves again."""
+    suspect, trusted = WorkerState(0, cost, suspect=True), WorkerState(1, cost)
+    scheduler = make(suspect, trusted, in_flight_per_worker=2)
+    for key in range(1, 5):
+        submit_ok(scheduler, req(key, (MAX_BUDGET, 1)))
+    dispatches, _ = scheduler.poll(0.0)
+    assert [d.worker for d in dispatches] == [1, 1] and len(scheduler.queue) == 2  # the trusted one is full
+    scheduler.worker_lost(1)
+    dispatches, _ = scheduler.poll(0.0)
+    assert [d.worker for d in dispatches] == [0, 0]

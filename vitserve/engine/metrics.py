@@ -33,7 +33,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "windows_sent": ("windows", "counter", "Windows sent to workers"),
     "items_sent": ("window_items", "counter", "Items sent to workers in windows"),
     "worker_ms": ("worker_seconds", "counter", "Time workers spent on windows, from receipt to reply"),
-    "gpu_busy_ms": ("device_busy_seconds", "counter", "Time the devices spent running windows"),
+    "gpu_busy_ms": ("device_busy_seconds", "counter", "Time the devices spent running windows (CUDA events: 0 "
+                    "for CPU workers)"),
     "leases_expired": ("leases_expired", "counter", "Results reclaimed because they were not released in time"),
     "late_results": ("late_results", "counter", "Results delivered after their request's deadline (a deadline miss "
                      "that still succeeded; those failed for it count as errors with code deadline_exceeded)"),
@@ -78,7 +79,8 @@ def metric_families(taken) -> Iterator[Metric]:
     yield CounterMetricFamily(PREFIX + "run_tokens", "Patch tokens the workers ran, padding not counted", value=tokens)
     yield CounterMetricFamily(PREFIX + "padding_tokens", "Padding tokens run to fill graph budgets", value=padding)
     windows = CounterMetricFamily(PREFIX + "worker_windows", "Windows each worker answered", labels=["worker"])
-    busy = CounterMetricFamily(PREFIX + "worker_device_busy_seconds", "Device time each worker's windows kept busy",
+    busy = CounterMetricFamily(PREFIX + "worker_device_busy_seconds", "Device time each worker's windows kept busy "
+                               "(CUDA events: 0 for CPU workers)",
                                labels=["worker"])
     for worker, count in sorted(taken.runs.worker_windows.items()):
         windows.add_metric([str(worker)], count)

@@ -5,10 +5,12 @@ own: a main thread stuck in a device call goes on beating. A completed window sh
 worker took it, ran its forward on the device and answered. A worker that has had no window for
 `readiness_probe_s` gets a probe instead, a one-block forward queued behind its windows and
 answered in order like one (workers/running.py, Probing). A probe unanswered for
-`readiness_timeout_s`, or one that failed, takes the worker out of readiness, with the reason in
-the health detail, until it answers again; one unanswered past `window_timeout_s` is a stuck
-worker, killed and restarted as one with a stuck window is (restarts.py). A worker has at most
-one probe out at a time, and none while windows run on it: probes never pile up.
+`readiness_timeout_s`, or one that failed, makes the worker suspect until it answers again: out of
+readiness, with the reason in the health detail, and sent windows only while every worker up is
+suspect (a stuck worker would hold them until the watchdog). A probe unanswered past
+`window_timeout_s` means a stuck worker, killed and restarted as one with a stuck window is
+(restarts.py). A worker has at most one probe out at a time, and none while windows run on it:
+probes never pile up.
 
 A mixin of `Engine` (engine.py), which owns the state used here.
 """
@@ -26,6 +28,12 @@ class ReadinessProbes:
         """The worker answered a window or a probe (or has just started): proven as of now."""
         self._proven_at[worker] = time.monotonic()
         self._probe_failures.pop(worker, None)
+        self._mark_suspect(worker, False)
+
+    def _mark_suspect(self, worker: int, suspect: bool) -> None:
+        """Tell the scheduler: a suspect worker gets windows only when no other can take them."""
+        if self.scheduler is not None and worker in self.scheduler.workers:
+            self.scheduler.workers[worker].suspect = suspect
 
     def _forget_probe(self, worker: int) -> None:
         """The worker was lost: its probe cannot be answered any more."""
@@ -36,6 +44,9 @@ class ReadinessProbes:
         while True:
             await asyncio.sleep(min(period_s, self.config.readiness_timeout_s) / 4)
             now = time.monotonic()
+            unproven = self._unproven()
+            for worker, state in self.scheduler.workers.items():
+                state.suspect = worker in unproven
             for handle in list(self._handles):
                 worker = handle.worker
                 state = self.scheduler.workers[worker]
@@ -57,6 +68,7 @@ class ReadinessProbes:
             self._worker_proven(worker)
             return
         self._probe_failures[worker] = done.problem
+        self._mark_suspect(worker, True)
         self._log_limits.error("probe", "worker %d failed its readiness probe: %s", worker, done.problem)
 
     def _probe_sent_at(self, worker: int) -> float | None:

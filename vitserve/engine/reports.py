@@ -62,7 +62,11 @@ class EngineReports:
             problems += [unproven[w] for w in sorted(unproven)]
             up -= sum(1 for w in unproven if self.scheduler.workers[w].ready)
             problems += [f"worker {w} is capturing graphs (serving eagerly meanwhile)" for w in sorted(self._warming)]
-            if not taking:
+            if taking:  # (with none up, the line below says it for all)
+                problems += [f"worker {w} is {'restarting' if w in self._restarting else 'down'}"
+                             for w, state in sorted(self.scheduler.workers.items())
+                             if not state.ready and w not in self._hung]
+            else:
                 problems.append("no worker is up; restarting" if self._restarting else "no worker is up")
         ready = up > 0 and self.started and not (self._draining or self._closing)
         return Health(ready, up, len(self.config.devices), "; ".join(problems),

@@ -134,7 +134,7 @@ class Scheduler:
         worker = self.workers[worker_id]
         worker.predict, worker.free_rows, worker.busy_until = predict, free_rows, now
         worker.in_flight.clear()
-        worker.ready = True
+        worker.ready, worker.suspect = True, False
         self._modelled_ms.clear()  # modelled per worker: its cost model was measured anew
 
     def worker_warm(self, worker_id: int, predict: Predictor) -> None:
@@ -219,10 +219,12 @@ class Scheduler:
         return window
 
     def _place(self, window: Candidate, now: float) -> tuple[WorkerState, float, float] | None:
-        """The worker predicted to finish the window first, its predicted ms and start time."""
+        """The worker predicted to finish the window first, its predicted ms and start time. Suspect
+        workers (a readiness probe failed or is overdue) only while every worker up is suspect."""
         best = None
+        trusted = any(w.ready and not w.suspect for w in self.workers.values())
         for worker in self.workers.values():
-            if (not worker.ready or worker.free_rows < self._rows(window.tokens, worker)
+            if (not worker.ready or (trusted and worker.suspect) or worker.free_rows < self._rows(window.tokens, worker)
                     or len(worker.in_flight) >= self.config.in_flight_per_worker):
                 continue
             predicted = worker.predicted_ms(window.tokens, window.sequences, window.square_tokens)

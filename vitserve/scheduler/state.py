@@ -24,6 +24,9 @@ class WorkerState:
     scale: float = 1.0  # observed / modelled processing time, learned from completions
     overhead_ms: float = 0.0  # learned latency of a window sent to an idle worker, beyond its processing
     last_done: float = -math.inf  # when its latest window completed
+    # its readiness probe failed or is overdue (engine/probes.py): it gets windows only while every
+    # worker up is suspect
+    suspect: bool = False
 
     def predicted_ms(self, tokens: int, sequences: int, square_tokens: int) -> float:
         return self.predict(tokens, sequences, square_tokens) * self.scale
