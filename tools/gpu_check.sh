@@ -2,7 +2,7 @@
 # What a GPU issue needs checked on the GPU machine, in as few device calls as fit its 600 s limit.
 # Run from the repository root on the device (carry .whl: msgspec, pyzmq, uvloop, psutil, prometheus-client):
 #   tools/gpu_check.sh tests families     # pytest -m gpu, then `vitserve bench` of the newer families
-#   tools/gpu_check.sh served scaling     # issue 14's served bench, then two workers on one GPU
+#   tools/gpu_check.sh served scaling     # issue 14's served bench, then one GPU against all (or two workers on one)
 # Logs and bench outputs go under $OUT (the device tool's folder that comes back); a summary is printed last.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -30,8 +30,11 @@ for what in "$@"; do
             done ;;
         served) step served 330 python3 -m vitserve.cli bench --served --concurrency 32 \
                     --workloads single-448,arena-mix,many-336,video-448 --out "$OUT/served" ;;
-        scaling) step scaling-one-gpu 240 python3 -m vitserve.cli bench --scaling --devices cuda:0,cuda:0 \
-                    --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
+        scaling)  # every GPU of the machine; with only one, two workers on it (the multi-worker paths)
+            devices=$(python3 -c "import torch; n = torch.cuda.device_count(); \
+print(','.join(f'cuda:{i}' for i in range(n)) if n > 1 else 'cuda:0,cuda:0')")
+            step "scaling-$devices" 300 python3 -m vitserve.cli bench --scaling --devices "$devices" \
+                --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
         *) echo "unknown step $what (tests, families, served, scaling)"; exit 2 ;;
     esac
 done
