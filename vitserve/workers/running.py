@@ -61,6 +61,9 @@ class Running:
             gpu_ms = self.began.elapsed_time(self.ended)
             if self.previous is not None:  # the part of the window before's copies that ran alongside
                 gpu_ms -= max(0.0, min(self.began.elapsed_time(self.previous), gpu_ms))
+            # (`computed` was recorded on the compute stream after the copies' barrier: the copy stream did
+            # not wait for it, so it may not count as done yet; it has nothing to wait for)
+            self.computed.synchronize()
             preprocess_ms = self.began.elapsed_time(self.prepared)
             transfer_ms = max(0.0, self.computed.elapsed_time(self.ended))  # the copies' tail after the forward
         return WindowDone(self.window, [item.offset for item in self.result.items],
