@@ -57,7 +57,7 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--readiness-probe-s", type=float, default=5.0,
                        help="a worker with no window for this long runs a small forward to show it still serves "
                        "(0: no probes)")
-    serve.add_argument("--readiness-timeout-s", type=float, default=5.0,
+    serve.add_argument("--readiness-timeout-s", type=float, default=10.0,
                        help="a probe unanswered this long makes its worker unready (/readyz, health) until it answers")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long admitted requests may take to finish")

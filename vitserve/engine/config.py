@@ -77,7 +77,7 @@ class EngineConfig:
     window_timeout_s: float | None = 60.0
     worker_heartbeat_s: float = 1.0
     readiness_probe_s: float | None = 5.0
-    readiness_timeout_s: float = 5.0
+    readiness_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
     standby_workers: bool | None = None
     progress: bool = False  # workers say their start-up phases on stderr (`vitserve serve` turns it on)
