@@ -43,21 +43,29 @@ class ReadinessProbes:
     async def _probe_loop(self, period_s: float) -> None:
         while True:
             await asyncio.sleep(min(period_s, self.config.readiness_timeout_s) / 4)
-            now = time.monotonic()
-            unproven = self._unproven()
-            for worker, state in self.scheduler.workers.items():
-                state.suspect = worker in unproven
-            for handle in list(self._handles):
-                worker = handle.worker
-                state = self.scheduler.workers[worker]
-                if (not state.ready or state.in_flight or worker in self._probes
-                        or now - self._proven_at.get(worker, now) < period_s):
-                    continue
-                probe = next(self._probe_numbers)
-                self._probes[worker] = (probe, now)
-                self._probes_sent += 1
-                if not handle.send_now(Probe(probe)):
-                    self._worker_died(handle)  # the link is broken: the process is gone
+            try:
+                self._probe_step(period_s)
+            except Exception as err:  # contained: the loop goes on (readiness must not freeze)
+                self._internal_errors += 1
+                self._log_limits.error("probe", "the readiness probes' step failed: %r", err, exc_info=True)
+
+    def _probe_step(self, period_s: float) -> None:
+        """Mark the suspect workers, and probe those idle for `period_s` that have no probe out."""
+        now = time.monotonic()
+        unproven = self._unproven()
+        for worker, state in self.scheduler.workers.items():
+            state.suspect = worker in unproven
+        for handle in list(self._handles):
+            worker = handle.worker
+            state = self.scheduler.workers[worker]
+            if (not state.ready or state.in_flight or worker in self._probes
+                    or now - self._proven_at.get(worker, now) < period_s):
+                continue
+            probe = next(self._probe_numbers)
+            self._probes[worker] = (probe, now)
+            self._probes_sent += 1
+            if not handle.send_now(Probe(probe)):
+                self._worker_died(handle)  # the link is broken: the process is gone
 
     def _probe_answered(self, worker: int, done: ProbeDone) -> None:
         out = self._probes.get(worker)
