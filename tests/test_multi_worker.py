@@ -382,6 +382,8 @@ def test_without_restarts_a_killed_worker_leaves_the_engine_serving_on_the_other
             assert health.ready and health.workers == workers, health
             assert "no worker is up" not in health.detail
             assert health.worker_pids == pids[:victim]
+            assert health.pids_by_worker == {w: pids[w] for w in range(workers) if w != victim}
+            assert f"worker {victim} is down" in health.detail  # (named while the others serve)
             status, text = await scrape(engine, "/readyz")
             assert (status, text) == (200, f"ready: {workers - 1} of {workers} workers up\n")
             # Later requests, many at once (4 full windows), go to every survivor; nothing restarts.

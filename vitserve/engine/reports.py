@@ -69,5 +69,6 @@ class EngineReports:
             else:
                 problems.append("no worker is up; restarting" if self._restarting else "no worker is up")
         ready = up > 0 and self.started and not (self._draining or self._closing)
-        return Health(ready, up, len(self.config.devices), "; ".join(problems),
-                      [h.process.pid for h in self._handles if h.alive()], os.getpid())
+        running = {h.worker: h.process.pid for h in self._handles if h.alive()}
+        return Health(ready, up, len(self.config.devices), "; ".join(problems), list(running.values()), os.getpid(),
+                      running)

@@ -182,6 +182,7 @@ class Health(msgspec.Struct, frozen=True, tag="health_reply"):
     detail: str = ""
     worker_pids: list[int] = []  # running workers (fault-injection tools on the same host use them)
     pid: int = 0  # the engine's process
+    pids_by_worker: dict[int, int] = {}  # worker number -> its running process (worker_pids is not by number)
 
 
 ClientMessage = Union[Hello, Encode, Lookup, Forget, Cancel, Release, StatsQuery, HealthQuery]
