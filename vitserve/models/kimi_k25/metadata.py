@@ -3,9 +3,10 @@
 Against Qwen3-VL's (models/token_metadata.py): a frame's patches are stored in raster order; a video's
 frames are cut into chunks of `pos_emb_time` (4) frames, each chunk one attention segment; each frame
 of a chunk adds a sin-cos time row (none for a one-frame chunk); the rotary angles interleave the
-column and the row per frequency; and each token has an output slot: the 2x2 merge gathers rows r and
-r + w of a frame, and a chunk's frames are averaged into one frame of output rows (`merge_slot`,
-`merge_weight`). Static shapes, no host sync: it runs inside a captured graph.
+column and the row per frequency; and each output slot gathers its tokens: the 2x2 merge takes rows r
+and r + w of a frame, and a chunk's frames are averaged into one frame of output rows (`merge_source`,
+`merge_weight`: a gather in a fixed order, so a window's sums do not depend on what else it holds, as
+atomic adds' would). Static shapes, no host sync: it runs inside a captured graph.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class KimiMetadata:
     time_index: torch.Tensor  # (tokens,) int64 row of the time table: 0 (none) or 1 + frame in its chunk
     rope_cos: torch.Tensor  # (tokens, 1, head_dim / 2) float32
     rope_sin: torch.Tensor  # (tokens, 1, head_dim / 2) float32
-    merge_slot: torch.Tensor  # (tokens,) int64: output row * 4 + position in its 2x2 block (padding: the last)
-    merge_weight: torch.Tensor  # (tokens,) float32: 1 / frames of its chunk (0 for padding)
+    # per output slot (output row * 4 + position in its 2x2 block): the token of each frame of its chunk
+    merge_source: torch.Tensor  # (tokens, pool) int64 (unused frames and padding slots: a token weighted 0)
+    merge_weight: torch.Tensor  # (tokens, pool) float32: 1 / frames of its chunk, 0 where unused
     cu_seqlens: torch.Tensor  # (sequences + 1,) int32 segment boundaries
     max_seqlen: int  # host upper bound of any segment length
     segment_lengths: tuple[int, ...] | None = None  # host copy of the lengths, when known
@@ -68,14 +70,29 @@ def kimi_metadata(
     merged_width = width // merge
     output_row = row_offset[item] + chunk * (frame_tokens[item] // merge**2) + (row // merge) * merged_width + col // merge
     slot = output_row * merge**2 + (row % merge) * merge + col % merge  # (tokens,)
-    # Padding goes to the last slot, a padding row (real rows * 4 <= real tokens < num_tokens), never a real
-    # one: its pixels are whatever an earlier window left, and inf * 0 would be NaN in another request's row
-    merge_slot = torch.where(is_real, slot, num_tokens - 1)
-    merge_weight = is_real / chunk_frames.clamp(min=1).to(torch.float32)  # (tokens,)
+    merge_source, merge_weight = _merge_gather(slot, is_real & (frame_in_chunk == 0), chunk_frames,
+                                               frame_tokens[item], pool)
 
     cu_seqlens = segment_bounds(layout, num_tokens, num_sequences, pool)
-    return KimiMetadata(pos_index, pos_weight, time_index, rope_cos, rope_sin, merge_slot, merge_weight, cu_seqlens,
+    return KimiMetadata(pos_index, pos_weight, time_index, rope_cos, rope_sin, merge_source, merge_weight, cu_seqlens,
                         max_seqlen, checked_lengths(segment_lengths, num_tokens, num_sequences))
+
+
+def _merge_gather(slot, leads, chunk_frames, frame_tokens, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each output slot, its chunk's tokens and their weights. A real slot is led by the token of its
+    chunk's first frame; the same position of frame k is `frame_tokens * k` tokens on. A slot nothing
+    leads (a padding row: real rows * 4 <= real tokens) gathers itself with weight 0, never a padding
+    token into a real row: padding pixels are whatever an earlier window left, and inf * 0 is NaN."""
+    num_tokens, device = slot.shape[0], slot.device
+    token = torch.arange(num_tokens, device=device)
+    target = torch.where(leads, slot, num_tokens)  # (tokens,) the slot each leader fills; others the spare entry
+    first = torch.arange(num_tokens + 1, device=device).scatter_(0, target, token)[:num_tokens]  # (slots,)
+    led = torch.zeros(num_tokens + 1, dtype=torch.bool, device=device).scatter_(0, target, leads)[:num_tokens]
+    frames = torch.where(led, chunk_frames[first], 1)  # (slots,)
+    frame = torch.arange(pool, device=device)
+    used = led[:, None] & (frame < frames[:, None])  # (slots, pool)
+    source = torch.where(used, first[:, None] + frame * frame_tokens[first][:, None], first[:, None])
+    return source, used / frames[:, None].to(torch.float32)
 
 
 def _axis_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,7 +156,8 @@ class KimiK25VisionTower(TowerBase):
         x = tower.encoder.final_layernorm(x)
         tokens, hidden = x.shape
         pooled = x.new_zeros((tokens, hidden), dtype=torch.float32)  # the mean over a chunk's frames, in float32
-        pooled.index_add_(0, meta.merge_slot, x.float() * meta.merge_weight[:, None])
+        for frame in range(meta.merge_source.shape[1]):  # frames added in order: the same sums in any window
+            pooled += x[meta.merge_source[:, frame]].float() * meta.merge_weight[:, frame, None]
         blocks = pooled.to(x.dtype).view(tokens // self.config.merge_size**2, -1, hidden)  # (rows, 4, hidden)
         embeddings = self.mm_projector(blocks)  # (tokens / 4, out_hidden)
         return EncoderOutput(embeddings, embeddings.new_empty((0, *embeddings.shape)))
