@@ -16,10 +16,10 @@ def faulting_worker_main(marker: str, spec: process.WorkerSpec) -> None:
         open(marker, "x").close()
         clean_encode = process.Worker._encode
 
-        def fault_then_encode(self, message):
+        def fault_then_encode(self, *args, **kwargs):  # (whatever _encode takes: it is passed on)
             index = torch.tensor([1 << 20], device=self.device)
             torch.zeros(1, device=self.device)[index]  # out of bounds: the context is broken from here on
-            return clean_encode(self, message)
+            return clean_encode(self, *args, **kwargs)
 
         process.Worker._encode = fault_then_encode
     process.worker_main(spec)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from vitserve.workers.placement import keep_to_device_node, local_cpus, parse_cpulist
+from vitserve.workers.placement import keep_to_device_node, local_cpus, parse_cpulist, set_process_affinity
 
 
 @pytest.mark.parametrize("text, cpus", [("0-3,8,10-11\n", {0, 1, 2, 3, 8, 10, 11}), ("5", {5}), ("", set()),
@@ -30,6 +30,30 @@ def test_a_devices_local_cpus_come_from_its_pci_address(tmp_path):
 def test_a_cpu_worker_keeps_every_cpu():
     before = os.sched_getaffinity(0)
     assert keep_to_device_node("cpu") is None and os.sched_getaffinity(0) == before
+
+
+def test_every_thread_of_the_process_is_kept_not_only_the_caller():
+    """CUDA's threads exist before the worker restricts itself: they are moved too."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # (a process of its own: affinity is per process)
+        cpu, main, other = pool.apply(_restrict_with_a_thread_running)
+    assert main == other == {cpu}
+
+
+def _restrict_with_a_thread_running():
+    import threading
+
+    started, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: (started.set(), stop.wait()))
+    thread.start()
+    started.wait()
+    cpu = min(os.sched_getaffinity(0))
+    set_process_affinity({cpu})
+    other = os.sched_getaffinity(thread.native_id)
+    stop.set()
+    thread.join()
+    return cpu, os.sched_getaffinity(0), other
 
 
 @pytest.mark.gpu

@@ -57,7 +57,7 @@ def test_a_worker_that_runs_nothing_is_unready_until_it_answers_and_probes_do_no
                 sent = engine.stats()["probes_sent"]
                 health = engine.health()
                 assert health.workers_ready == 0 and "has not answered its readiness probe" in health.detail
-                assert engine.stats()["workers_unproven"] == 1 and engine.stats()["workers_ready"] == 1
+                assert engine.stats()["workers_unproven"] == 1 and engine.stats()["workers_ready"] == 0
                 await asyncio.sleep(1.5)  # over seven probe periods: still the one probe out
                 assert engine.stats()["probes_sent"] == sent
             finally:
@@ -65,6 +65,29 @@ def test_a_worker_that_runs_nothing_is_unready_until_it_answers_and_probes_do_no
             await until(lambda: engine.health().ready, "readiness to come back")
             assert engine.health().worker_pids == [pid] and engine.stats()["worker_restarts"] == 0
             (await engine.encode([image(1)])).release()
+
+    asyncio.run(run())
+
+
+def test_a_worker_stopped_in_the_middle_of_a_window_is_unready_until_it_answers():
+    """No probe goes to a worker with windows out: the window itself, unanswered long past its predicted
+    end, takes readiness away (long before the window watchdog, off here)."""
+    async def run() -> None:
+        async with Engine(config(readiness_probe_s=60.0)) as engine:  # no probe within the test
+            (await engine.encode([image(3)])).release()
+            pid = engine.health().worker_pids[0]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                encoding = asyncio.ensure_future(engine.encode([image(4)]))
+                await until(lambda: not engine.health().ready, "readiness to go", timeout_s=20.0)
+                health = engine.health()
+                assert "past its predicted end" in health.detail and health.workers_ready == 0
+                assert engine.stats()["probes_sent"] == 0 and not encoding.done()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            (await encoding).release()
+            await until(lambda: engine.health().ready, "readiness to come back")
+            assert engine.stats()["worker_restarts"] == 0
 
     asyncio.run(run())
 
@@ -99,7 +122,7 @@ def test_without_probes_none_are_sent():
 
 
 @pytest.mark.parametrize("field, value", [("readiness_probe_s", 0), ("readiness_timeout_s", None),
-                                          ("readiness_probe_s", "5")])
+                                          ("readiness_probe_s", "5"), ("readiness_probe_s", 0.01)])
 def test_probe_settings_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})

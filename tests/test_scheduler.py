@@ -8,7 +8,7 @@ import math
 import pytest
 from scheduler_fakes import MAX_BUDGET, cost, ids, make, queued_ids, req, submit_ok
 
-from vitserve.scheduler import POLICIES, SchedulerConfig, WorkerState, deadline_at
+from vitserve.scheduler import POLICIES, Request, SchedulerConfig, WorkerState, deadline_at
 
 
 # -- 7. worker choice -------------------------------------------------------------------------------
@@ -238,3 +238,28 @@ def test_rows_are_counted_in_whole_slots():
     submit_ok(scheduler, req(2, (1028, 1)))
     dispatches, _ = scheduler.poll(0.0)
     assert [ids(d) for d in dispatches] == [[(1, 0)]] and worker.free_rows == 520 - 264
+
+
+def test_rows_are_the_items_own_when_the_request_gives_them():
+    """A chunk of frames pooled into one frame's rows (Kimi K2.5) writes a quarter of tokens / merge:
+    the window is placed by its items' rows, and the free count drops by exactly those."""
+    worker = WorkerState(0, cost, free_rows=64)
+    scheduler = make(worker, in_flight_per_worker=10, policy="immediate")
+    # 4 frames of 16x16 patches: 1024 tokens, one segment, 64 rows (tokens / merge would say 256)
+    submit_ok(scheduler, Request(key=1, priority=0, deadline=math.inf, arrival=0.0, shapes=[(1024, 1)], rows=[64]))
+    dispatches, _ = scheduler.poll(0.0)
+    assert [ids(d) for d in dispatches] == [[(1, 0)]] and worker.free_rows == 0
+
+
+def test_suspect_workers_are_left_out_of_placement_and_the_memory_stall_alike():
+    """A worker whose readiness is in doubt gets windows only while every worker up is suspect; its free
+    rows do not count against a stall that a trusted worker's memory causes."""
+    trusted, suspect = WorkerState(0, cost, free_rows=10), WorkerState(1, cost, suspect=True)
+    scheduler = make(trusted, suspect, in_flight_per_worker=10, policy="immediate")
+    submit_ok(scheduler, req(1, (400, 1)))
+    assert scheduler.poll(0.0) == ([], [])  # only the suspect worker has room: it is not sent the window
+    assert [r.key for r in scheduler.stalled_on_memory()] == [1]
+    trusted.ready = False  # now every worker up is suspect: it takes windows again
+    assert scheduler.stalled_on_memory() == []
+    dispatches, _ = scheduler.poll(0.0)
+    assert [(d.worker, ids(d)) for d in dispatches] == [(1, [(1, 0)])]

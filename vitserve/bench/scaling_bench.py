@@ -57,14 +57,18 @@ async def _kill_one_under_load(endpoint: str, requests: list, total: int, concur
         def encode(items, deadline_ms, priority):
             return client.encode(items, deadline_ms, priority)
 
-        victim = (await client.health()).worker_pids[-1]
+        pids = (await client.health()).pids_by_worker
+        worker = max(pids)  # the last device's
+        restarts = (await client.stats())["worker_restarts"]
         loop = asyncio.ensure_future(closed_loop(encode, jobs_of(requests, None), total, concurrency))
         await asyncio.sleep(0.2)
-        os.kill(victim, signal.SIGKILL)
+        os.kill(pids[worker], signal.SIGKILL)
         killed = time.perf_counter()
         result = await loop
-        async with asyncio.timeout(RESTART_TIMEOUT_S):
-            while (await client.stats())["worker_restarts"] < 1 or not (await client.health()).ready:
+        async with asyncio.timeout(RESTART_TIMEOUT_S):  # back: restarted, and its new process ready
+            while ((await client.stats())["worker_restarts"] <= restarts
+                   or (health := await client.health()).pids_by_worker.get(worker, pids[worker]) == pids[worker]
+                   or health.workers_ready < health.workers):
                 await asyncio.sleep(0.05)
         back_s = time.perf_counter() - killed
         retried = (await client.stats())["windows_retried"]

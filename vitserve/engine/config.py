@@ -20,6 +20,7 @@ from vitserve.choices import DEFAULT_MODEL
 DEFAULT_INPUT_SLAB_BYTES = 1 << 30
 DEFAULT_ITEM_OUTPUT_BYTES = 1 << 30
 MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread and the engine busy
+MIN_READINESS_PROBE_S = 0.1  # faster probes would only take the device from windows
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class EngineConfig:
             raise ValueError(f"worker_heartbeat_s must be at least {MIN_HEARTBEAT_S} s (faster beats only cost CPU), "
                              f"got {self.worker_heartbeat_s!r}")
         check_seconds("readiness_probe_s", self.readiness_probe_s, "or None: no probes", none_ok=True)
+        if self.readiness_probe_s is not None and self.readiness_probe_s < MIN_READINESS_PROBE_S:
+            raise ValueError(f"readiness_probe_s must be at least {MIN_READINESS_PROBE_S} s (faster probes only take "
+                             f"the device from windows), or None for no probes; got {self.readiness_probe_s!r}")
         check_seconds("readiness_timeout_s", self.readiness_timeout_s, "a probe unanswered this long makes its "
                       "worker unready")
         check_seconds("drain_timeout_s", self.drain_timeout_s, "0: fail what is pending at once", zero_ok=True)

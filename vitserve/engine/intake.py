@@ -16,7 +16,7 @@ import numpy as np
 from vitserve.ipc.messages import OutputRef
 from vitserve.ipc.outputs import Encoded, encoded_from_refs, ref_array
 from vitserve.ipc.slabs import Slot
-from vitserve.models.protocol import item_segment_count
+from vitserve.models.protocol import item_rows, item_segment_count
 from vitserve.scheduler import Request, deadline_at
 
 from .admission import AdmissionError, AdmittedItem, admit
@@ -112,7 +112,8 @@ class RequestIntake:
                                                f"None for no deadline; got {deadline_ms!r}")
         pool = self.ready.temporal_pool  # a segment per `pool` frames (Kimi K2.5: chunks of 4)
         shapes = [(i.tokens, item_segment_count(i.grid[0], pool)) for i in items]  # (tokens, segments) each
-        check_request_fits(shapes, self.capacities, self.layout, self.config.output_windows)
+        rows = [item_rows(i.grid, self.capacities.merge_factor, pool) for i in items]
+        check_request_fits(shapes, rows, self.capacities, self.layout, self.config.output_windows)
         self._check_keep(keep, items, keep_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -123,7 +124,7 @@ class RequestIntake:
                               self.scheduler.drain_ms(now))
         items, region = self.inputs.place(items)
         key = next(self._keys)
-        request = Request(key, priority, deadline_at(now, deadline_ms), now, shapes, owner)
+        request = Request(key, priority, deadline_at(now, deadline_ms), now, shapes, owner, rows)
         pending = Pending(items, loop.create_future(), [None] * len(items), input_bytes=size, input_region=region,
                           keep=keep if keep and any(keep) else None, keep_s=keep_s)
         self._queued_bytes += size

@@ -28,7 +28,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "queued_tokens": ("queued_tokens", "gauge", "Patch tokens of the items waiting for a window"),
     "requests_open": ("requests_open", "gauge", "Requests admitted and not yet released"),
     "windows_in_flight": ("windows_in_flight", "gauge", "Windows sent to workers and not yet done"),
-    "slots_leased": ("output_slots_leased", "gauge", "Shared-memory output slots held by windows and results"),
+    "slots_leased": ("output_slots_leased", "gauge", "Shared-memory output slots held by windows and results (a lost worker's too, until its results are released)"),
     "slots_total": ("output_slots", "gauge", "Shared-memory output slots of the workers up, leased or free"),
     "windows_sent": ("windows", "counter", "Windows sent to workers"),
     "items_sent": ("window_items", "counter", "Items sent to workers in windows"),
@@ -38,7 +38,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "leases_expired": ("leases_expired", "counter", "Results reclaimed because they were not released in time"),
     "late_results": ("late_results", "counter", "Results delivered after their request's deadline (a deadline miss "
                      "that still succeeded; those failed for it count as errors with code deadline_exceeded)"),
-    "workers_ready": ("workers_ready", "gauge", "Workers up and taking windows"),
+    "workers_ready": ("workers_ready", "gauge", "Workers up whose readiness probes pass (as health counts them)"),
     "workers_warming": ("workers_warming", "gauge", "Workers serving eagerly while they capture graphs"),
     "standby_loading": ("standby_loading", "gauge", "Standby worker processes still loading the model"),
     "worker_restarts": ("worker_restarts", "counter", "Workers started again after they were lost"),

@@ -84,18 +84,20 @@ def predictor(cost: WorkerCost, capacities: Capacities) -> Predictor:
     return functools.partial(window_ms, CostModel.from_message(cost), capacities)
 
 
-def request_slots(shapes: Sequence[tuple[int, int]], capacities: Capacities, layout: OutputLayout) -> int:
-    """Output slots a request's items lease when they are packed by themselves (first fit
-    decreasing, as the runner packs): what it needs of one worker's memory with nothing else held."""
+def request_slots(shapes: Sequence[tuple[int, int]], rows: Sequence[int], capacities: Capacities,
+                  layout: OutputLayout) -> int:
+    """Output slots a request's items, (tokens, segments) and output rows each, lease when they are
+    packed by themselves (first fit decreasing, as the runner packs): what it needs of one worker's
+    memory with nothing else held."""
     windows = pack([ItemShape(tokens, sequences) for tokens, sequences in shapes], capacities)
-    return sum(layout.slots_for(window.tokens // capacities.merge_factor) for window in windows)
+    return sum(layout.slots_for(sum(rows[i] for i in window.items)) for window in windows)
 
 
-def check_request_fits(shapes: Sequence[tuple[int, int]], capacities: Capacities, layout: OutputLayout,
-                       output_windows: int) -> None:
+def check_request_fits(shapes: Sequence[tuple[int, int]], rows: Sequence[int], capacities: Capacities,
+                       layout: OutputLayout, output_windows: int) -> None:
     """A request whose outputs cannot fit a worker's shared memory even with nothing else held
     would be computed and then fail, every time: EngineError `too_large` now, naming the limit."""
-    slots = request_slots(shapes, capacities, layout)
+    slots = request_slots(shapes, rows, capacities, layout)
     if slots > layout.slots:
         row_mib = layout.slot_rows * layout.row_bytes / 2**20
         raise EngineError("too_large", f"the request's outputs need {slots * row_mib:.0f} MiB of shared memory "

@@ -29,7 +29,7 @@ class EngineReports:
             "gpu_busy_ms": self._gpu_busy_ms,
             "leases_expired": float(self._leases_expired),
             "late_results": float(self._late_results),
-            "workers_ready": float(self.workers_ready()),
+            "workers_ready": float(self._workers_serving(self._unproven())),  # as health counts them
             "workers_warming": float(len(self._warming)),  # serving, graphs not all captured yet
             "standby_loading": float(len(self._standby) - len(self._standby_loaded)),  # standby processes
             "worker_restarts": float(self._worker_restarts),
@@ -60,7 +60,7 @@ class EngineReports:
             problems = [f"worker {w} is not responding" for w in sorted(self._hung)]
             unproven = self._unproven()
             problems += [unproven[w] for w in sorted(unproven)]
-            up -= sum(1 for w in unproven if self.scheduler.workers[w].ready)
+            up = self._workers_serving(unproven)
             problems += [f"worker {w} is capturing graphs (serving eagerly meanwhile)" for w in sorted(self._warming)]
             if taking:  # (with none up, the line below says it for all)
                 problems += [f"worker {w} is {'restarting' if w in self._restarting else 'down'}"
@@ -72,3 +72,9 @@ class EngineReports:
         running = {h.worker: h.process.pid for h in self._handles if h.alive()}
         return Health(ready, up, len(self.config.devices), "; ".join(problems), list(running.values()), os.getpid(),
                       running)
+
+    def _workers_serving(self, unproven: dict[int, str]) -> int:
+        """Workers up whose readiness is proven (what health calls ready and the metric counts)."""
+        if self.scheduler is None:
+            return 0
+        return sum(1 for w, state in self.scheduler.workers.items() if state.ready and w not in unproven)

@@ -31,6 +31,7 @@ class Request:
     arrival: float
     shapes: Sequence[tuple[int, int]]  # (patch tokens, attention sequences) per item
     owner: int = 0  # the client it came from: clients take fair turns within a priority and deadline
+    rows: Sequence[int] = ()  # output rows per item (empty: tokens / merge factor; a Kimi chunk has fewer)
     unfinished: int = field(init=False)  # items whose window has not completed
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class QueuedItem:
     order: tuple[int, float, float, int, int]  # (priority, deadline, fair start, arrival number, index)
     alone_ms: float = 0.0  # predicted time of this item's own window, for early deadline failure
     lost: int = 0  # windows holding it that a worker lost (it is retried once)
+    rows: int = 0  # its output rows (0: tokens / merge factor)
 
     @property
     def square_tokens(self) -> int:
@@ -81,7 +83,8 @@ class RequestQueue:
         self._virtual_finish[request.owner] = start + sum(tokens for tokens, _ in request.shapes)
         added = []
         for index, (tokens, sequences) in enumerate(request.shapes):
-            item = QueuedItem(request, index, tokens, sequences, (request.priority, deadline, start, number, index))
+            item = QueuedItem(request, index, tokens, sequences, (request.priority, deadline, start, number, index),
+                              rows=request.rows[index] if request.rows else 0)
             bisect.insort(self._items, item, key=lambda queued: queued.order)
             self.tokens += tokens
             added.append(item)

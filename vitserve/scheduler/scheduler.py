@@ -32,6 +32,7 @@ from vitserve.workers import Capacities
 
 from .config import SchedulerConfig
 from .doomed import DoomClock
+from .forming import form_window
 from .learning import learn_from_completion
 from .queue import QueuedItem, Request, RequestQueue
 from .state import Candidate, Dispatch, Failure, Predictor, WorkerState
@@ -172,11 +173,11 @@ class Scheduler:
     def stalled_on_memory(self) -> list[Request]:
         """Requests of the next window when no ready worker has room for its output rows and none has
         a window in flight that would give rows back: only releases of results can unblock them."""
-        ready = [w for w in self.workers.values() if w.ready]
-        if not len(self.queue) or not ready or any(w.in_flight for w in ready):
+        eligible = self._eligible()
+        if not len(self.queue) or not eligible or any(w.in_flight for w in eligible):
             return []
         window = self._form()
-        if any(w.free_rows >= self._rows(window.tokens, w) for w in ready):
+        if any(w.free_rows >= self._rows(window.rows, w) for w in eligible):
             return []
         return list({id(item.request): item.request for item in window.items}.values())
 
@@ -190,41 +191,14 @@ class Scheduler:
         return busy_ms + per_window * self.queue.tokens / budget / len(ready)
 
     def _form(self) -> Candidate:
-        """Items from the head of the queue that fit one window together."""
-        caps, window = self.capacities, Candidate()
-        scanned_past: int | None = None  # items looked at after the first that did not fit
-        for item in self.queue:
-            if scanned_past is not None:
-                scanned_past += 1
-                if scanned_past > self.config.lookahead:
-                    break
-            if item.tokens > caps.max_budget or item.sequences > caps.max_sequences:
-                if not window.items:  # no window holds it: it runs eagerly, alone (as the runner packs it)
-                    window.items.append(item)
-                    window.tokens, window.sequences, window.square_tokens = item.tokens, item.sequences, item.square_tokens
-                    window.full = True
-                    return window
-                continue  # it will go alone; it does not make this window full
-            if (window.tokens + item.tokens <= caps.max_budget and len(window.items) < caps.max_items
-                    and window.sequences + item.sequences <= caps.max_sequences):
-                window.items.append(item)
-                window.tokens += item.tokens
-                window.sequences += item.sequences
-                window.square_tokens += item.square_tokens
-            else:
-                window.full = True
-                scanned_past = 0 if scanned_past is None else scanned_past
-        window.full = window.full or (window.tokens == caps.max_budget or len(window.items) == caps.max_items
-                                      or window.sequences == caps.max_sequences)
-        return window
+        return form_window(self.queue, self.capacities, self.config.lookahead)
 
     def _place(self, window: Candidate, now: float) -> tuple[WorkerState, float, float] | None:
         """The worker predicted to finish the window first, its predicted ms and start time. Suspect
         workers (a readiness probe failed or is overdue) only while every worker up is suspect."""
         best = None
-        trusted = any(w.ready and not w.suspect for w in self.workers.values())
-        for worker in self.workers.values():
-            if (not worker.ready or (trusted and worker.suspect) or worker.free_rows < self._rows(window.tokens, worker)
+        for worker in self._eligible():
+            if (worker.free_rows < self._rows(window.rows, worker)
                     or len(worker.in_flight) >= self.config.in_flight_per_worker):
                 continue
             predicted = worker.predicted_ms(window.tokens, window.sequences, window.square_tokens)
@@ -232,6 +206,12 @@ class Scheduler:
             if best is None or start + predicted / 1e3 < best[2] + best[1] / 1e3:
                 best = (worker, predicted, start)
         return best
+
+    def _eligible(self) -> list[WorkerState]:
+        """The workers that may take windows: those up, less the suspect ones while any up is not."""
+        ready = [w for w in self.workers.values() if w.ready]
+        trusted = [w for w in ready if not w.suspect]
+        return trusted or ready
 
     def _leave_time(self, window: Candidate, worker: WorkerState, predicted: float, start: float,
                     now: float) -> float:
@@ -257,16 +237,17 @@ class Scheduler:
         self._sent_at[dispatch.window] = (now, bool(worker.in_flight))
         self.queue.dispatched(window.items)
         worker.in_flight[dispatch.window] = predicted
-        worker.free_rows -= self._rows(window.tokens, worker)  # the engine keeps this count true
+        worker.free_rows -= self._rows(window.rows, worker)  # the engine keeps this count true
         worker.busy_until = max(now + worker.overhead_ms / 1e3, worker.busy_until) + predicted / 1e3
         self._dispatched[dispatch.window] = dispatch
         return dispatch
 
     # -- deadlines -----------------------------------------------------------------------------
-    def _rows(self, tokens: int, worker: WorkerState) -> int:
-        """Output rows a window of `tokens` leases on `worker`, rounded up to whole slots."""
+    @staticmethod
+    def _rows(rows: int, worker: WorkerState) -> int:
+        """Output rows a window writing `rows` leases on `worker`, rounded up to whole slots."""
         grain = worker.row_granularity
-        return -(-(tokens // self.capacities.merge_factor) // grain) * grain
+        return -(-rows // grain) * grain
 
     def holds(self, window: int) -> bool:
         """Whether a window is dispatched and not yet done or lost."""

@@ -58,6 +58,7 @@ class Candidate:
     tokens: int = 0
     sequences: int = 0
     square_tokens: int = 0
+    rows: int = 0  # output rows its items write
     full: bool = False
 
     def earliest_deadline(self) -> float:

@@ -61,6 +61,22 @@ def keep_to_device_node(device: str, sysfs: Path = SYSFS_PCI) -> set[int] | None
     local = local_cpus(address, sysfs) & allowed if address else set()
     if not local or local == allowed:
         return None
-    os.sched_setaffinity(0, local)
+    set_process_affinity(local)
     log.info("kept to the %d CPUs local to %s (%s)", len(local), device, address)
     return local
+
+
+def set_process_affinity(cpus: set[int], tasks: Path = Path("/proc/self/task")) -> None:
+    """Keep every thread of this process to `cpus`. sched_setaffinity moves one thread, and reading
+    the device's address has already started CUDA's threads: each of them is moved too (threads
+    started later inherit the main thread's CPUs)."""
+    os.sched_setaffinity(0, cpus)
+    try:
+        threads = [int(name) for name in os.listdir(tasks)]
+    except OSError:
+        return
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cpus)
+        except OSError:  # it has ended meanwhile
+            pass

@@ -155,12 +155,13 @@ class Worker:
             prepared = mark()
             result = self._encode(message, pixel_values, grids)
             running = Running(message.window, result, received=received, sequence=self.started)
-            if cuda:
+            if cuda:  # (the events are queued before the host clears the run's rest: they time the device alone)
                 running.began, running.prepared, running.computed = began, prepared, mark()
                 running.previous = self._last_end
                 running.ended = self._last_end = self._timing_event(self.runner.copier.copy_stream)
             else:
                 running.host_stages_ms = ((prepared - began) * 1e3, (self.runner.copier.host_copy_s - copied) * 1e3)
+            self._clear_rest(message, result.output.numel() * result.output.element_size())  # while the device works
             return running
         except Exception as err:  # the window fails, the worker goes on (unless the device is broken)
             if cuda and is_cuda_error(err):
@@ -212,9 +213,7 @@ class Worker:
     def _encode(self, message: RunWindow, pixel_values: torch.Tensor, grids: list) -> EncodeResult:
         rows = sum(self.runner.model.geometry.item_rows(*grid) for grid in grids)
         out = self._slot(message, rows)
-        result = self.runner.encode(pixel_values, grids, out=out, wait=False)
-        self._clear_rest(message, out.numel() * out.element_size())  # while the device works
-        return result
+        return self.runner.encode(pixel_values, grids, out=out, wait=False)
 
     def _slot(self, message: RunWindow, rows: int) -> torch.Tensor:
         """The leased run as the runner's output tensor (rows, 1 + deepstack, out_hidden)."""
