@@ -2,7 +2,8 @@
 # What a GPU issue needs checked on the GPU machine, in as few device calls as fit its 600 s limit.
 # Run from the repository root on the device (carry .whl: msgspec, pyzmq, uvloop, psutil, prometheus-client):
 #   tools/gpu_check.sh tests families     # pytest -m gpu, then `vitserve bench` of the newer families
-#   tools/gpu_check.sh served scaling     # issue 14's served bench, then one GPU against all (or two workers on one)
+#   tools/gpu_check.sh served overhead    # issue 14's served bench and what the engine adds to one request
+#   tools/gpu_check.sh scaling            # one GPU against all (or two workers on one)
 # Logs and bench outputs go under $OUT (the device tool's folder that comes back); a summary is printed last.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -25,17 +26,20 @@ for what in "$@"; do
         tests) step gpu-tests 330 python3 -m pytest -p no:cacheprovider -q -m gpu tests ;;
         families)
             for model in qwen3.5-9b glm-4.6v kimi-k2.5; do
-                step "bench-$model" 120 python3 -m vitserve.cli bench --model "random:$model" --workloads all \
+                step "bench-$model" 150 python3 -m vitserve.cli bench --model "random:$model" \
+                    --workloads single-448,arena-mix,many-336,video-448 --methods hf-eager,vitserve-eager,vitserve-graphs \
                     --out "$OUT/bench-$model"
             done ;;
         served) step served 330 python3 -m vitserve.cli bench --served --concurrency 32 \
                     --workloads single-448,arena-mix,many-336,video-448 --out "$OUT/served" ;;
+        overhead) step overhead 120 python3 -m vitserve.cli bench --overhead --image-side 448 --devices cuda:0 \
+                    --out "$OUT/overhead" ;;
         scaling)  # every GPU of the machine; with only one, two workers on it (the multi-worker paths)
             devices=$(python3 -c "import torch; n = torch.cuda.device_count(); \
 print(','.join(f'cuda:{i}' for i in range(n)) if n > 1 else 'cuda:0,cuda:0')")
             step "scaling-$devices" 300 python3 -m vitserve.cli bench --scaling --devices "$devices" \
                 --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
-        *) echo "unknown step $what (tests, families, served, scaling)"; exit 2 ;;
+        *) echo "unknown step $what (tests, families, served, overhead, scaling)"; exit 2 ;;
     esac
 done
 for line in "${summary[@]}"; do echo "$line"; done

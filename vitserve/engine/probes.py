@@ -93,6 +93,8 @@ class ReadinessProbes:
     def _unproven(self) -> dict[int, str]:
         """Workers that are up but failed, or have not answered in time, their readiness probe, or
         hold a window long past its predicted end: why."""
+        if self.scheduler is None:  # starting: no worker is up yet
+            return {}
         now, timeout = time.monotonic(), self.config.readiness_timeout_s
         unproven = {worker: f"worker {worker} failed its readiness probe ({problem})"
                     for worker, problem in self._probe_failures.items()}
