@@ -86,7 +86,8 @@ class WindowTraffic:
         the others may succeed once results are released: overloaded."""
         pending = self._pending.get(key)
         held = sum(slot.count for _, slot in pending.slots) * self.layout.slot_rows if pending else 0
-        needed = sum(item.tokens for item in pending.items) // self.capacities.merge_factor if pending else 0
+        needed = sum(item_rows(item.grid, self.capacities.merge_factor, self.ready.temporal_pool)
+                     for item in pending.items) if pending else 0
         capacity = self.layout.slots * self.layout.slot_rows
         if held and held + needed > capacity:
             self._fail(key, "too_large", f"the request's outputs ({needed} rows as packed with others: {held} rows "
