@@ -110,6 +110,28 @@ def test_a_request_whose_outputs_can_never_fit_is_refused_at_admission(running):
     loop.run_until_complete(run())
 
 
+def test_a_request_stalled_by_results_held_elsewhere_is_overloaded_not_too_large(running):
+    """Rows held by another request's unreleased result stall the second item of a request whose first
+    item is done: it would fit once that result is released, so the answer is `overloaded`, with a retry
+    hint, and not `too_large` (its done item's rows are held already, not still to come)."""
+    loop, engine = running
+
+    async def run() -> None:
+        big = [np.full((512, 512, 3), i, np.uint8) for i in range(3)]  # 256 rows each, of 512
+        held = await engine.encode(big[:1])
+        try:
+            with pytest.raises(EngineError) as info:
+                await asyncio.wait_for(engine.encode(big[1:]), 60)
+            assert info.value.code == "overloaded" and info.value.retry_after_ms is not None, info.value
+        finally:
+            held.release()
+        with await engine.encode(big[1:]) as result:  # with the rows back, it runs
+            assert [item.embeddings.shape[0] for item in result.items] == [256, 256]
+        await expect_serving(engine)
+
+    loop.run_until_complete(run())
+
+
 def test_an_unexpected_scheduling_failure_fails_only_the_request_at_fault(running, monkeypatch):
     loop, engine = running
     poll = type(engine.scheduler).poll

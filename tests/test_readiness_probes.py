@@ -112,6 +112,25 @@ def test_a_probe_unanswered_past_the_window_watchdog_means_a_stuck_worker():
     asyncio.run(run())
 
 
+def test_without_probes_a_late_window_leaves_readiness_alone():
+    """readiness_probe_s=None: a worker is ready while its process beats, however late its window."""
+    async def run() -> None:
+        async with Engine(config(readiness_probe_s=None)) as engine:
+            (await engine.encode([image(5)])).release()
+            pid = engine.health().worker_pids[0]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                encoding = asyncio.ensure_future(engine.encode([image(6)]))
+                await until(lambda: engine.stats()["windows_in_flight"] == 1, "the window to go out")
+                await asyncio.sleep(2.5)  # over twice readiness_timeout_s past any prediction
+                assert engine.health().ready and engine.stats()["workers_unproven"] == 0
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            (await encoding).release()
+
+    asyncio.run(run())
+
+
 def test_without_probes_none_are_sent():
     async def run() -> None:
         async with Engine(config(readiness_probe_s=None)) as engine:

@@ -259,6 +259,9 @@ def test_suspect_workers_are_left_out_of_placement_and_the_memory_stall_alike():
     submit_ok(scheduler, req(1, (400, 1)))
     assert scheduler.poll(0.0) == ([], [])  # only the suspect worker has room: it is not sent the window
     assert [r.key for r in scheduler.stalled_on_memory()] == [1]
+    suspect.in_flight[99] = 1.0  # its window's end may prove it again: not a stall yet
+    assert scheduler.stalled_on_memory() == []
+    del suspect.in_flight[99]
     trusted.ready = False  # now every worker up is suspect: it takes windows again
     assert scheduler.stalled_on_memory() == []
     dispatches, _ = scheduler.poll(0.0)

@@ -58,7 +58,8 @@ def add_serve_parser(commands) -> None:
                        help="a worker with no window for this long runs a small forward to show it still serves "
                        "(0: no probes)")
     serve.add_argument("--readiness-timeout-s", type=float, default=10.0,
-                       help="a probe unanswered this long makes its worker unready (/readyz, health) until it answers")
+                       help="a probe unanswered this long, or a window this long past its worker's predicted end, "
+                            "makes the worker unready (/readyz, health) until it answers")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long admitted requests may take to finish")
     serve.add_argument("--max-queued-bytes", type=int, default=4 << 30,

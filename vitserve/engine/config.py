@@ -48,8 +48,9 @@ class EngineConfig:
     beats is hung (e.g. stopped): it takes no more windows, its windows are retried or failed, and
     it is killed and restarted. readiness_probe_s: a worker that has answered no window for this long
     runs a small forward on its device (a probe) to show that it still serves; None: no probes (a
-    worker is then ready while its process beats). readiness_timeout_s: a probe unanswered this long
-    makes its worker unready until it answers. drain_timeout_s: how long close() lets queued and running requests
+    worker is then ready while its process beats). readiness_timeout_s: a probe unanswered this long, or
+    a window unanswered this long past the predicted end of all its worker was sent, makes the worker
+    unready until it answers. drain_timeout_s: how long close() lets queued and running requests
     finish before it fails the rest with `shutting_down`. standby_workers: keep a started process
     per worker waiting with the model loaded, which replaces the worker at once if it is lost
     (instead of seconds of imports and loading). None: on for GPU workers (it holds a device

@@ -45,7 +45,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "windows_retried": ("windows_retried", "counter", "Windows sent again after their worker was lost"),
     "worker_hangs": ("worker_hangs", "counter", "Workers found silent past their heartbeat"),
     "probes_sent": ("readiness_probes", "counter", "Readiness probes sent to workers that had no window lately"),
-    "workers_unproven": ("workers_unproven", "gauge", "Workers up whose readiness probe failed or is overdue"),
+    "workers_unproven": ("workers_unproven", "gauge", "Workers up whose readiness probe failed or is overdue, or whose windows are long overdue"),
     "internal_errors": ("internal_errors", "counter", "Faults of the engine contained to one request"),
     "queued_bytes": ("queued_input_bytes", "gauge", "Input bytes of unfinished requests"),
     "input_slab_free_bytes": ("input_slab_free_bytes", "gauge", "Free bytes of the engine's input slab"),

@@ -102,6 +102,8 @@ class ReadinessProbes:
             if now - sent > timeout:
                 unproven[worker] = (f"worker {worker} has not answered its readiness probe for {now - sent:.1f} s "
                                     f"(readiness_timeout_s={timeout:g})")
+        if self.config.readiness_probe_s is None:  # no probes: a worker is ready while its process beats
+            return unproven
         loop_now = _loop_time()  # the clock of the windows' send times
         for worker, state in self.scheduler.workers.items():
             if not state.in_flight or worker in unproven:

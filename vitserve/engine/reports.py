@@ -51,16 +51,15 @@ class EngineReports:
         """Ready while admitting requests with a worker up that answers its readiness probes (probes.py);
         not while starting, shutting down or restarting. The detail names workers that stopped
         responding (hung) until they are back, and those that failed or have not answered a probe."""
-        up = taking = self.workers_ready()
+        taking, unproven = self.workers_ready(), self._unproven()
+        up = self._workers_serving(unproven)  # (the same count as the stats', in every state)
         if self._draining or self._closing:
             problems = ["shutting down"]
         elif not self.started:
             problems = ["starting: loading the model"]
         else:
             problems = [f"worker {w} is not responding" for w in sorted(self._hung)]
-            unproven = self._unproven()
             problems += [unproven[w] for w in sorted(unproven)]
-            up = self._workers_serving(unproven)
             problems += [f"worker {w} is capturing graphs (serving eagerly meanwhile)" for w in sorted(self._warming)]
             if taking:  # (with none up, the line below says it for all)
                 problems += [f"worker {w} is {'restarting' if w in self._restarting else 'down'}"

@@ -87,10 +87,10 @@ class WindowTraffic:
         pending = self._pending.get(key)
         held = sum(slot.count for _, slot in pending.slots) * self.layout.slot_rows if pending else 0
         needed = sum(item_rows(item.grid, self.capacities.merge_factor, self.ready.temporal_pool)
-                     for item in pending.items) if pending else 0
+                     for item, output in zip(pending.items, pending.outputs) if output is None) if pending else 0
         capacity = self.layout.slots * self.layout.slot_rows
         if held and held + needed > capacity:
-            self._fail(key, "too_large", f"the request's outputs ({needed} rows as packed with others: {held} rows "
+            self._fail(key, "too_large", f"the request's outputs ({needed} rows still to come: {held} rows "
                        f"held so far) do not fit the {capacity} rows of a worker's shared-memory output: split it, "
                        f"or raise output_windows")
         else:
@@ -132,7 +132,7 @@ class WindowTraffic:
             return  # its worker was lost while this poll's windows went out: its items were retried or failed then
         pool = self._pools[dispatch.worker]
         admitted = [self._pending[item.request.key].items[item.index] for item in dispatch.items]
-        # the rows the worker writes: exact, where the scheduler counts tokens / merge (4x that for pooled frames)
+        # the rows the worker writes (a Kimi chunk's frames share one frame's rows), as the scheduler counted them
         rows = sum(item_rows(item.grid, self.capacities.merge_factor, self.ready.temporal_pool) for item in admitted)
         slot = pool.acquire(self.layout.slots_for(rows))
         if slot is None:  # should not happen (the scheduler counts rows in whole slots); fail, do not stop

@@ -173,8 +173,8 @@ class Scheduler:
     def stalled_on_memory(self) -> list[Request]:
         """Requests of the next window when no ready worker has room for its output rows and none has
         a window in flight that would give rows back: only releases of results can unblock them."""
-        eligible = self._eligible()
-        if not len(self.queue) or not eligible or any(w.in_flight for w in eligible):
+        eligible = self._eligible()  # (a window in flight anywhere may prove a suspect worker or free rows)
+        if not len(self.queue) or not eligible or any(w.in_flight for w in self.workers.values() if w.ready):
             return []
         window = self._form()
         if any(w.free_rows >= self._rows(window.rows, w) for w in eligible):
