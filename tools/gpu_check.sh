@@ -3,6 +3,7 @@
 # Run from the repository root on the device (carry .whl: msgspec, pyzmq, uvloop, psutil, prometheus-client):
 #   tools/gpu_check.sh tests families     # pytest -m gpu, then `vitserve bench` of the newer families
 #   tools/gpu_check.sh served overhead    # issue 14's served bench and what the engine adds to one request
+#   tools/gpu_check.sh soak               # the 8-minute soak with faults (a device call of its own)
 #   tools/gpu_check.sh scaling            # one GPU against all (or two workers on one)
 # Logs and bench outputs go under $OUT (the device tool's folder that comes back); a summary is printed last.
 set -u
@@ -34,12 +35,13 @@ for what in "$@"; do
                     --workloads single-448,arena-mix,many-336,video-448 --out "$OUT/served" ;;
         overhead) step overhead 120 python3 -m vitserve.cli bench --overhead --image-side 448 --devices cuda:0 \
                     --out "$OUT/overhead" ;;
+        soak) step soak 580 python3 -m vitserve.cli soak --devices cuda:0 --duration 480 ;;  # (a call of its own)
         scaling)  # every GPU of the machine; with only one, two workers on it (the multi-worker paths)
             devices=$(python3 -c "import torch; n = torch.cuda.device_count(); \
 print(','.join(f'cuda:{i}' for i in range(n)) if n > 1 else 'cuda:0,cuda:0')")
             step "scaling-$devices" 300 python3 -m vitserve.cli bench --scaling --devices "$devices" \
                 --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
-        *) echo "unknown step $what (tests, families, served, overhead, scaling)"; exit 2 ;;
+        *) echo "unknown step $what (tests, families, served, overhead, soak, scaling)"; exit 2 ;;
     esac
 done
 for line in "${summary[@]}"; do echo "$line"; done
