@@ -49,3 +49,29 @@ def test_cuda_engine_matches_eager_model():
 
     pid = asyncio.run(run())
     assert slab_files(pid) == []
+
+
+def test_an_idle_cuda_worker_answers_its_readiness_probes_and_windows_go_on_among_them():
+    """The probe, a one-block forward queued on the device like a window, is answered in order on a GPU
+    too, and reports carry the worker-side stage timings (CUDA events)."""
+    async def run():
+        config = EngineConfig(model=MODEL, devices=("cuda:0",), window=WindowConfig(min_budget=256, max_budget=4096),
+                              readiness_probe_s=0.2, readiness_timeout_s=2.0)
+        image = np.random.default_rng(1).integers(0, 256, (448, 448, 3), dtype=np.uint8)
+        async with Engine(config) as engine:
+            for _ in range(3):
+                (await engine.encode([image])).release()
+                sent = engine.stats()["probes_sent"]
+                for _ in range(200):  # an idle worker is probed within a few probe periods
+                    if engine.stats()["probes_sent"] > sent:
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
+            stats, health = engine.stats(), engine.health()
+            assert stats["probes_sent"] >= 3 and stats["workers_unproven"] == 0
+            assert health.ready and health.detail == "" and stats["gpu_busy_ms"] > 0
+            stages = engine.latencies.snapshot()  # name -> (bounds, cumulative counts, sum)
+            assert stages["preprocess"][1][-1] >= 3 and stages["preprocess"][2] > 0
+            assert stages["output_transfer"][1][-1] >= 3
+
+    asyncio.run(run())
