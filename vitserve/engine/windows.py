@@ -132,8 +132,7 @@ class WindowTraffic:
             return  # its worker was lost while this poll's windows went out: its items were retried or failed then
         pool = self._pools[dispatch.worker]
         admitted = [self._pending[item.request.key].items[item.index] for item in dispatch.items]
-        # the rows the worker writes (a Kimi chunk's frames share one frame's rows), as the scheduler counted them
-        rows = sum(item_rows(item.grid, self.capacities.merge_factor, self.ready.temporal_pool) for item in admitted)
+        rows = sum(item.rows for item in dispatch.items)  # as admission counted them (a Kimi chunk: one frame's)
         slot = pool.acquire(self.layout.slots_for(rows))
         if slot is None:  # should not happen (the scheduler counts rows in whole slots); fail, do not stop
             self.scheduler.window_done(dispatch.window, loop.time(), learn=False)
