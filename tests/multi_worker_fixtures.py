@@ -12,10 +12,10 @@ import re
 import numpy as np
 import torch
 from test_http_endpoint import get
+from test_model_parity import eager
 
 from vitserve import Engine, EngineConfig
 from vitserve.engine.http_endpoint import HttpEndpoint
-from vitserve.preprocess import preprocess_image, preprocess_video
 from vitserve.workers import WindowConfig
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -40,12 +40,6 @@ def image(side: int, seed: int, width: int | None = None) -> np.ndarray:
 def burst(count: int, seed: int = 0) -> list[list[np.ndarray]]:
     """`count` one-image requests of 256 tokens each (different pixels, different sides)."""
     return [[image(SAME_TOKEN_SIDES[i % len(SAME_TOKEN_SIDES)], seed + i)] for i in range(count)]
-
-
-def eager(model, item: np.ndarray) -> torch.Tensor:
-    """The eager model's embeddings of one image (H×W×3) or video (T×H×W×3)."""
-    patches = (preprocess_video if item.ndim == 4 else preprocess_image)(item, model.preprocess)
-    return model.encode_patches(patches.pixel_values, patches.grid_thw).embeddings
 
 
 def check(result, items: list[np.ndarray], model) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import transformers
 from hf_reference import greedy_tokens, perturb_
 from served import served
-from test_model_parity import CASES, TOLERANCE, relative_error
+from test_model_parity import CASES, assert_rows_match, eager
 
 from vitserve import Client
 from vitserve.models import load_model
@@ -58,10 +58,7 @@ def reference(tower, pixel_values: torch.Tensor, grids: list) -> torch.Tensor:
 def check(model, tower, grids, seed: int = 0) -> None:
     tokens = sum(t * h * w for t, h, w in grids)
     pixel_values = torch.randn(tokens, PATCH_DIM, generator=torch.Generator().manual_seed(seed))
-    expected = reference(tower, pixel_values, grids)
-    out = model.encode_patches(pixel_values, grids)
-    assert out.embeddings.shape == expected.shape and out.deepstack.shape == (0, *expected.shape)
-    assert relative_error(out.embeddings, expected) <= TOLERANCE
+    assert_rows_match(model, pixel_values, grids, reference(tower, pixel_values, grids))
 
 
 @pytest.fixture(scope="module", params=sorted(TOWERS))
@@ -178,13 +175,9 @@ def test_serve_gives_the_eager_models_results(tmp_path):
         with Client(endpoint) as client, client.encode(items) as result:
             assert (client.model.model_type, client.model.num_deepstack) == ("glm4v", 0)
             for item, served_item in zip(items, result.items):
-                if item.ndim == 4:
-                    patches = preprocess_video(item, model.preprocess)
-                else:
-                    patches = preprocess_image(item, model.preprocess)
-                expected = model.encode_patches(patches.pixel_values, patches.grid_thw)
-                torch.testing.assert_close(served_item.embeddings, expected.embeddings, atol=1e-5, rtol=1e-5)
-                assert served_item.packed.shape == expected.embeddings.shape
+                expected = eager(model, item)
+                torch.testing.assert_close(served_item.embeddings, expected, atol=1e-5, rtol=1e-5)
+                assert served_item.packed.shape == expected.shape
 
 
 def test_generate_of_a_glm4v_model_takes_its_features_from_vitserve(tmp_path):

@@ -18,7 +18,7 @@ import torch
 import transformers
 from hf_reference import greedy_tokens, perturb_
 from test_kimi_k25 import PATCH_DIM
-from test_model_parity import TOLERANCE, relative_error
+from test_model_parity import TOLERANCE, assert_rows_match, eager, relative_error
 
 from vitserve.models import load_model
 from vitserve.models.kimi_k25.config import KimiK25VisionConfig
@@ -70,9 +70,7 @@ def check(model, hf, grids, seed: int = 0) -> None:
     with torch.no_grad():
         expected = torch.cat(hf.model.get_image_features(pixel_values.view(-1, 3, 14, 14),
                                                          image_grid_thw=hf_grids).pooler_output)
-    out = model.encode_patches(pixel_values, grids)
-    assert out.embeddings.shape == expected.shape and out.deepstack.shape == (0, *expected.shape)
-    assert relative_error(out.embeddings, expected) <= TOLERANCE
+    assert_rows_match(model, pixel_values, grids, expected)
 
 
 @pytest.fixture(scope="module", params=sorted(TOWERS))
@@ -150,7 +148,6 @@ def test_serve_gives_the_eager_models_results(pair, tmp_path):
     from served import served
 
     from vitserve import Client
-    from vitserve.preprocess import preprocess_image, preprocess_video
 
     model, _, checkpoint = pair
     rng = np.random.default_rng(0)
@@ -162,12 +159,7 @@ def test_serve_gives_the_eager_models_results(pair, tmp_path):
         with Client(endpoint) as client, client.encode(items) as result:
             assert (client.model.model_type, client.model.out_hidden) == ("kimi_k25", 48)
             for item, served_item in zip(items, result.items):
-                if item.ndim == 4:
-                    patches = preprocess_video(item, model.preprocess)
-                else:
-                    patches = preprocess_image(item, model.preprocess)
-                expected = model.encode_patches(patches.pixel_values, patches.grid_thw)
-                torch.testing.assert_close(served_item.embeddings, expected.embeddings, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(served_item.embeddings, eager(model, item), atol=1e-5, rtol=1e-5)
             t, h, w = result.items[1].grid
             assert t == 5 and result.items[1].embeddings.shape[0] == 2 * h * w // 4  # two chunks' rows
 

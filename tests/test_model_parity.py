@@ -9,6 +9,7 @@ import torch
 
 from hf_reference import TOWER_CONFIGS, build_tower, random_patches, reference_outputs, save_full_checkpoint
 from vitserve.models import load_model
+from vitserve.preprocess import preprocess_image, preprocess_video
 
 CASES = {
     "single-square": [(1, 8, 8)],
@@ -34,6 +35,20 @@ def assert_matches(model, tower, grids, seed=0):
     assert relative_error(out.embeddings, merged) <= TOLERANCE
     for ours, reference in zip(out.deepstack, deepstack, strict=True):
         assert relative_error(ours, reference) <= TOLERANCE
+
+
+def eager(model, item) -> torch.Tensor:
+    """The eager model's embeddings of one uint8 image (H×W×3) or video (T×H×W×3), preprocessed as its
+    checkpoint says."""
+    patches = (preprocess_video if item.ndim == 4 else preprocess_image)(item, model.preprocess)
+    return model.encode_patches(patches.pixel_values, patches.grid_thw).embeddings
+
+
+def assert_rows_match(model, pixel_values, grids, expected) -> None:
+    """A tower without deepstack: its rows for these patches equal `expected` (rows, out_hidden)."""
+    out = model.encode_patches(pixel_values, grids)
+    assert out.embeddings.shape == expected.shape and out.deepstack.shape == (0, *expected.shape)
+    assert relative_error(out.embeddings, expected) <= TOLERANCE
 
 
 @pytest.fixture(scope="module", params=sorted(TOWER_CONFIGS))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import transformers
 from hf_reference import perturb_, random_patches
 from served import served
-from test_model_parity import CASES, TOLERANCE, relative_error
+from test_model_parity import CASES, TOLERANCE, assert_rows_match, relative_error
 
 from vitserve import Client
 from vitserve.models import load_model
@@ -45,9 +45,7 @@ def check(model, tower, grids, seed: int = 0) -> None:
     pixel_values, grid_thw = random_patches(grids, seed)
     with torch.no_grad():
         reference = tower(pixel_values, grid_thw=grid_thw).pooler_output
-    out = model.encode_patches(pixel_values, grid_thw)
-    assert out.embeddings.shape == reference.shape and out.deepstack.shape == (0, *reference.shape)
-    assert relative_error(out.embeddings, reference) <= TOLERANCE
+    assert_rows_match(model, pixel_values, grid_thw, reference)
 
 
 @pytest.fixture(scope="module", params=sorted(TOWERS))
