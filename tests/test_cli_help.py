@@ -41,3 +41,17 @@ def test_version_and_verbosity_anywhere():
     assert parser.parse_args(["keys", "d", "n", "-q"]).quiet
     assert not hasattr(parser.parse_args(["keys", "d", "n"]), "verbose")
     assert main(["-v", "keys", "d", "n", "-q"]) == 2
+
+
+def test_serve_starts_its_gpu_workers_before_it_imports_torch():
+    """`vitserve serve` spawns its GPU workers first thing (launch.py): importing torch before, for
+    any command's parser, delays every start on a GPU by the seconds torch takes to import."""
+    probe = ("import sys, vitserve.launch as launch\n"
+             "def reached(*args, **kwargs):\n"
+             "    print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+             "    raise SystemExit(0)\n"
+             "launch.launch_early = reached\n"
+             "from vitserve.cli import main\n"
+             "main(['serve', '--model', 'random:tiny', '--devices', 'cuda:0'])\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "no torch", done.stdout + done.stderr

@@ -12,6 +12,7 @@ import torch
 from slab_helpers import slab_files
 
 from vitserve import Engine, EngineConfig
+from vitserve.bench.load import until_settled
 from vitserve.models import load_model
 from vitserve.preprocess import preprocess_image, preprocess_video
 from vitserve.workers import WindowConfig
@@ -59,6 +60,7 @@ def test_an_idle_cuda_worker_answers_its_readiness_probes_and_windows_go_on_amon
                               readiness_probe_s=0.2, readiness_timeout_s=2.0)
         image = np.random.default_rng(1).integers(0, 256, (448, 448, 3), dtype=np.uint8)
         async with Engine(config) as engine:
+            await until_settled(engine.stats)  # (health names a worker still capturing graphs)
             for _ in range(3):
                 (await engine.encode([image])).release()
                 sent = engine.stats()["probes_sent"]

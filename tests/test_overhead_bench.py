@@ -17,6 +17,7 @@ def test_the_served_and_the_embedded_engine_are_measured_against_the_same_baseli
     for name in ("raw_p50_ms", "runner_p50_ms", "engine_p50_ms", "embedded_p50_ms", "worker_mean_ms",
                  "raw_rps", "engine_rps", "embedded_rps"):
         assert figures[name] > 0, name
+    assert result.worker_gpu_mean_ms == 0.0  # (the CPU records no device events)
     assert result.added_p50_ms == pytest.approx(result.engine_p50_ms - result.raw_p50_ms - result.runner_p50_ms)
     assert result.embedded_added_p50_ms == pytest.approx(result.embedded_p50_ms - result.runner_p50_ms)
     assert result.rounds == 2

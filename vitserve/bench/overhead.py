@@ -54,6 +54,7 @@ class Overhead:
     runner_p50_ms: float
     engine_p50_ms: float
     worker_mean_ms: float  # in the worker process, from a window's receipt to its reply (sequential phase)
+    worker_gpu_mean_ms: float  # of which the device was busy with the window (its CUDA events; 0 on the CPU)
     added_p50_ms: float  # engine - raw - runner
     raw_rps: float
     engine_rps: float
@@ -239,10 +240,13 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
             for name, send_and_wait in turns.items():
                 latencies[name] += await _sequential(send_and_wait, per_turn)
         after = await client.stats()
-        worker_ms = (after["worker_ms"] - before["worker_ms"]) / max(after["windows_sent"] - before["windows_sent"], 1)
+        windows = max(after["windows_sent"] - before["windows_sent"], 1)
+        worker_ms = (after["worker_ms"] - before["worker_ms"]) / windows
+        worker_gpu_ms = (after["gpu_busy_ms"] - before["gpu_busy_ms"]) / windows
         rps = {name: await _throughput(turns[name], requests, concurrency) for name in ("raw", "engine", "embedded")}
     p50 = {name: statistics.median(values) for name, values in latencies.items()}
     return Overhead(describe(item), requests, concurrency, rounds, p50["raw"], p50["runner"], p50["engine"], worker_ms,
+                    worker_gpu_ms,
                     p50["engine"] - p50["raw"] - p50["runner"], rps["raw"], rps["engine"], p50["embedded"],
                     rps["embedded"], p50["embedded"] - p50["runner"])
 
@@ -278,7 +282,7 @@ def overhead_table(result: Overhead) -> str:
         f"{'runner':<8} {result.runner_p50_ms:>8.3f} {'':>9}   preprocess + encode + output copy, in process",
         f"{'engine':<8} {result.engine_p50_ms:>8.3f} {result.engine_rps:>9.0f}   vitserve serve + AsyncClient",
         f"{'worker':<8} {result.worker_mean_ms:>8.3f} {'':>9}   mean per window in the worker process "
-        f"(receipt to reply), sequential requests",
+        f"(receipt to reply), sequential requests; the device busy {result.worker_gpu_mean_ms:.3f} ms of it",
         f"{'embedded':<8} {result.embedded_p50_ms:>8.3f} {result.embedded_rps:>9.0f}   Engine in this process",
         f"added p50 (engine - raw - runner): {result.added_p50_ms * 1e3:.0f} µs; "
         f"engine throughput {result.engine_rps / result.raw_rps:.2f}x raw; "

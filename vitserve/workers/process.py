@@ -217,7 +217,7 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
             case Probe(probe=probe):
                 running.append(worker.probe(probe))
             case MapInputs():
-                worker.inputs.map(message)
+                worker.map_inputs(message)
             case DropInputs(slab=slab):
                 worker.inputs.drop(slab, worker.started)
                 if not running:

@@ -4,6 +4,7 @@ output slabs and input slabs, and the windows it starts. The process around it i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -16,7 +17,7 @@ import torch
 
 from vitserve.log_lines import event
 
-from vitserve.ipc.messages import Begin, MakeSlabs, RunWindow, SlabsMade, WorkerCost, WorkerReady, WorkerWarm
+from vitserve.ipc.messages import Begin, MakeSlabs, MapInputs, RunWindow, SlabsMade, WorkerCost, WorkerReady, WorkerWarm
 from vitserve.ipc.sealed import SealError, create_sealed
 from vitserve.launch import WorkerSpec
 from vitserve.models import VisionEncoder
@@ -65,6 +66,11 @@ class Worker:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.began = time.perf_counter()
+        if self.device.type != "cpu":
+            # The host's share of a window is a few small operations: one thread. (torch's default, a
+            # thread per core, splits the larger ones, and the threads then spin a while on every core,
+            # taking them from the engine's loop and local clients.) The model is loaded by then.
+            torch.set_num_threads(1)
         self.say = start_progress(spec, max(spec.spawned_at, begin.sent_at))
         self.preprocess = msgspec.convert(begin.preprocess, PreprocessConfig)
         check_fits(self.preprocess, model)
@@ -231,16 +237,26 @@ class Worker:
     def _clear_rest(self, message: RunWindow, used: int) -> None:
         """Clear what the window's rows leave of its run: no reader of this window can see an earlier
         window's rows there. The host does it after the window's device work is queued (the device
-        writes only the rows before it), so it delays nothing."""
+        writes only the rows before it), so it delays nothing. A plain memset: torch would split it over
+        its CPU threads, whose spinning afterwards competes with the engine and the clients for cores."""
         if message.run_bytes > used:
-            torch.frombuffer(self.slabs[message.slab], dtype=torch.uint8, count=message.run_bytes - used,
-                             offset=message.offset + used).zero_()
+            start = ctypes.addressof(ctypes.c_char.from_buffer(self.slabs[message.slab])) + message.offset + used
+            ctypes.memset(start, 0, message.run_bytes - used)
+
+    def map_inputs(self, message: MapInputs) -> None:
+        """Map an input slab of the engine's (worker_inputs.py); the ones of the start-up are said."""
+        began = time.perf_counter()
+        self.inputs.map(message)
+        if not self.started:
+            self.say(f"input slab mapped: {message.size / 2**30:.2f} GiB"
+                     f"{' page-locked' if self.device.type == 'cuda' else ''} in {time.perf_counter() - began:.1f} s")
 
     def make_slabs(self, message: MakeSlabs) -> SlabsMade:
         """Make and seal the output slabs: mapped writable here (and page-locked for the device's
         copies) before the seals, so this process alone can write them."""
         pin = pin_for_cuda if self.device.type == "cuda" else None
         made: list[tuple[str, int, mmap.mmap]] = []
+        began = time.perf_counter()
         try:
             for name, size in message.slabs:
                 fd, mapping = create_sealed(name, size, prepare=pin)
@@ -253,6 +269,8 @@ class Worker:
         for name, fd, mapping in made:
             self.slabs[name] = mapping
             self._slab_descriptors.append(fd)
+        self.say(f"output slabs made: {sum(size for _, size in message.slabs) / 2**30:.2f} GiB"
+                 f"{' page-locked' if pin else ''} in {time.perf_counter() - began:.1f} s")
         return SlabsMade([fd for _, fd, _ in made])
 
     def close(self) -> None:
