@@ -90,14 +90,16 @@ def windows_against_eager(runner, model=None):
             tokens, rows = grid[0] * grid[1] * grid[2], runner.model.geometry.item_rows(*grid)
             alone = model.encode_patches(pixels[start:start + tokens], [grid])
             start += tokens
-            for ours, reference, whole in ((result.embeddings(index), alone.embeddings, packed.embeddings),
-                                           (result.deepstack(index), alone.deepstack, packed.deepstack)):
+            item_rows = slice(row, row + rows)
+            for ours, reference, whole in (
+                    (result.embeddings(index), alone.embeddings, packed.embeddings[item_rows]),  # (rows, hidden)
+                    (result.deepstack(index), alone.deepstack, packed.deepstack[:, item_rows])):  # (deepstack, rows, hidden)
                 if reference.numel() == 0:  # (a tower without deepstack)
                     assert ours.numel() == 0
                     continue
                 ours = ours.to("cuda")
                 assert torch.isfinite(ours).all()
-                yield ours, reference, whole[row:row + rows]
+                yield ours, reference, whole
             row += rows
 
 

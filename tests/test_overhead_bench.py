@@ -18,8 +18,11 @@ def test_the_served_and_the_embedded_engine_are_measured_against_the_same_baseli
                  "raw_rps", "engine_rps", "embedded_rps"):
         assert figures[name] > 0, name
     assert result.worker_gpu_mean_ms == 0.0  # (the CPU records no device events)
+    stages = result.embedded_stages_ms  # (means of one engine's clocks and its worker's)
+    assert 0 < stages["in_worker"] <= stages["dispatch_to_reply"] <= stages["admission_to_result"]
+    assert stages["admission_to_dispatch"] >= 0 and stages["device"] == 0.0
     assert result.added_p50_ms == pytest.approx(result.engine_p50_ms - result.raw_p50_ms - result.runner_p50_ms)
     assert result.embedded_added_p50_ms == pytest.approx(result.embedded_p50_ms - result.runner_p50_ms)
     assert result.rounds == 2
     table = overhead_table(result)
-    assert "embedded" in table and "processed image, grid 1x2x2" in table
+    assert "embedded" in table and "processed image, grid 1x2x2" in table and "admission to dispatch" in table

@@ -61,6 +61,10 @@ class Overhead:
     embedded_p50_ms: float
     embedded_rps: float
     embedded_added_p50_ms: float  # embedded - runner
+    # where an embedded request's time goes (means over the sequential turns, ms; engine/latencies.py's
+    # stages): admission to dispatch, dispatch to the worker's reply and in the worker, its device
+    # time, admission to result
+    embedded_stages_ms: dict[str, float]
 
 
 def _echo(endpoint: str, ready) -> None:
@@ -234,12 +238,13 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
         latencies: dict[str, list[float]] = {name: [] for name in turns}
         for send_and_wait in turns.values():
             await _sequential(send_and_wait, 50)  # warm-up: first windows, slab mappings
-        before = await client.stats()
+        before, stages_before = await client.stats(), (engine.stats(), engine.latencies.snapshot())
         per_turn = max(requests // rounds, 20)
         for _ in range(rounds):
             for name, send_and_wait in turns.items():
                 latencies[name] += await _sequential(send_and_wait, per_turn)
         after = await client.stats()
+        embedded_stages = _stage_means(*stages_before, engine.stats(), engine.latencies.snapshot())
         windows = max(after["windows_sent"] - before["windows_sent"], 1)
         worker_ms = (after["worker_ms"] - before["worker_ms"]) / windows
         worker_gpu_ms = (after["gpu_busy_ms"] - before["gpu_busy_ms"]) / windows
@@ -248,7 +253,21 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
     return Overhead(describe(item), requests, concurrency, rounds, p50["raw"], p50["runner"], p50["engine"], worker_ms,
                     worker_gpu_ms,
                     p50["engine"] - p50["raw"] - p50["runner"], rps["raw"], rps["engine"], p50["embedded"],
-                    rps["embedded"], p50["embedded"] - p50["runner"])
+                    rps["embedded"], p50["embedded"] - p50["runner"], embedded_stages)
+
+
+def _stage_means(stats_before: dict, before: dict, stats_after: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per window between two snapshots of an engine's stats and histograms."""
+    windows = max(stats_after["windows_sent"] - stats_before["windows_sent"], 1)
+
+    def mean(stage: str) -> float:
+        count = after[stage][1][-1] - before[stage][1][-1]
+        return (after[stage][2] - before[stage][2]) / max(count, 1) * 1e3
+
+    return {"admission_to_dispatch": mean("queue_wait"), "dispatch_to_reply": mean("window_run"),
+            "in_worker": (stats_after["worker_ms"] - stats_before["worker_ms"]) / windows,
+            "device": (stats_after["gpu_busy_ms"] - stats_before["gpu_busy_ms"]) / windows,
+            "admission_to_result": mean("end_to_end")}
 
 
 def run_overhead(model: str, devices: str, window, item, requests: int, concurrency: int,
@@ -273,6 +292,7 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
 
 
 def overhead_table(result: Overhead) -> str:
+    stages = result.embedded_stages_ms
     return "\n".join([
         f"requests of one {result.item}; latency: median of sequential requests, the four taking "
         f"{result.rounds} turns each; "
@@ -287,6 +307,10 @@ def overhead_table(result: Overhead) -> str:
         f"added p50 (engine - raw - runner): {result.added_p50_ms * 1e3:.0f} µs; "
         f"engine throughput {result.engine_rps / result.raw_rps:.2f}x raw; "
         f"embedded engine added (embedded - runner): {result.embedded_added_p50_ms * 1e3:.0f} µs",
+        f"embedded, per request (means, ms): admission to dispatch {stages['admission_to_dispatch']:.3f}, "
+        f"dispatch to the worker's reply {stages['dispatch_to_reply']:.3f} (in the worker "
+        f"{stages['in_worker']:.3f}, of it the device {stages['device']:.3f}), admission to result "
+        f"{stages['admission_to_result']:.3f}",
     ])
 
 
