@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from vitserve.bench.overhead import as_dict, make_item, overhead_table, run_overhead
+from vitserve.bench.overhead import as_dict, overhead_table, run_overhead
+from vitserve.bench.overhead_baselines import make_item
 from vitserve.workers import WindowConfig
 
 

@@ -257,7 +257,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if args.requests <= args.skip:
         parser.error("--requests must be more than --skip")
-    from vitserve.bench.overhead import make_item
+    from vitserve.bench.overhead_baselines import make_item
     from vitserve.bench.server_process import run_loop
 
     image = make_item(args.image_side, None)

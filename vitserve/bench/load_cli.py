@@ -86,7 +86,8 @@ def _scaling(args: argparse.Namespace, window) -> int:
 
 
 def _overhead(args: argparse.Namespace, window) -> int:
-    from .overhead import as_dict, make_item, overhead_table, run_overhead
+    from .overhead import as_dict, overhead_table, run_overhead
+    from .overhead_baselines import make_item
 
     serve = _serve_arguments(args, window)
     if args.item_grid:

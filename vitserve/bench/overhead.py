@@ -29,16 +29,10 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
 
-import numpy as np
-import zmq
-import zmq.asyncio
-
-from vitserve.ipc.codec import array_ref, client_codec
-from vitserve.ipc.messages import Encode, ImageItem, PatchItem
-
+from .overhead_baselines import InProcessRunner, describe, echo_server, raw_round_trip
 from .server_process import run_loop, start_server, stop_server
 
 ROUNDS = 5  # turns each latency takes; each turn is requests / ROUNDS sequential requests
@@ -67,22 +61,6 @@ class Overhead:
     embedded_stages_ms: dict[str, float]
 
 
-def _echo(endpoint: str, ready) -> None:
-    """The raw baseline's server: answer every message with a small reply, as fast as ZeroMQ goes."""
-    context = zmq.Context()
-    socket = context.socket(zmq.ROUTER)
-    socket.bind(endpoint)
-    ready.set()
-    reply = b"\x00" * 64  # about the size of a Result header
-    while True:
-        identity, *frames = socket.recv_multipart(copy=False)
-        if frames[0].bytes == b"stop":
-            break
-        socket.send_multipart([identity, reply], copy=False)
-    socket.close(0)
-    context.term()
-
-
 async def _sequential(send_and_wait, count: int) -> list[float]:
     """Latencies (ms) of `count` requests one after another."""
     latencies = []
@@ -106,107 +84,6 @@ async def _throughput(send_and_wait, requests: int, concurrency: int) -> float:
     return requests / (time.perf_counter() - began)
 
 
-def make_item(image_side: int | None, grid: tuple[int, int] | None, patch_dim: int = 3 * 2 * 16 * 16):
-    """A raw uint8 image, or an already-processed one: (pixel_values, grid_thw) of a 1 x H x W grid
-    with rows `patch_dim` wide (the model's channels x temporal patch x patch²; Qwen3-VL's by default)."""
-    rng = np.random.default_rng(0)
-    if grid is None:
-        return rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
-    height, width = grid
-    values = rng.uniform(-1, 1, (height * width, patch_dim)).astype(np.float32)  # (tokens, patch_dim)
-    return values, (1, height, width)
-
-
-def describe(item) -> str:
-    if isinstance(item, tuple):
-        _, (t, h, w) = item
-        return f"processed image, grid {t}x{h}x{w}"
-    return f"{item.shape[0]}x{item.shape[1]} uint8 image"
-
-
-def _wire_item(item):
-    if isinstance(item, tuple):
-        values, grid = item
-        return PatchItem(array_ref(values, 0), grid), values
-    return ImageItem(array_ref(item, 0)), item
-
-
-@asynccontextmanager
-async def _raw(endpoint: str, item):
-    """The raw baseline's request: the item's Encode frames to the echo process and its reply back."""
-    context = zmq.asyncio.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(endpoint)
-    codec = client_codec()
-    waiting: dict[int, asyncio.Future] = {}
-    ids = iter(range(1 << 62))
-    loop = asyncio.get_running_loop()
-
-    async def receive() -> None:  # replies in order: the echo answers one at a time
-        while True:
-            await socket.recv_multipart(copy=False)
-            waiting.pop(min(waiting)).set_result(None)
-
-    async def send_and_wait() -> None:
-        request_id = next(ids)
-        wire, array = _wire_item(item)
-        frames = codec.encode(Encode(request_id, [wire]), [array])
-        waiting[request_id] = future = loop.create_future()
-        await socket.send_multipart(frames, copy=False)
-        await future
-
-    receiver = asyncio.ensure_future(receive())
-    try:
-        yield send_and_wait
-    finally:
-        receiver.cancel()
-        await socket.send_multipart([b"stop"])
-        socket.close(0)
-        context.term()
-
-
-class _InProcessRunner:
-    """The worker's own work for one item, in this process: preprocess on the device (raw images),
-    encode, copy out; synchronised; with the worker's torch threads."""
-
-    def __init__(self, model: str, device: str, window, item, threads: int | None, preprocess):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        from vitserve.models import load_model
-        from vitserve.workers import ModelRunner
-
-        self.item, self.device, self.preprocess = item, torch.device(device), preprocess  # (the engine's)
-        self.runner = ModelRunner(load_model(model, device=self.device), window)
-        self.runner.capture(progress=False)
-        geometry = self.runner.model.geometry
-        rows = sum(geometry.item_rows(*grid) for grid in self._patches()[1])
-        self.out = torch.empty(rows, 1 + geometry.num_deepstack, geometry.out_hidden_size, dtype=self.runner.dtype,
-                               pin_memory=self.device.type == "cuda")  # (rows, 1 + deepstack, out_hidden)
-
-    def _patches(self):
-        import torch
-
-        from vitserve.preprocess import preprocess_batch
-
-        if isinstance(self.item, tuple):
-            return torch.from_numpy(self.item[0]).to(self.device), [self.item[1]]
-        processed = preprocess_batch([self.item], self.preprocess, device=self.device)
-        return processed.pixel_values, [tuple(g) for g in processed.grid_thw.tolist()]
-
-    async def __call__(self) -> None:
-        self.runner.encode(*self._patches(), out=self.out, wait=True)
-
-    def close(self) -> None:
-        import torch
-
-        del self.runner
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
 async def _measure(model: str, devices: str, window, item, requests: int, concurrency: int, raw_endpoint: str,
                    engine_endpoint: str, rounds: int) -> Overhead:
     """Every measurement against every other, taking turns: the four latencies are medians over
@@ -219,10 +96,10 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
 
     config = EngineConfig(model=model, devices=tuple(devices.split(",")), window=window)
     device = config.devices[0]
-    runner = _InProcessRunner(model, device, window, item, config.worker_threads(device), config.preprocess)
+    runner = InProcessRunner(model, device, window, item, config.worker_threads(device), config.preprocess)
     async with AsyncExitStack() as stack:
         stack.callback(runner.close)
-        raw = await stack.enter_async_context(_raw(raw_endpoint, item))
+        raw = await stack.enter_async_context(raw_round_trip(raw_endpoint, item))
         client = await stack.enter_async_context(AsyncClient(engine_endpoint))
         engine = await stack.enter_async_context(Engine(config))
 
@@ -243,11 +120,8 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
         for _ in range(rounds):
             for name, send_and_wait in turns.items():
                 latencies[name] += await _sequential(send_and_wait, per_turn)
-        after = await client.stats()
+        worker_ms, worker_gpu_ms = _worker_means(before, await client.stats())
         embedded_stages = _stage_means(*stages_before, engine.stats(), engine.latencies.snapshot())
-        windows = max(after["windows_sent"] - before["windows_sent"], 1)
-        worker_ms = (after["worker_ms"] - before["worker_ms"]) / windows
-        worker_gpu_ms = (after["gpu_busy_ms"] - before["gpu_busy_ms"]) / windows
         rps = {name: await _throughput(turns[name], requests, concurrency) for name in ("raw", "engine", "embedded")}
     p50 = {name: statistics.median(values) for name, values in latencies.items()}
     return Overhead(describe(item), requests, concurrency, rounds, p50["raw"], p50["runner"], p50["engine"], worker_ms,
@@ -256,17 +130,24 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
                     rps["embedded"], p50["embedded"] - p50["runner"], embedded_stages)
 
 
+def _worker_means(before: dict, after: dict) -> tuple[float, float]:
+    """Between two snapshots of an engine's stats: milliseconds per window in its workers (receipt
+    to reply), and of them the device's (0 on the CPU)."""
+    windows = max(after["windows_sent"] - before["windows_sent"], 1)
+    return ((after["worker_ms"] - before["worker_ms"]) / windows,
+            (after["gpu_busy_ms"] - before["gpu_busy_ms"]) / windows)
+
+
 def _stage_means(stats_before: dict, before: dict, stats_after: dict, after: dict) -> dict[str, float]:
     """Mean milliseconds per window between two snapshots of an engine's stats and histograms."""
-    windows = max(stats_after["windows_sent"] - stats_before["windows_sent"], 1)
+    in_worker, device = _worker_means(stats_before, stats_after)
 
     def mean(stage: str) -> float:
         count = after[stage][1][-1] - before[stage][1][-1]
         return (after[stage][2] - before[stage][2]) / max(count, 1) * 1e3
 
     return {"admission_to_dispatch": mean("queue_wait"), "dispatch_to_reply": mean("window_run"),
-            "in_worker": (stats_after["worker_ms"] - stats_before["worker_ms"]) / windows,
-            "device": (stats_after["gpu_busy_ms"] - stats_before["gpu_busy_ms"]) / windows,
+            "in_worker": in_worker, "device": device,
             "admission_to_result": mean("end_to_end")}
 
 
@@ -276,7 +157,7 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
     raw_endpoint, engine_endpoint = f"ipc://{folder}/raw", f"ipc://{folder}/engine"
     spawn = multiprocessing.get_context("spawn")
     ready = spawn.Event()
-    echo = spawn.Process(target=_echo, args=(raw_endpoint, ready), daemon=True)
+    echo = spawn.Process(target=echo_server, args=(raw_endpoint, ready), daemon=True)
     echo.start()
     ready.wait(60)
     try:
