@@ -20,6 +20,7 @@ def start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> s
     for line in server.stdout:
         if line.startswith("vitserve ready"):
             return server
+        sys.stderr.write(line)  # what it said before it was ready (or why it never was) stays in the log
         if time.monotonic() > deadline:
             break
     server.kill()

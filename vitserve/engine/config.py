@@ -20,6 +20,9 @@ from vitserve.choices import DEFAULT_MODEL
 DEFAULT_INPUT_SLAB_BYTES = 1 << 30
 DEFAULT_ITEM_OUTPUT_BYTES = 1 << 30
 MIN_HEARTBEAT_S = 0.05  # faster beats would only keep the worker's beat thread and the engine busy
+DEFAULT_GPU_BUSY_POLL_S = 0.002  # busy_poll_ms's default with GPU workers (engine/busy_poll.py)
+BUSY_POLL_MIN_CORES = 8  # with fewer, a polling engine and worker would slow the clients on the same cores
+MAX_BUSY_POLL_MS = 1000  # polling longer only burns a core: a message this late may as well wake a sleeper
 MIN_READINESS_PROBE_S = 0.1  # faster probes would only take the device from windows
 
 
@@ -54,7 +57,13 @@ class EngineConfig:
     finish before it fails the rest with `shutting_down`. standby_workers: keep a started process
     per worker waiting with the model loaded, which replaces the worker at once if it is lost
     (instead of seconds of imports and loading). None: on for GPU workers (it holds a device
-    context and a copy of the weights), off for CPU ones."""
+    context and a copy of the weights), off for CPU ones. busy_poll_ms: how long the engine and its
+    workers poll for an expected message instead of sleeping (a sleeping process's wake-up costs
+    tens to hundreds of microseconds): the engine from a quarter of it before a window's reply is
+    due until that long after, a worker for that long after each reply (the next window of a
+    sequential client) and from a quarter of it before its window's predicted end; 0: never.
+    None: 2 ms when every worker is on a GPU and the process may use 8 cores or more, else 0 (CPU
+    workers need the host's cores, and so do clients on a small host)."""
 
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("cpu",)
@@ -82,6 +91,7 @@ class EngineConfig:
     readiness_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
     standby_workers: bool | None = None
+    busy_poll_ms: float | None = None  # default: 2 with GPU workers only, on 8 cores or more; else 0
     progress: bool = False  # workers say their start-up phases on stderr (`vitserve serve` turns it on)
     # Where measured cost models are kept between starts (workers/cost_cache.py); None: measure at every start
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
@@ -122,6 +132,12 @@ class EngineConfig:
         if self.readiness_probe_s is not None and self.readiness_probe_s < MIN_READINESS_PROBE_S:
             raise ValueError(f"readiness_probe_s must be at least {MIN_READINESS_PROBE_S} s (faster probes only take "
                              f"the device from windows), or None for no probes; got {self.readiness_probe_s!r}")
+        if self.busy_poll_ms is not None and (
+                isinstance(self.busy_poll_ms, bool) or not isinstance(self.busy_poll_ms, (int, float))
+                or not 0 <= self.busy_poll_ms <= MAX_BUSY_POLL_MS):
+            raise ValueError(f"busy_poll_ms must be a number of milliseconds from 0 (never poll: sleep until a "
+                             f"message comes) to {MAX_BUSY_POLL_MS}, or None for the devices' default; "
+                             f"got {self.busy_poll_ms!r}")
         check_seconds("readiness_timeout_s", self.readiness_timeout_s, "a probe unanswered this long makes its "
                       "worker unready")
         check_seconds("drain_timeout_s", self.drain_timeout_s, "0: fail what is pending at once", zero_ok=True)
@@ -137,6 +153,15 @@ class EngineConfig:
             return self.cpu_threads_per_worker
         cpu_workers = sum(1 for d in self.devices if d.startswith("cpu"))
         return max(1, (len(os.sched_getaffinity(0)) - 2) // cpu_workers)
+
+    @property
+    def busy_poll_s(self) -> float:
+        """busy_poll_ms in seconds, its default applied."""
+        if self.busy_poll_ms is not None:
+            return self.busy_poll_ms / 1e3
+        if any(d.startswith("cpu") for d in self.devices) or len(os.sched_getaffinity(0)) < BUSY_POLL_MIN_CORES:
+            return 0.0
+        return DEFAULT_GPU_BUSY_POLL_S
 
     def standby(self, device: str) -> bool:
         """Whether the worker on `device` has a standby process (standby_workers; None: GPUs only)."""

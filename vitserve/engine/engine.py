@@ -33,6 +33,7 @@ from .config import EngineConfig
 from .inputs import EngineInputs
 from .intake import Pending, RequestIntake
 from .kept import KeptItem, KeptItems, RunKey
+from .busy_poll import BusyPolling
 from .latencies import Histograms
 from .run_counts import RunCounts
 from .outputs_layout import agreed_capacities, item_token_limit, output_layout, predictor
@@ -80,6 +81,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self._pending: dict[int, Pending] = {}
         self._windows: dict[int, tuple[Dispatch, Slot, float]] = {}  # window -> (dispatch, slot, loop time sent)
         self._keys = itertools.count(1)
+        self._busy_polling = BusyPolling(self.config.busy_poll_s)  # polls while a reply or request is due
         self._windows_sent = 0
         self._items_sent = 0
         self._worker_ms = 0.0  # summed over completed windows: receipt to reply, in the workers
@@ -216,6 +218,7 @@ class Engine(RequestIntake, WindowTraffic, WorkerRestarts, RequestEnds, KeptItem
         self._closing = True
         for key in list(self._pending):
             self._fail(key, "shutting_down", "the engine is shutting down")
+        self._busy_polling.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -53,7 +53,7 @@ class WorkerRestarts:
         """What the worker gets ready with: the settings, and its cost model if one was measured."""
         config = self.config
         return Begin(msgspec.to_builtins(config.window), msgspec.to_builtins(config.preprocess), config.cache_dir,
-                     self._costs.get(worker))
+                     self._costs.get(worker), busy_poll_ms=config.busy_poll_s * 1e3)
 
     def _prepare_standby(self, worker: int) -> None:
         """Start the process that will replace `worker` if it is lost (standby_workers): it loads

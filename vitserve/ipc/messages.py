@@ -231,6 +231,7 @@ class RunWindow(msgspec.Struct, frozen=True, tag="run_window"):
     slab: str  # where the window's output rows go: slab and byte offset of the leased run of slots
     offset: int
     run_bytes: int  # the run's length: what the rows leave of it is cleared (no earlier rows show)
+    predicted_ms: float = 0.0  # the engine's prediction of its device time (the worker polls for its end near it)
 
 
 class WindowDone(msgspec.Struct, frozen=True, tag="window_done"):
@@ -350,6 +351,7 @@ class Begin(msgspec.Struct, frozen=True, tag="begin"):
     cache_dir: str | None = None  # where measured cost models are kept between starts
     cost: WorkerCost | None = None  # measured by this worker's predecessor: reused, not measured again
     sent_at: float = 0.0  # the engine's time.monotonic() (one clock per host): start-up times count from here
+    busy_poll_ms: float = 0.0  # EngineConfig.busy_poll_ms, its default applied
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):

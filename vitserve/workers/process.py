@@ -38,7 +38,7 @@ from vitserve.ipc.messages import (
 from vitserve.launch import WorkerSpec
 
 from .placement import keep_to_device_node
-from .running import DeviceFault, Probing, Running
+from .running import DeviceFault, Pauses, Probing, Running
 from .worker import Worker, load_for_worker, start_progress
 
 __all__ = ["EXIT_DEVICE_FAULT", "Worker", "WorkerSpec", "worker_main"]
@@ -51,9 +51,12 @@ MAX_RUNNING = 2
 # While windows run on the device, the loop sleeps this long between checks for a new window and
 # for the oldest one's completion (poll() waits in whole milliseconds). Blocking on the oldest
 # instead would leave a window that arrives meanwhile unprepared until the device is idle: a
-# bubble of host work in every window. Spinning instead (no sleep; and 2 ms of spinning before an
-# idle worker blocks) cost 10 to 20 % of the served throughput on the H200 (GPU busy 94 % instead
-# of 98 to 99 %): the spinning thread slows the engine's and the client's on the shared cores.
+# bubble of host work in every window. Spinning all the time instead (no sleep; and 2 ms of
+# spinning before an idle worker blocks) cost 10 to 20 % of the served throughput on the H200 (GPU
+# busy 94 % instead of 98 to 99 %): the spinning thread slows the engine's and the client's on the
+# shared cores. So the loop polls without sleeping only near the oldest window's predicted end and
+# for Begin.busy_poll_ms after its last reply (`Pauses`): a sleep overruns by about 50 µs on the H200
+# host, and a wake-up from a blocking poll costs 50 to 180 µs there.
 RUNNING_POLL_S = 100e-6
 # Linux lets a sleep overrun by the thread's timer slack (50 µs by default), which would add half
 # again to each poll; the worker's main thread asks for 1 µs (prctl PR_SET_TIMERSLACK).
@@ -177,6 +180,7 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
     _tight_sleeps()
     codec = Codec(ToWorker)
     running: deque[Running | Probing] = deque()  # windows (and probes) whose GPU work is queued, oldest first
+    pauses = Pauses(worker.busy_poll_s, RUNNING_POLL_S)
 
     def send_retired() -> None:  # input slabs dropped before the oldest window still running
         for slab in worker.inputs.retire(running[0].sequence if running else None):
@@ -185,6 +189,8 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
     def reply_oldest() -> None:
         link.send(encoder.encode(running.popleft().reply()))
         send_retired()
+        if not running:
+            pauses.idle()
 
     stepped_at = 0  # worker.started at the last warm-up step
     while True:
@@ -201,8 +207,11 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
             reply_oldest()  # full: wait for the oldest
             continue
         if running and not link.poll(0):
-            time.sleep(RUNNING_POLL_S)  # nothing new yet: check the oldest again shortly
+            if (pause := pauses.running(running[0].due)) > 0:
+                time.sleep(pause)  # nothing new yet: check the oldest again shortly
             continue
+        if not running and not link.poll(0) and pauses.idle_polling():
+            continue  # polling for the next window (a sequential client's) for busy_poll_ms after the last reply
         if not running and not link.poll(ORPHAN_CHECK_MS):
             if os.getppid() != engine_pid:
                 log.error("the engine (pid %d) is gone: exiting", engine_pid)
@@ -213,9 +222,9 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
             case Shutdown():
                 break
             case RunWindow():
-                running.append(worker.start(message))
+                running.append(pauses.due(worker.start(message), message.predicted_ms, running))
             case Probe(probe=probe):
-                running.append(worker.probe(probe))
+                running.append(pauses.due(worker.probe(probe), 0.0, running))
             case MapInputs():
                 worker.map_inputs(message)
             case DropInputs(slab=slab):

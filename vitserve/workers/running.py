@@ -1,8 +1,11 @@
-"""A window whose device work is queued in the worker, its reply once done, and what a CUDA error means.
+"""A window whose device work is queued in the worker, its reply once done, what a CUDA error
+means, and when the worker's loop sleeps between its checks.
 
 The worker queues a window's work and goes on; `Running` tells whether it has finished (without
 waiting) and builds its reply: where each item's rows start, and how long the device was busy with
-it, from CUDA timing events (the part overlapping the window before is counted once).
+it, from CUDA timing events (the part overlapping the window before is counted once). `Pauses`
+says how long the loop may sleep before it checks again: not at all near a window's predicted end
+and just after its last reply (busy polling: engine/busy_poll.py says why).
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import torch
 from vitserve.ipc.messages import FromWorker, ProbeDone, WindowDone, WindowFailed
 
 from .runner import EncodeResult
+
+
+# Polling starts this share of busy_poll_ms before a reply (or a window's end) is predicted, in the
+# engine and in the worker alike.
+POLL_LEAD_SHARE = 0.25
 
 
 class DeviceFault(Exception):
@@ -30,6 +38,7 @@ class Running:
     failure: str = ""
     received: float = 0.0  # time.perf_counter() when the window's message arrived
     sequence: int = 0  # its place among the windows started in this process (from 1)
+    due: float = 0.0  # time.perf_counter() when its device work is predicted to end (Pauses.due)
     # CUDA timing events: where the device reached the window's first work, the end of its copies,
     # and the end of the window before it (its busy time is counted once where the two overlap)
     began: torch.cuda.Event | None = None
@@ -80,6 +89,7 @@ class Probing:
     received: float
     sequence: int  # the next window's: input slabs dropped before it may go once this is answered
     problem: str = ""
+    due: float = 0.0  # time.perf_counter() when its forward is predicted to end (Pauses.due)
 
     def finished(self) -> bool:
         try:
@@ -94,6 +104,42 @@ class Probing:
             except Exception as err:
                 raise DeviceFault(f"readiness probe: {type(err).__name__}: {err}") from err
         return ProbeDone(self.probe, (time.perf_counter() - self.received) * 1e3, self.problem)
+
+
+class Pauses:
+    """How long the worker's loop sleeps before it checks again for a new window and for the
+    oldest one's end: `sleep_s`, except while a message is expected soon. Then it polls without
+    sleeping: from POLL_LEAD_SHARE of `busy_poll_s` before the oldest window's predicted end until
+    `busy_poll_s` after it (past that, the prediction was wrong), and for `busy_poll_s` after its
+    last reply (a sequential client's next window). `busy_poll_s` 0: always sleep."""
+
+    def __init__(self, busy_poll_s: float, sleep_s: float):
+        self.busy_poll_s, self.sleep_s = busy_poll_s, sleep_s
+        self._idle_until = 0.0
+
+    def due(self, run: Running | Probing, predicted_ms: float, running) -> Running | Probing:
+        """`run` with its predicted end: `predicted_ms` after its receipt, or after the windows queued
+        before it (`running`) if they end later."""
+        run.due = max(run.received, running[-1].due if running else 0.0) + predicted_ms / 1e3
+        return run
+
+    def running(self, due: float) -> float:
+        """Seconds to sleep while the oldest window, predicted to end at `due`, runs."""
+        if self.busy_poll_s <= 0:
+            return self.sleep_s
+        now = time.perf_counter()
+        begin = due - POLL_LEAD_SHARE * self.busy_poll_s
+        if now < begin:
+            return min(self.sleep_s, begin - now)
+        return 0.0 if now < due + self.busy_poll_s else self.sleep_s
+
+    def idle(self) -> None:
+        """The last running window has been answered."""
+        self._idle_until = time.perf_counter() + self.busy_poll_s
+
+    def idle_polling(self) -> bool:
+        """Whether the idle loop still polls for the next window instead of blocking."""
+        return time.perf_counter() < self._idle_until
 
 
 def is_cuda_error(err: BaseException) -> bool:

@@ -72,6 +72,7 @@ class Worker:
             # taking them from the engine's loop and local clients.) The model is loaded by then.
             torch.set_num_threads(1)
         self.say = start_progress(spec, max(spec.spawned_at, begin.sent_at))
+        self.busy_poll_s = begin.busy_poll_ms / 1e3  # when the loop polls instead of sleeping (running.Pauses)
         self.preprocess = msgspec.convert(begin.preprocess, PreprocessConfig)
         check_fits(self.preprocess, model)
         self.runner = ModelRunner(model, msgspec.convert(begin.window, WindowConfig))

@@ -1,0 +1,172 @@
+"""Busy polling (EngineConfig.busy_poll_ms): the engine's loop polls while a window's reply is due
+(engine/busy_poll.py), the worker's loop near its window's predicted end and after its last reply
+(workers/running.Pauses). Polling must end on its own, leave the loop's other work running, and
+change no result."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vitserve import Engine, EngineConfig
+from vitserve.engine.busy_poll import BusyPolling
+from vitserve.workers.running import POLL_LEAD_SHARE, Pauses
+
+
+# -- the setting ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [-1, 1001, True, "2", float("nan")])
+def test_a_bad_busy_poll_is_refused_naming_the_setting(value):
+    with pytest.raises(ValueError, match="busy_poll_ms"):
+        EngineConfig(model="random:tiny", busy_poll_ms=value)
+
+
+def test_busy_polling_is_on_for_gpus_and_off_where_a_worker_needs_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert EngineConfig(model="random:tiny", devices=("cuda:0",)).busy_poll_s == 0.002
+    assert EngineConfig(model="random:tiny", devices=("cpu",)).busy_poll_s == 0.0
+    assert EngineConfig(model="random:tiny", devices=("cuda:0", "cpu")).busy_poll_s == 0.0
+    assert EngineConfig(model="random:tiny", devices=("cpu",), busy_poll_ms=0.5).busy_poll_s == 0.0005
+    assert EngineConfig(model="random:tiny", devices=("cuda:0",), busy_poll_ms=0).busy_poll_s == 0.0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))  # a small host: its clients need them
+    assert EngineConfig(model="random:tiny", devices=("cuda:0",)).busy_poll_s == 0.0
+    assert EngineConfig(model="random:tiny", devices=("cuda:0",), busy_poll_ms=1).busy_poll_s == 0.001
+
+
+# -- the worker's pauses -------------------------------------------------------------------------
+def test_a_worker_sleeps_between_checks_until_its_window_is_nearly_due_and_polls_until_past_it():
+    busy, sleep = 0.2, 100e-6  # long enough that this test's own steps do not cross the bounds
+    pauses = Pauses(busy, sleep)
+    now = time.perf_counter()
+    assert pauses.running(now + 10.0) == sleep  # far from its end
+    assert 0 < pauses.running(now + POLL_LEAD_SHARE * busy + 30e-6) <= 30e-6  # wakes where polling begins
+    assert pauses.running(now + POLL_LEAD_SHARE * busy / 2) == 0.0  # nearly due: polls
+    assert pauses.running(now - busy / 2) == 0.0  # late, within busy_poll of its prediction: polls
+    assert pauses.running(now - 2 * busy) == sleep  # long past: the prediction was wrong, sleeps again
+
+
+def test_a_worker_without_busy_polling_always_sleeps():
+    pauses = Pauses(0.0, 100e-6)
+    now = time.perf_counter()
+    assert {pauses.running(now + d) for d in (-1.0, 0.0, 1e-4, 1.0)} == {100e-6}
+    pauses.idle()
+    assert not pauses.idle_polling()
+
+
+def test_a_worker_polls_for_a_while_after_its_last_reply_then_blocks():
+    pauses = Pauses(0.05, 100e-6)
+    assert not pauses.idle_polling()  # never ran a window: blocks
+    pauses.idle()
+    assert pauses.idle_polling()
+    time.sleep(0.06)
+    assert not pauses.idle_polling()
+
+
+def test_a_window_is_due_after_the_windows_queued_before_it():
+    pauses = Pauses(0.002, 100e-6)
+    running = []
+    first = pauses.due(SimpleNamespace(received=10.0, due=0.0), 4.0, running)
+    assert first.due == pytest.approx(10.004)  # from its receipt (the host's work on it is part of its time)
+    running.append(first)
+    second = pauses.due(SimpleNamespace(received=10.001, due=0.0), 3.0, running)
+    assert second.due == pytest.approx(first.due + 0.003)  # behind the first
+    late = pauses.due(SimpleNamespace(received=20.0, due=0.0), 1.0, running)
+    assert late.due == pytest.approx(20.001)  # the ones before it ended long ago
+
+
+# -- the engine's loop ---------------------------------------------------------------------------
+def test_the_loop_polls_while_a_reply_is_due_and_stops_when_it_comes():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        polling = BusyPolling(0.04)
+        polling.expect(1, loop.time() + 0.02)  # polls from 10 ms before it is due
+        await asyncio.sleep(0.005)
+        assert polling.turns == 0  # not yet: the loop slept
+        ticks = 0
+        began = loop.time()
+        while loop.time() - began < 0.03:  # the loop's other work goes on meanwhile
+            await asyncio.sleep(0.001)
+            ticks += 1
+        assert polling.turns > ticks  # it polled: turns of the loop that did not wait
+        assert ticks > 10
+        polling.arrived(1)
+        await asyncio.sleep(0.002)
+        turns = polling.turns
+        await asyncio.sleep(0.01)
+        assert polling.turns == turns  # stopped with the reply
+        polling.close()
+
+    asyncio.run(scenario())
+
+
+def test_polling_for_a_reply_that_never_comes_ends_busy_poll_after_it_was_due():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        polling = BusyPolling(0.02)
+        polling.expect(7, loop.time())  # due now: polls at once, gives up 20 ms later
+        await asyncio.sleep(0.04)
+        turns = polling.turns
+        assert turns > 0
+        await asyncio.sleep(0.01)
+        assert polling.turns == turns
+        polling.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_loop_polls_for_a_while_once_idle_then_sleeps():
+    async def scenario():
+        polling = BusyPolling(0.02)
+        polling.idle()  # the last reply came: a sequential client's next request may follow
+        await asyncio.sleep(0.01)
+        assert polling.turns > 0
+        await asyncio.sleep(0.03)
+        turns = polling.turns
+        await asyncio.sleep(0.01)
+        assert polling.turns == turns
+        polling.close()
+
+    asyncio.run(scenario())
+
+
+def test_no_busy_poll_no_polling():
+    async def scenario():
+        polling = BusyPolling(0.0)
+        polling.expect(1, asyncio.get_running_loop().time())
+        polling.idle()
+        await asyncio.sleep(0.01)
+        assert polling.turns == 0
+
+    asyncio.run(scenario())
+
+
+# -- end to end ------------------------------------------------------------------------------------
+def test_results_with_busy_polling_equal_those_without():
+    rng = np.random.default_rng(3)
+    items = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (2, 48, 64, 3), dtype=np.uint8)]
+
+    async def encode_all(busy_poll_ms: float) -> tuple[list[np.ndarray], int]:
+        async with Engine(EngineConfig(model="random:tiny", busy_poll_ms=busy_poll_ms)) as engine:
+            outputs = []
+            for _ in range(3):  # sequential: each request's worker polls after the last reply
+                for item in items:
+                    with await engine.encode([item]) as result:
+                        outputs.append(result.items[0].embeddings.numpy().copy())
+            together = await asyncio.gather(*(engine.encode([item]) for item in items * 2))
+            for result in together:
+                with result:
+                    outputs.append(result.items[0].embeddings.numpy().copy())
+            return outputs, engine._busy_polling.turns
+
+    polled, turns = asyncio.run(encode_all(5.0))
+    slept, no_turns = asyncio.run(encode_all(0.0))
+    assert turns > 0 and no_turns == 0
+    sequential = 3 * len(items)  # one item per window: bit-equal; windows of several may pack otherwise
+    for a, b in zip(polled[:sequential], slept[:sequential], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(polled[sequential:], slept[sequential:], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
