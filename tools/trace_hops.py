@@ -28,7 +28,7 @@ import time
 from collections import Counter
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
-GAP_S = 0.002  # between requests: the last one's stragglers (its release) are over before the next starts
+GAP_MS = 2.0  # between requests by default: the last one's stragglers (its release) are over before the next starts
 
 # One request's events in the order they happen, each with the hop that ends at it (hops are
 # contiguous: a request's hops add up to its total), a line for each process in turn. A message's
@@ -38,11 +38,13 @@ CHAIN = [
     ("encode>", ""), ("send>", "client prep"),  # pixels into the input arena, the Encode header made
     ("receive>", "to frontend"), ("submit>", "admission"), ("submit<", "submit"),  # admission: decode, limits, admit
     ("poll>", "dispatch wake"), ("send_window>", "poll"), ("worker_send>", "send window"),
-    ("start>", "to worker"), ("on_device>", "start head"), ("on_device<", "on_device"),
+    ("received<", "to worker"), ("start>", "worker decode"),  # to worker: the link, the worker's wake-up
+    ("on_device>", "start head"), ("on_device<", "on_device"),
     ("preprocess>", "to preprocess"), ("preprocess<", "preprocess"),
     ("runner>", "to runner"), ("runner<", "runner encode"), ("start<", "start tail"),  # to runner: cat, slot
     ("finished", "device + poll"), ("reply>", "to reply"), ("reply<", "reply"),  # device: found done by a poll
-    ("complete>", "to engine"), ("finish>", "complete"), ("result_send>", "finish"),  # complete: to a done callback
+    ("readable>", "to engine"), ("complete>", "engine receive"),  # to engine: the link, the loop's wake-up
+    ("finish>", "complete"), ("result_send>", "finish"),  # complete: to a done callback
     ("dispatch>", "to client"), ("encode<", "client wake"),
 ]
 
@@ -85,12 +87,14 @@ def serve_traced(folder: str, argv: list[str]) -> None:
     from vitserve.engine import worker_handle
     from vitserve.engine.engine import Engine
     from vitserve.engine.frontend import Frontend
+    from vitserve.ipc.link import EngineLink
 
     patch(Frontend, "_receive", "receive", exit=False)  # any client message, releases too
     patch(Engine, "submit", "submit")
     patch(Engine, "_poll", "poll", exit=False)
     patch(Engine, "_send", "send_window", exit=False)
     patch(worker_handle.WorkerHandle, "send_now", "worker_send", exit=False)  # in _send: the RunWindow
+    patch(EngineLink, "_on_readable", "readable", exit=False)  # the loop found a worker's bytes
     patch(Engine, "_complete", "complete", exit=False)  # the WindowDone is received and decoded
     patch(Frontend, "_finish", "finish", exit=False)  # bound when the request is queued: after this patch
     patch(Frontend, "_send", "result_send", exit=False)  # in _finish: the Result
@@ -109,11 +113,13 @@ def serve_traced(folder: str, argv: list[str]) -> None:
 
 def traced_worker_main(folder: str, spec) -> None:
     from vitserve.workers import worker
+    from vitserve.ipc.worker_link import WorkerLink
     from vitserve.workers.process import worker_main
     from vitserve.workers.runner import ModelRunner
     from vitserve.workers.running import Running
     from vitserve.workers.worker_inputs import WorkerInputs
 
+    patch(WorkerLink, "receive", "received", enter=False)  # a message read (the window's, among others)
     patch(worker.Worker, "start", "start")
     patch(WorkerInputs, "on_device", "on_device")
     worker.preprocess_batch = timed(worker.preprocess_batch, "preprocess")  # imported by name into worker.py
@@ -164,7 +170,7 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-async def run_client(endpoint: str, image, warmup: int, requests: int) -> None:
+async def run_client(endpoint: str, image, warmup: int, requests: int, gap_s: float) -> None:
     from vitserve.bench.load import until_settled
     from vitserve.client import AsyncClient
 
@@ -172,7 +178,7 @@ async def run_client(endpoint: str, image, warmup: int, requests: int) -> None:
         await until_settled(client.stats)
         for _ in range(warmup):  # untraced: the first windows, slab mappings
             (await client.encode([image])).release()
-            await asyncio.sleep(GAP_S)
+            await asyncio.sleep(gap_s)
         # This instance's: encode's send (and releases, which go out in the pause between requests).
         client._socket.send_now = timed(client._socket.send_now, "send", exit=False)
         patch(AsyncClient, "_dispatch", "dispatch", exit=False)  # a reply arrived (called from _receive)
@@ -181,13 +187,13 @@ async def run_client(endpoint: str, image, warmup: int, requests: int) -> None:
             result = await client.encode([image])
             record("encode<")
             result.release()
-            await asyncio.sleep(GAP_S)
+            await asyncio.sleep(gap_s)
 
 
 # -- the analysis ----------------------------------------------------------------------------
 # Entered in the very call that leads to the next event, but also at other times (a Release; a poll
 # that sent nothing, e.g. a scheduler holding a window on purpose): the last one before the next event.
-LAST_BEFORE_NEXT = {"receive>", "poll>"}
+LAST_BEFORE_NEXT = {"receive>", "poll>", "readable>"}
 
 
 def match(times: dict[str, list[float]], began: float, ended: float) -> list[float] | str:
@@ -252,6 +258,8 @@ def main() -> None:
     parser.add_argument("--image-side", type=int, default=448)
     parser.add_argument("--requests", type=int, default=300, help="traced requests")
     parser.add_argument("--warmup", type=int, default=50, help="untraced requests first")
+    parser.add_argument("--gap-ms", type=float, default=GAP_MS, help="pause between requests (0: each request "
+                        "right after the last one's reply, as `vitserve bench --overhead` sends them)")
     parser.add_argument("--skip", type=int, default=30, help="traced requests left out of the table")
     parser.add_argument("--out", help="write each request's hops (ms) to this JSON file")
     args, extra = parser.parse_known_args()
@@ -265,7 +273,7 @@ def main() -> None:
         endpoint = f"ipc://{folder}/engine"
         server = start_server(endpoint, folder, args, extra)
         try:
-            run_loop(run_client(endpoint, image, args.warmup, args.requests))
+            run_loop(run_client(endpoint, image, args.warmup, args.requests, args.gap_ms / 1e3))
             dump(folder, "client")
         finally:
             stop_server(server)

@@ -56,6 +56,8 @@ def _serve_arguments(args: argparse.Namespace, window) -> list[str]:
         serve += ["--budgets", ",".join(map(str, window.budgets))]
     if window.extra_budgets:
         serve += ["--extra-budgets", ",".join(map(str, window.extra_budgets))]
+    if args.busy_poll_ms is not None:
+        serve += ["--busy-poll-ms", str(args.busy_poll_ms)]
     return serve + shlex.split(args.serve_flags)
 
 
@@ -100,7 +102,8 @@ def _overhead(args: argparse.Namespace, window) -> int:
         item = make_item(None, (height, width), preprocess_for(args.model).patch_dim)
     else:
         item = make_item(args.image_side, None)
-    result = run_overhead(args.model, args.devices, window, item, args.requests, args.concurrency, serve)
+    result = run_overhead(args.model, args.devices, window, item, args.requests, args.concurrency, serve,
+                          busy_poll_ms=args.busy_poll_ms)
     print(overhead_table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "overhead.json"
@@ -149,6 +152,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                            "per device (--concurrency outstanding per device); then a worker killed under load")
     load.add_argument("--serve-flags", default="", help="more flags for the `vitserve serve` that --served, "
                       "--scaling and --overhead start, e.g. \"--output-windows 32\"")
+    load.add_argument("--busy-poll-ms", type=float, help="the engines' busy_poll_ms (`vitserve serve --busy-poll-ms`; "
+                      "with --overhead, the embedded engine's too), to compare polling with sleeping (default: "
+                      "the engine's)")
     load.add_argument("--image-side", type=int, default=448, help="with --overhead: the square image's side")
     load.add_argument("--item-grid", help="with --overhead: send an already-processed image of this patch grid "
                                           "instead, e.g. 2x2 (isolates the engine's costs from the model's)")

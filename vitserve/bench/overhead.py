@@ -49,6 +49,7 @@ class Overhead:
     engine_p50_ms: float
     worker_mean_ms: float  # in the worker process, from a window's receipt to its reply (sequential phase)
     worker_gpu_mean_ms: float  # of which the device was busy with the window (its CUDA events; 0 on the CPU)
+    polled_share: float  # of the served engine's window replies in the sequential phase: found while it polled
     added_p50_ms: float  # engine - raw - runner
     raw_rps: float
     engine_rps: float
@@ -85,7 +86,7 @@ async def _throughput(send_and_wait, requests: int, concurrency: int) -> float:
 
 
 async def _measure(model: str, devices: str, window, item, requests: int, concurrency: int, raw_endpoint: str,
-                   engine_endpoint: str, rounds: int) -> Overhead:
+                   engine_endpoint: str, rounds: int, busy_poll_ms: float | None) -> Overhead:
     """Every measurement against every other, taking turns: the four latencies are medians over
     `rounds` turns each (a drift of the device's or the host's speed during the run weighs on all
     of them alike); then the three throughputs."""
@@ -94,7 +95,7 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
 
     from .load import until_settled
 
-    config = EngineConfig(model=model, devices=tuple(devices.split(",")), window=window)
+    config = EngineConfig(model=model, devices=tuple(devices.split(",")), window=window, busy_poll_ms=busy_poll_ms)
     device = config.devices[0]
     runner = InProcessRunner(model, device, window, item, config.worker_threads(device), config.preprocess)
     async with AsyncExitStack() as stack:
@@ -120,12 +121,14 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
         for _ in range(rounds):
             for name, send_and_wait in turns.items():
                 latencies[name] += await _sequential(send_and_wait, per_turn)
-        worker_ms, worker_gpu_ms = _worker_means(before, await client.stats())
+        after = await client.stats()
+        worker_ms, worker_gpu_ms = _worker_means(before, after)
+        polled = (after["replies_polled"] - before["replies_polled"]) / max(after["windows_sent"] - before["windows_sent"], 1)
         embedded_stages = _stage_means(*stages_before, engine.stats(), engine.latencies.snapshot())
         rps = {name: await _throughput(turns[name], requests, concurrency) for name in ("raw", "engine", "embedded")}
     p50 = {name: statistics.median(values) for name, values in latencies.items()}
     return Overhead(describe(item), requests, concurrency, rounds, p50["raw"], p50["runner"], p50["engine"], worker_ms,
-                    worker_gpu_ms,
+                    worker_gpu_ms, polled,
                     p50["engine"] - p50["raw"] - p50["runner"], rps["raw"], rps["engine"], p50["embedded"],
                     rps["embedded"], p50["embedded"] - p50["runner"], embedded_stages)
 
@@ -152,7 +155,8 @@ def _stage_means(stats_before: dict, before: dict, stats_after: dict, after: dic
 
 
 def run_overhead(model: str, devices: str, window, item, requests: int, concurrency: int,
-                 serve_arguments: list[str], rounds: int = ROUNDS) -> Overhead:
+                 serve_arguments: list[str], rounds: int = ROUNDS, busy_poll_ms: float | None = None) -> Overhead:
+    """`busy_poll_ms`: the embedded engine's (serve's comes with `serve_arguments`); None: its default."""
     folder = tempfile.mkdtemp(prefix="vitserve-overhead-")
     raw_endpoint, engine_endpoint = f"ipc://{folder}/raw", f"ipc://{folder}/engine"
     spawn = multiprocessing.get_context("spawn")
@@ -164,7 +168,7 @@ def run_overhead(model: str, devices: str, window, item, requests: int, concurre
         server = start_server(engine_endpoint, model, devices, serve_arguments)
         try:
             return run_loop(_measure(model, devices, window, item, requests, concurrency, raw_endpoint,
-                                     engine_endpoint, rounds))
+                                     engine_endpoint, rounds, busy_poll_ms))
         finally:
             stop_server(server, folder)
     finally:
@@ -183,7 +187,8 @@ def overhead_table(result: Overhead) -> str:
         f"{'runner':<8} {result.runner_p50_ms:>8.3f} {'':>9}   preprocess + encode + output copy, in process",
         f"{'engine':<8} {result.engine_p50_ms:>8.3f} {result.engine_rps:>9.0f}   vitserve serve + AsyncClient",
         f"{'worker':<8} {result.worker_mean_ms:>8.3f} {'':>9}   mean per window in the worker process "
-        f"(receipt to reply), sequential requests; the device busy {result.worker_gpu_mean_ms:.3f} ms of it",
+        f"(receipt to reply), sequential requests; the device busy {result.worker_gpu_mean_ms:.3f} ms of it; "
+        f"{result.polled_share:.0%} of the replies found by polling",
         f"{'embedded':<8} {result.embedded_p50_ms:>8.3f} {result.embedded_rps:>9.0f}   Engine in this process",
         f"added p50 (engine - raw - runner): {result.added_p50_ms * 1e3:.0f} µs; "
         f"engine throughput {result.engine_rps / result.raw_rps:.2f}x raw; "

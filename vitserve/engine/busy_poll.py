@@ -27,6 +27,7 @@ class BusyPolling:
         self._idle_until = 0.0  # loop time: polling for a request after the last reply, until then
         self._task: asyncio.Task | None = None
         self.turns = 0  # loop turns spent polling (diagnostics, and tests)
+        self.replies = self.replies_polled = 0  # windows answered; of them, while the loop polled for them
 
     def expect(self, window: int, due: float) -> None:
         """The reply to `window` is due at `due` (loop time): poll for it from a little before,
@@ -38,6 +39,8 @@ class BusyPolling:
         asyncio.get_running_loop().call_at(begin, self._begin)
 
     def arrived(self, window: int) -> None:
+        self.replies += 1
+        self.replies_polled += self._task is not None
         self._expected.pop(window, None)
 
     def idle(self) -> None:

@@ -48,6 +48,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "workers_unproven": ("workers_unproven", "gauge", "Workers up whose readiness probe failed or is overdue, or whose windows are long overdue"),
     "internal_errors": ("internal_errors", "counter", "Faults of the engine contained to one request"),
     "queued_bytes": ("queued_input_bytes", "gauge", "Input bytes of unfinished requests"),
+    "replies_polled": ("replies_polled", "counter", "Window replies that came while the engine polled for them "
+                       "(busy_poll_ms), of vitserve_windows_total"),
     "input_slab_free_bytes": ("input_slab_free_bytes", "gauge", "Free bytes of the engine's input slab"),
     "input_arenas": ("input_arenas", "gauge", "Clients' input arenas mapped"),
     "input_arenas_refused": ("input_arenas_refused", "counter", "Input arenas refused to clients"),

@@ -39,6 +39,7 @@ class EngineReports:
             "workers_unproven": float(len(self._unproven())),
             "internal_errors": float(self._internal_errors),
             "queued_bytes": float(self._queued_bytes),
+            "replies_polled": float(self._busy_polling.replies_polled),  # busy_poll.py: found by polling
         } | (self.inputs.stats() if self.inputs is not None else {}) | self._kept_stats()
 
     def snapshot(self, stats: dict[str, float] | None = None, error_codes: dict[str, int] | None = None) -> Snapshot:
