@@ -15,7 +15,7 @@ import pytest
 
 from vitserve import Engine, EngineConfig
 from vitserve.engine.busy_poll import BusyPolling
-from vitserve.workers.running import POLL_LEAD_SHARE, Pauses
+from vitserve.workers.running import POLL_LEAD_SHARE, LearnedDue, Pauses
 
 
 # -- the setting ---------------------------------------------------------------------------------
@@ -69,13 +69,43 @@ def test_a_worker_polls_for_a_while_after_its_last_reply_then_blocks():
 def test_a_window_is_due_after_the_windows_queued_before_it():
     pauses = Pauses(0.002, 100e-6)
     running = []
-    first = pauses.due(SimpleNamespace(received=10.0, due=0.0), 4.0, running)
+    first = pauses.due(SimpleNamespace(received=10.0, due=0.0, due_from=(0.0, 0.0)), 4.0, running)
     assert first.due == pytest.approx(10.004)  # from its receipt (the host's work on it is part of its time)
     running.append(first)
-    second = pauses.due(SimpleNamespace(received=10.001, due=0.0), 3.0, running)
+    second = pauses.due(SimpleNamespace(received=10.001, due=0.0, due_from=(0.0, 0.0)), 3.0, running)
     assert second.due == pytest.approx(first.due + 0.003)  # behind the first
-    late = pauses.due(SimpleNamespace(received=20.0, due=0.0), 1.0, running)
+    late = pauses.due(SimpleNamespace(received=20.0, due=0.0, due_from=(0.0, 0.0)), 1.0, running)
     assert late.due == pytest.approx(20.001)  # the ones before it ended long ago
+
+
+def test_predictions_that_are_off_are_corrected_by_what_the_windows_took():
+    learned = LearnedDue()
+    assert learned.due(10.0, 0.004) == pytest.approx(10.004)  # nothing seen yet: the prediction
+    for start in range(30):  # the windows take half their predicted time (a cost model measured too slow)
+        learned.learn(float(start), 0.004, start + 0.002)
+    assert learned.due(100.0, 0.004) == pytest.approx(100.002, abs=1e-4)
+    for start in range(300):  # an absurd observation is bounded, never a due in the past or hours away
+        learned.learn(float(start), 0.004, start + 100.0)
+    assert learned.due(0.0, 0.004) <= 0.004 * LearnedDue.BOUNDS[1] + 1e-9
+
+
+def test_the_learned_due_comes_before_most_of_the_times_seen():
+    learned = LearnedDue()
+    rng = np.random.default_rng(0)
+    times = rng.normal(0.004, 0.0004, 2000)  # 4 ms windows with 10 % jitter, predicted at 4 ms
+    for start, took in enumerate(times):
+        learned.learn(float(start), 0.004, start + took)
+    early = np.mean(times < learned.due(0.0, 0.004))
+    assert 0.02 < early < 0.3  # polling that begins there finds most replies still to come
+
+
+def test_a_worker_polls_earlier_once_its_windows_end_before_their_predictions():
+    pauses = Pauses(0.002, 100e-6)
+    for _ in range(30):
+        run = pauses.due(SimpleNamespace(received=time.perf_counter(), due=0.0, due_from=(0.0, 0.0)), 1.0, [])
+        pauses.finished(run)  # done at once: far sooner than its 1 ms
+    run = pauses.due(SimpleNamespace(received=50.0, due=0.0, due_from=(0.0, 0.0)), 1000.0, [])
+    assert run.due < 50.0 + 0.5  # a 1 s prediction now counts for well under half of it
 
 
 # -- the engine's loop ---------------------------------------------------------------------------
@@ -83,7 +113,7 @@ def test_the_loop_polls_while_a_reply_is_due_and_stops_when_it_comes():
     async def scenario():
         loop = asyncio.get_running_loop()
         polling = BusyPolling(0.04)
-        polling.expect(1, loop.time() + 0.02)  # polls from 10 ms before it is due
+        polling.expect(1, loop.time(), loop.time() + 0.02)  # polls from 10 ms before it is due
         await asyncio.sleep(0.005)
         assert polling.turns == 0  # not yet: the loop slept
         ticks = 0
@@ -93,7 +123,7 @@ def test_the_loop_polls_while_a_reply_is_due_and_stops_when_it_comes():
             ticks += 1
         assert polling.turns > ticks  # it polled: turns of the loop that did not wait
         assert ticks > 10
-        polling.arrived(1)
+        polling.arrived(1, loop.time())
         await asyncio.sleep(0.002)
         turns = polling.turns
         await asyncio.sleep(0.01)
@@ -107,7 +137,7 @@ def test_polling_for_a_reply_that_never_comes_ends_busy_poll_after_it_was_due():
     async def scenario():
         loop = asyncio.get_running_loop()
         polling = BusyPolling(0.02)
-        polling.expect(7, loop.time())  # due now: polls at once, gives up 20 ms later
+        polling.expect(7, loop.time(), loop.time())  # due now: polls at once, gives up 20 ms later
         await asyncio.sleep(0.04)
         turns = polling.turns
         assert turns > 0
@@ -133,10 +163,51 @@ def test_the_loop_polls_for_a_while_once_idle_then_sleeps():
     asyncio.run(scenario())
 
 
+def test_the_loop_polls_earlier_once_replies_come_before_their_predictions():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        polling = BusyPolling(0.004)
+        for window in range(30):  # replies at a quarter of their predicted time
+            now = loop.time()
+            polling.expect(window, now - 0.01, now + 0.03)
+            polling.arrived(window, now)
+        await asyncio.sleep(0.01)  # (the idle polling, and the timers of those windows, run out)
+        turns = polling.turns
+        polling.expect(99, loop.time(), loop.time() + 0.2)  # predicted in 200 ms: due in about 50
+        await asyncio.sleep(0.1)
+        assert polling.turns > turns  # it polled well before the prediction
+        polling.arrived(99, loop.time())
+        polling.close()
+
+    asyncio.run(scenario())
+
+
+def test_every_reply_that_comes_when_due_finds_the_loop_polling():
+    """Under uvloop, whose timers count whole milliseconds and may fire before their time."""
+    import uvloop
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        polling = BusyPolling(0.004)  # polls from 1 ms before each reply is due
+        rng = np.random.default_rng(1)
+        for window in range(40):
+            sent = loop.time()
+            due = sent + 0.003 + rng.uniform(0, 0.001)
+            polling.expect(window, sent, due)
+            await asyncio.sleep(max(due - loop.time(), 0))
+            polling.arrived(window, loop.time())
+            await asyncio.sleep(0.006)  # past the idle polling: the next window's polling starts from its timer
+        assert polling.replies == 40
+        assert polling.replies_polled == 40
+        polling.close()
+
+    uvloop.run(scenario())
+
+
 def test_no_busy_poll_no_polling():
     async def scenario():
         polling = BusyPolling(0.0)
-        polling.expect(1, asyncio.get_running_loop().time())
+        polling.expect(1, asyncio.get_running_loop().time(), asyncio.get_running_loop().time())
         polling.idle()
         await asyncio.sleep(0.01)
         assert polling.turns == 0

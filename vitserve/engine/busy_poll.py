@@ -17,31 +17,46 @@ from __future__ import annotations
 
 import asyncio
 
-from vitserve.workers.running import POLL_LEAD_SHARE
+from vitserve.workers.running import POLL_LEAD_SHARE, LearnedDue
+
+
+# A loop's timer may fire this much before its time (uvloop counts in whole milliseconds): a reply
+# whose polling begins within it is due when its timer fires.
+TIMER_SLACK_S = 0.0015
+MAX_EXPECTED = 4096  # windows awaiting replies that the poller remembers (a few per worker are in flight)
 
 
 class BusyPolling:
     def __init__(self, busy_poll_s: float):
         self.busy_poll_s = busy_poll_s
         self._expected: dict[int, tuple[float, float]] = {}  # window -> (poll from, poll until), loop time
+        self._sent: dict[int, tuple[float, float]] = {}  # window -> (loop time sent, predicted seconds to its reply)
+        self._learned = LearnedDue()  # how the replies' times compare with the scheduler's predictions
         self._idle_until = 0.0  # loop time: polling for a request after the last reply, until then
         self._task: asyncio.Task | None = None
         self.turns = 0  # loop turns spent polling (diagnostics, and tests)
         self.replies = self.replies_polled = 0  # windows answered; of them, while the loop polled for them
 
-    def expect(self, window: int, due: float) -> None:
-        """The reply to `window` is due at `due` (loop time): poll for it from a little before,
-        until it comes or busy_poll_s after `due`."""
+    def expect(self, window: int, sent: float, predicted_due: float) -> None:
+        """The reply to `window`, sent at `sent`, is predicted at `predicted_due` (loop time; corrected
+        by what replies took so far): poll for it from a little before, until it comes or busy_poll_s
+        after it is due."""
         if self.busy_poll_s <= 0:
             return
+        if len(self._sent) > MAX_EXPECTED:  # windows of a lost worker, never answered
+            self._sent.clear()
+        self._sent[window] = (sent, predicted_due - sent)
+        due = self._learned.due(sent, predicted_due - sent)
         begin = due - POLL_LEAD_SHARE * self.busy_poll_s
         self._expected[window] = (begin, due + self.busy_poll_s)
         asyncio.get_running_loop().call_at(begin, self._begin)
 
-    def arrived(self, window: int) -> None:
+    def arrived(self, window: int, now: float) -> None:
         self.replies += 1
         self.replies_polled += self._task is not None
         self._expected.pop(window, None)
+        if (sent := self._sent.pop(window, None)) is not None:
+            self._learned.learn(*sent, now)
 
     def idle(self) -> None:
         """No window is in flight any more: poll for busy_poll_s, for a sequential client's next request."""
@@ -61,7 +76,7 @@ class BusyPolling:
         for window, (begin, until) in list(self._expected.items()):
             if now >= until:
                 del self._expected[window]
-            elif now >= begin:
+            elif now >= begin - TIMER_SLACK_S:
                 due = True
         return due
 
@@ -76,6 +91,7 @@ class BusyPolling:
 
     def close(self) -> None:
         self._expected.clear()
+        self._sent.clear()
         self._idle_until = 0.0
         if self._task is not None:
             self._task.cancel()

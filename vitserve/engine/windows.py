@@ -158,7 +158,7 @@ class WindowTraffic:
                                          slot.count * pool.slot_bytes, dispatch.predicted_ms)):
             self._worker_died(handle)  # the link is broken: the process is gone
             return
-        self._busy_polling.expect(dispatch.window, self.scheduler.workers[dispatch.worker].busy_until)
+        self._busy_polling.expect(dispatch.window, sent, self.scheduler.workers[dispatch.worker].busy_until)
 
     async def _receive_loop(self, handle: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
@@ -184,7 +184,7 @@ class WindowTraffic:
             for message in messages:
                 match message:
                     case WindowDone(window=window, rows=rows, worker_ms=worker_ms, gpu_ms=gpu_ms, runs=runs):
-                        self._busy_polling.arrived(window)
+                        self._busy_polling.arrived(window, loop.time())
                         self._worker_ms += worker_ms
                         self._gpu_busy_ms += gpu_ms
                         self.run_counts.add(handle.worker, runs, gpu_ms)
@@ -195,7 +195,7 @@ class WindowTraffic:
                     case ProbeDone():
                         self._probe_answered(handle.worker, message)
                     case WindowFailed(window=window, message=problem):
-                        self._busy_polling.arrived(window)
+                        self._busy_polling.arrived(window, loop.time())
                         dispatch, slot, _ = self._windows.pop(window)
                         self.scheduler.window_done(window, loop.time(), learn=False)
                         self._fail_window(dispatch, slot, f"worker {dispatch.worker} failed the window: {problem}")

@@ -187,6 +187,7 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
             link.send(encoder.encode(InputsDropped(slab)))
 
     def reply_oldest() -> None:
+        pauses.finished(running[0])
         link.send(encoder.encode(running.popleft().reply()))
         send_retired()
         if not running:
