@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vitserve.models import EncoderGeometry
 from vitserve.workers import Capacities, WindowConfig, resolve_capacities
@@ -219,3 +221,27 @@ def test_bad_extra_budgets_are_rejected_with_the_fix(extra, message):
 def test_extra_budgets_must_be_a_sequence():
     with pytest.raises(ValueError, match=re.escape("extra_budgets must be a sequence of ints, e.g. (784,), got 784")):
         WindowConfig(extra_budgets=784)  # type: ignore[arg-type]
+
+
+# -- a request's outputs against a worker's shared memory ---------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(4, 900), st.integers(1, 3)), min_size=1, max_size=40),
+       slot_rows=st.sampled_from([1, 4, 16]), margin=st.integers(-3, 3))
+def test_a_request_is_refused_exactly_when_its_packed_outputs_exceed_a_worker(items, slot_rows, margin):
+    """check_request_fits skips the packing when each item in slots of its own fits: the verdict must
+    be the packing's either way."""
+    from vitserve.engine.errors import EngineError
+    from vitserve.engine.outputs_layout import OutputLayout, check_request_fits, request_slots
+
+    capacities = Capacities((64, 128, 256), 3, 5, 4)
+    shapes = [(tokens * 4, segments) for tokens, segments in items]  # (patch tokens, segments)
+    rows = [tokens for tokens, _ in items]  # merge² = 4 patch tokens per row
+    needed = request_slots(shapes, rows, capacities, OutputLayout((3, 8), 3 * 8 * 2, slot_rows, 1))
+    slots = max(1, needed + margin)  # a worker's memory just under, at or just over what the request needs
+    layout = OutputLayout((3, 8), 3 * 8 * 2, slot_rows, slots)
+    if needed > slots:
+        with pytest.raises(EngineError, match="too_large|shared memory") as refused:
+            check_request_fits(shapes, rows, capacities, layout, 4)
+        assert refused.value.code == "too_large"
+    else:
+        check_request_fits(shapes, rows, capacities, layout, 4)

@@ -97,6 +97,8 @@ def check_request_fits(shapes: Sequence[tuple[int, int]], rows: Sequence[int], c
                        layout: OutputLayout, output_windows: int) -> None:
     """A request whose outputs cannot fit a worker's shared memory even with nothing else held
     would be computed and then fail, every time: EngineError `too_large` now, naming the limit."""
+    if sum(layout.slots_for(r) for r in rows) <= layout.slots:
+        return  # each item in slots of its own fits: packed together they take no more (per request, skips the packing)
     slots = request_slots(shapes, rows, capacities, layout)
     if slots > layout.slots:
         row_mib = layout.slot_rows * layout.row_bytes / 2**20
