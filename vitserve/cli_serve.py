@@ -183,7 +183,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
                           readiness_timeout_s=args.readiness_timeout_s,
                           max_queued_bytes=args.max_queued_bytes, input_slab_bytes=args.input_slab_bytes,
                           kept_timeout_s=args.kept_timeout_s, kept_share=args.kept_share,
-                          standby_workers=args.standby_workers, busy_poll_ms=args.busy_poll_ms, clients=_client_limits(args), progress=True,
+                          standby_workers=args.standby_workers, busy_poll_ms=args.busy_poll_ms,
+                          clients=_client_limits(args), progress=True,
                           **_cache_dir(args))
     socket_mode = parse_socket_mode(args.socket_mode)
     endpoint = args.endpoint or default_endpoint()

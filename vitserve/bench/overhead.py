@@ -123,7 +123,8 @@ async def _measure(model: str, devices: str, window, item, requests: int, concur
                 latencies[name] += await _sequential(send_and_wait, per_turn)
         after = await client.stats()
         worker_ms, worker_gpu_ms = _worker_means(before, after)
-        polled = (after["replies_polled"] - before["replies_polled"]) / max(after["windows_sent"] - before["windows_sent"], 1)
+        windows = max(after["windows_sent"] - before["windows_sent"], 1)
+        polled = (after["replies_polled"] - before["replies_polled"]) / windows
         embedded_stages = _stage_means(*stages_before, engine.stats(), engine.latencies.snapshot())
         rps = {name: await _throughput(turns[name], requests, concurrency) for name in ("raw", "engine", "embedded")}
     p50 = {name: statistics.median(values) for name, values in latencies.items()}

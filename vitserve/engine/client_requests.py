@@ -46,7 +46,6 @@ class ClientRequests:
             self._error(connection, message.id, "invalid_input", f"the request could not be processed: {err}")
             return
         connection.requests[message.id] = key
-        self._admitted = True
         connection.queued[:] = [held + new for held, new in zip(connection.queued, usage)]
         self._queued_items += usage[0]
         future.add_done_callback(partial(self._finish, connection, message, key, usage))

@@ -107,7 +107,6 @@ class Frontend(ClientRequests, Handshakes):
         self._queued_items = 0  # items of every client's unfinished requests
         self._hellos_waiting: set[Connection] = set()  # said hello while the engine started: welcomed once ready
         self._input_tokens: dict[str, Connection] = {}  # welcome token -> its connection, while it is open
-        self._admitted = False  # a request of the burst being read was queued: windows may be ready to go
 
     def watch(self) -> None:
         """Keep the connections in bounds from now on (floods, silent peers), also while the engine starts."""
@@ -127,7 +126,6 @@ class Frontend(ClientRequests, Handshakes):
                 for identity, *frames in burst:
                     self._receive(identity.bytes, frames)
                 engine.dispatch_now()
-                self._admitted = False
         finally:
             self.close()
 
@@ -206,9 +204,6 @@ class Frontend(ClientRequests, Handshakes):
                 if key is not None:
                     self.engine.cancel(key)
             case Release(ids=request_ids):
-                if self._admitted:  # the windows of this burst's requests go first; then the releases' bookkeeping
-                    self.engine.dispatch_now()  # (a sequential client's release of its last result follows its next request)
-                    self._admitted = False
                 self._release(connection, request_ids)
             case StatsQuery():
                 self._send(connection, Stats(self.stats()))
