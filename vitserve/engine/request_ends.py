@@ -134,4 +134,5 @@ class RequestEnds:
         if pending.input_region is not None:  # a window still copying from it reads only this request's inputs
             self.inputs.give_back(pending.input_region)
             pending.input_region = None
-        pending.items = [dataclasses.replace(item, array=_NO_INPUT) for item in pending.items]
+        if pending.items and pending.items[0].array is not _NO_INPUT:  # (once: at the result, not again at its release)
+            pending.items = [dataclasses.replace(item, array=_NO_INPUT) for item in pending.items]
