@@ -112,10 +112,12 @@ def test_a_worker_polls_earlier_once_its_windows_end_before_their_predictions():
 def test_the_loop_polls_while_a_reply_is_due_and_stops_when_it_comes():
     async def scenario():
         loop = asyncio.get_running_loop()
-        polling = BusyPolling(0.04)
-        polling.expect(1, loop.time(), loop.time() + 0.02)  # polls from 10 ms before it is due
+        polling = BusyPolling(0.2)
+        began = loop.time()
+        polling.expect(1, began, began + 0.1)  # polls from 50 ms before it is due until 200 ms after
         await asyncio.sleep(0.005)
         assert polling.turns == 0  # not yet: the loop slept
+        await asyncio.sleep(began + 0.06 - loop.time())
         ticks = 0
         began = loop.time()
         while loop.time() - began < 0.03:  # the loop's other work goes on meanwhile
@@ -188,15 +190,15 @@ def test_every_reply_that_comes_when_due_finds_the_loop_polling():
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        polling = BusyPolling(0.004)  # polls from 1 ms before each reply is due
+        polling = BusyPolling(0.02)  # polls from 5 ms before each reply is due until 20 ms after
         rng = np.random.default_rng(1)
         for window in range(40):
             sent = loop.time()
-            due = sent + 0.003 + rng.uniform(0, 0.001)
+            due = sent + 0.010 + rng.uniform(0, 0.001)  # its polling begins at a fraction of a millisecond
             polling.expect(window, sent, due)
             await asyncio.sleep(max(due - loop.time(), 0))
             polling.arrived(window, loop.time())
-            await asyncio.sleep(0.006)  # past the idle polling: the next window's polling starts from its timer
+            await asyncio.sleep(0.002)  # the polling ends with the reply: the next one's starts from its timer
         assert polling.replies == 40
         assert polling.replies_polled == 40
         polling.close()
