@@ -3,14 +3,15 @@
 A process blocked on a socket is woken by the kernel when a message arrives; when its CPU has
 gone idle meanwhile, that wake-up costs tens to hundreds of microseconds (on the H200 host, a
 virtual machine, a Unix-socket message to a process idle for 4 ms took 54 µs at the median and
-184 µs at the 90th percentile; 14 µs to one polling for it). A sequential request waits for two
-such wake-ups in the engine's traffic with its worker, and a woken process runs its next
-steps on cold caches too. The engine knows when each window's reply is due (the scheduler's
-prediction, learned from the worker's answers), so from a little before that time until the reply
-comes, its event loop polls: a task that yields at once, each turn of the loop asking the kernel
-for ready sockets without waiting. It polls for busy_poll after its last window's reply too, when
-a sequential client's next request comes. Other tasks and callbacks run as always; the cost is one
-core for that short time, at most `lead + 2 busy_poll` per window.
+184 µs at the 90th percentile, against 14 µs to one polling for it: tools/wake_latency.py). A
+sequential request waits for two such wake-ups in the engine's traffic with its worker, and a
+woken process runs its next steps on cold caches too. The engine knows when each window's reply
+is due (the scheduler's prediction, corrected by what replies took: LearnedDue), so from a little
+before that time until the reply comes, its event loop polls: a task that yields at once, each
+turn of the loop asking the kernel for ready sockets without waiting. It polls for busy_poll after
+its last window's reply too, when a sequential client's next request comes. Other tasks and
+callbacks run as always; the cost is one core for that short time, at most `lead + 2 busy_poll`
+per window.
 """
 
 from __future__ import annotations
