@@ -108,6 +108,15 @@ def test_a_worker_polls_earlier_once_its_windows_end_before_their_predictions():
     assert run.due < 50.0 + 0.5  # a 1 s prediction now counts for well under half of it
 
 
+async def assert_stops(polling: BusyPolling, after_s: float) -> None:
+    """`after_s` from now, `polling` no longer turns the loop; then it is closed."""
+    await asyncio.sleep(after_s)
+    turns = polling.turns
+    await asyncio.sleep(0.01)
+    assert polling.turns == turns
+    polling.close()
+
+
 # -- the engine's loop ---------------------------------------------------------------------------
 def test_the_loop_polls_while_a_reply_is_due_and_stops_when_it_comes():
     async def scenario():
@@ -126,11 +135,7 @@ def test_the_loop_polls_while_a_reply_is_due_and_stops_when_it_comes():
         assert polling.turns > ticks  # it polled: turns of the loop that did not wait
         assert ticks > 10
         polling.arrived(1, loop.time())
-        await asyncio.sleep(0.002)
-        turns = polling.turns
-        await asyncio.sleep(0.01)
-        assert polling.turns == turns  # stopped with the reply
-        polling.close()
+        await assert_stops(polling, after_s=0.002)  # with the reply
 
     asyncio.run(scenario())
 
@@ -140,12 +145,9 @@ def test_polling_for_a_reply_that_never_comes_ends_busy_poll_after_it_was_due():
         loop = asyncio.get_running_loop()
         polling = BusyPolling(0.02)
         polling.expect(7, loop.time(), loop.time())  # due now: polls at once, gives up 20 ms later
-        await asyncio.sleep(0.04)
-        turns = polling.turns
-        assert turns > 0
         await asyncio.sleep(0.01)
-        assert polling.turns == turns
-        polling.close()
+        assert polling.turns > 0
+        await assert_stops(polling, after_s=0.03)
 
     asyncio.run(scenario())
 
@@ -156,11 +158,7 @@ def test_the_loop_polls_for_a_while_once_idle_then_sleeps():
         polling.idle()  # the last reply came: a sequential client's next request may follow
         await asyncio.sleep(0.01)
         assert polling.turns > 0
-        await asyncio.sleep(0.03)
-        turns = polling.turns
-        await asyncio.sleep(0.01)
-        assert polling.turns == turns
-        polling.close()
+        await assert_stops(polling, after_s=0.03)
 
     asyncio.run(scenario())
 
