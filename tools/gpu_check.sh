@@ -39,10 +39,13 @@ for what in "$@"; do
         scaling)  # every GPU of the machine; with only one, two workers on it (the multi-worker paths)
             devices=$(python3 -c "import torch; n = torch.cuda.device_count(); \
 print(','.join(f'cuda:{i}' for i in range(n)) if n > 1 else 'cuda:0,cuda:0')")
-            step "scaling-$devices" 300 python3 -m vitserve.cli bench --scaling --devices "$devices" \
+            # the log's name without ':' or ',' (the device tool does not bring such names back)
+            step "scaling-${devices//[:,]/-}" 300 python3 -m vitserve.cli bench --scaling --devices "$devices" \
                 --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
         *) echo "unknown step $what (tests, families, served, overhead, soak, scaling)"; exit 2 ;;
     esac
 done
 for line in "${summary[@]}"; do echo "$line"; done
-for table in "$OUT"/*/*.txt; do [ -f "$table" ] && { echo "== $table"; cat "$table"; }; done
+for table in "$OUT"/*/*.txt; do
+    if [ -f "$table" ]; then echo "== $table"; cat "$table"; fi
+done
