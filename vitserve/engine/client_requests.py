@@ -107,11 +107,13 @@ class ClientRequests:
         connection.queued[:] = [held - used for held, used in zip(connection.queued, usage)]
         self._queued_items -= usage[0]
         if future.cancelled():  # only at shutdown
-            connection.requests.pop(message.id, None)
+            _forget_id(connection, message.id, key)
             return
         error = future.exception()
+        if error is None and not self.engine.is_open(key):  # released (or its connection closed) before this turn
+            error = EngineError("cancelled", "released by the client before its result was sent")
         if error is not None:
-            connection.requests.pop(message.id, None)
+            _forget_id(connection, message.id, key)
             if isinstance(error, EngineError):
                 self._error(connection, message.id, error.code, error.message, error.retry_after_ms)
             else:
@@ -152,10 +154,10 @@ class ClientRequests:
         the client until it releases the reply (it has read them)."""
         if not inline:
             if not self._send(connection, reply(request_id, refs)):  # never to be read: free its rows now
-                connection.requests.pop(request_id, None)
+                _forget_id(connection, request_id, key)
                 self.engine.release(key)
             return
-        connection.requests.pop(request_id, None)
+        _forget_id(connection, request_id, key)
         found = [ref for ref in refs if ref is not None]
         size = sum(math.prod(ref.shape) * numpy_dtype(ref.dtype).itemsize for ref in found)
         if connection.inline_bytes + size > self.limits.max_inline_bytes:
@@ -180,11 +182,14 @@ class ClientRequests:
             if size is not None:
                 connection.inline_bytes -= size
                 continue
-            key = connection.requests.pop(request_id, None)
-            if key is not None and self.engine.is_open(key):
-                self.engine.release(key)
-            else:
+            key = connection.requests.get(request_id)
+            if key is None or not self.engine.is_open(key):
+                connection.requests.pop(request_id, None)
                 unknown.append(request_id)
+            elif not self.engine.cancel(key):  # a result: its rows are free again
+                del connection.requests[request_id]
+                self.engine.release(key)
+            # (a request still running is cancelled: its id stays in use until its error goes out)
         if unknown:  # one reply per message, however many ids: a long list cannot make long work
             more = f" (and {len(unknown) - 1} more ids)" if len(unknown) > 1 else ""
             self._error(connection, unknown[0], "invalid_input",
@@ -202,6 +207,14 @@ class ClientRequests:
             return self.engine.inputs.arena_array(connection.arena, ref.offset, ref.dtype, tuple(ref.shape))
         except SlabError as err:
             raise ProtocolError(f"array at arena offset {ref.offset}: {err}", "invalid_input", request_id) from None
+
+
+def _forget_id(connection: Connection, request_id: int, key: int) -> None:
+    """The connection no longer holds request `key` under `request_id`. The id may name another
+    request by now (a client that reused it after a release or a cancel, before this one's reply
+    went out): that one stays the client's, to answer and release."""
+    if connection.requests.get(request_id) == key:
+        del connection.requests[request_id]
 
 
 def _ref(item: ImageItem | VideoItem | PatchItem) -> ArrayRef:

@@ -85,7 +85,7 @@ class Hello(msgspec.Struct, frozen=True, tag="hello"):
 
 
 class Encode(msgspec.Struct, frozen=True, tag="encode"):
-    id: int  # chosen by the client, unique among its requests in flight
+    id: int  # chosen by the client, in use until its reply went out and, for a result, it is released
     items: Annotated[list[Item], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)]
     deadline_ms: float | None = None  # relative to arrival at the engine
     priority: int = 0  # lower values are served first (as in Triton and vLLM)
@@ -116,8 +116,9 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
     """The client is done reading these requests' outputs; their slots may be reused, and inline
-    outputs' bytes count no more against the client. (Clients gather the releases of one
-    event-loop turn into one message.)"""
+    outputs' bytes count no more against the client. A request still running is cancelled: it ends
+    with a `cancelled` error, and its id stays in use until then. (Clients gather the releases of
+    one event-loop turn into one message.)"""
 
     ids: Annotated[list[int], msgspec.Meta(max_length=MAX_RELEASE_IDS)]
 

@@ -1,0 +1,123 @@
+"""A client that reuses a request id in the same burst as the release (or cancel) of the request
+that held it. The frontend ends the old request in a later loop turn than the one that reads the
+burst; until then its id must stay the old request's, and ending it must never touch a newer
+request's record. Otherwise the newer request's result is sent, the client's release of it is
+refused as unknown, and its output rows stay leased until the lease times out.
+
+The engine runs in this process on a loop of its own thread, so a test can hold that loop while the
+client's messages queue up: they are then read as one burst, deterministically."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from served import RawPeer
+
+from vitserve import Engine, EngineConfig
+from vitserve.engine.frontend import Frontend
+from vitserve.ipc.codec import array_ref
+from vitserve.ipc.messages import Cancel, Encode, Error, ImageItem, Release, Result, Stats, StatsQuery
+from vitserve.scheduler import SchedulerConfig
+from vitserve.workers import WindowConfig
+
+HOLD_S = 3.0  # a lone request waits this long in the queue for a fuller window (the max_delay policy)
+CONFIG = EngineConfig(window=WindowConfig(min_budget=64, max_budget=256),
+                      scheduler=SchedulerConfig(policy="max_delay", max_delay_ms=HOLD_S * 1e3))
+
+
+@pytest.fixture(scope="module")
+def served_here(tmp_path_factory):
+    """(endpoint, loop, frontend): `vitserve serve`'s parts on a loop in a thread of this process."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[Engine, Frontend, asyncio.Task]:
+        frontend = Frontend(f"ipc://{tmp_path_factory.mktemp('sock')}/reuse.sock", CONFIG)
+        engine = Engine(CONFIG)
+        await engine.start()
+        return engine, frontend, asyncio.ensure_future(frontend.serve(engine))
+
+    engine, frontend, serving = asyncio.run_coroutine_threadsafe(start(), loop).result(120)
+    yield frontend.endpoint, loop, frontend
+
+    async def stop() -> None:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await engine.close()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def encode(peer: RawPeer, request_id: int) -> list:
+    pixels = np.full((32, 32, 3), request_id % 256, np.uint8)
+    return peer.codec.encode(Encode(request_id, [ImageItem(array_ref(pixels, 0))]), [pixels])
+
+
+def as_one_burst(loop: asyncio.AbstractEventLoop, peer: RawPeer, messages: list[list]) -> None:
+    """Send `messages` while the engine's loop is held, so that its next read takes them all."""
+    held = threading.Event()
+
+    def hold() -> None:
+        held.set()
+        time.sleep(0.3)
+
+    loop.call_soon_threadsafe(hold)
+    assert held.wait(10)
+    for frames in messages:
+        peer.socket.send_multipart(frames, copy=False)
+
+
+def replies_until(peer: RawPeer, done) -> list:
+    """Replies as they come, results released at once, until `done(replies)`."""
+    replies = []
+    while not done(replies):
+        message, _ = peer.receive()
+        replies.append(message)
+        if isinstance(message, Result):
+            peer.socket.send_multipart(peer.codec.encode(Release([message.id])))
+    return replies
+
+
+def nothing_left(frontend: Frontend, peer: RawPeer) -> dict:
+    """The engine's counts once every request of the peer has ended and been released."""
+    deadline = time.monotonic() + 2 * HOLD_S + 30
+    while time.monotonic() < deadline:
+        peer.socket.send_multipart(peer.codec.encode(StatsQuery()))
+        stats = replies_until(peer, lambda replies: replies and isinstance(replies[-1], Stats))[-1].values
+        if stats["requests_open"] == 0:
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"a request is still open: {stats}")
+
+
+def ends_of(replies: list, request_id: int) -> list[str]:
+    return [reply.code if isinstance(reply, Error) else "result" for reply in replies
+            if isinstance(reply, (Error, Result)) and reply.id == request_id]
+
+
+@pytest.mark.parametrize("end_with", ["release", "cancel"])
+def test_an_id_reused_in_the_burst_that_ends_its_request_is_still_in_use(served_here, end_with):
+    endpoint, loop, frontend = served_here
+    peer = RawPeer(endpoint)
+    try:
+        assert peer.ask(encode(peer, 7)) == []  # queued, held for a fuller window
+        end = Release([7]) if end_with == "release" else Cancel(7)
+        as_one_burst(loop, peer, [peer.codec.encode(end), encode(peer, 7)])
+        replies = replies_until(peer, lambda replies: len(ends_of(replies, 7)) == 2)
+        assert sorted(ends_of(replies, 7)) == ["cancelled", "invalid_input"], replies
+        assert "already in use" in next(r.message for r in replies if isinstance(r, Error) and r.code == "invalid_input")
+        stats = nothing_left(frontend, peer)
+        assert stats["slots_leased"] == 0 and stats["queued_items"] == 0, stats
+
+        peer.socket.send_multipart(encode(peer, 7))  # the id is free again
+        assert ends_of(replies_until(peer, lambda replies: ends_of(replies, 7)), 7) == ["result"]
+        assert nothing_left(frontend, peer)["slots_leased"] == 0
+    finally:
+        peer.close()
