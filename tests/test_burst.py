@@ -7,7 +7,7 @@ import time
 
 import zmq
 
-from vitserve.ipc.burst import BurstSocket
+from vitserve.ipc.burst import MAX_BURST, BurstSocket
 
 
 def pair(tmp_path) -> tuple[zmq.Context, BurstSocket, zmq.Socket]:
@@ -77,3 +77,36 @@ def test_receive_with_a_timeout_returns_nothing_then_still_receives(tmp_path):
     empty, waited, late = asyncio.run(run())
     assert empty == [] and 0.04 <= waited < 1.0
     assert late == [b"late"]
+
+
+def test_a_socket_that_stays_busy_leaves_the_loop_turns_for_other_work(tmp_path):
+    """An await that does not suspend gives the event loop no turn: a reader that always finds
+    messages waiting (a flooding client) must still let the loop run its other tasks between bursts."""
+    total = 3 * MAX_BURST + 10
+
+    async def run() -> list[int]:
+        context, ours, peer = pair(tmp_path)
+        received, seen_by_other_task = 0, []
+
+        async def other_task() -> None:
+            while True:
+                seen_by_other_task.append(received)
+                await asyncio.sleep(0)
+
+        try:
+            for i in range(total):
+                peer.send(b"%d" % i)
+            time.sleep(0.2)  # all delivered: every receive finds messages waiting
+            other = asyncio.ensure_future(other_task())
+            await asyncio.sleep(0)  # (it runs once before the reader starts)
+            while received < total:
+                received += len(await ours.receive())  # (no wait_for: its task would give the loop turns)
+            other.cancel()
+            return seen_by_other_task
+        finally:
+            ours.close()
+            peer.close(0)
+            context.term()
+
+    seen = asyncio.run(run())
+    assert any(0 < count < total for count in seen), f"the other task ran only at {seen} of {total} messages"

@@ -1,7 +1,7 @@
 """Hostile or careless clients against a live `vitserve serve`, on sharing the engine: the
 connection limit, priorities out of range, a client's backlog against another client's single
-request, a client holding output rows while others wait, and a request past a client's share of
-the queue. Each test shows that one class of misbehaviour is contained. The engine stays up (every
+request, a client flooding cheap queries, a client holding output rows while others wait, and a
+request past a client's share of the queue. Each test shows that one class of misbehaviour is contained. The engine stays up (every
 served process must exit 0 on SIGTERM), other clients keep being served, and what a client may
 take (connections, queue, output rows) stays bounded.
 
@@ -11,6 +11,7 @@ memory), started once for this module."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 
 import hostile_helpers
@@ -21,7 +22,7 @@ from hostile_helpers import (
 
 from vitserve import AsyncClient, Client
 from vitserve.ipc.codec import array_ref
-from vitserve.ipc.messages import Encode, Error, ImageItem, Release, Result
+from vitserve.ipc.messages import Encode, Error, HealthQuery, ImageItem, Release, Result
 
 # fixtures, which pytest finds by name here (the engines are module-scoped: this module's own)
 main, pair, peer = hostile_helpers.main, hostile_helpers.pair, hostile_helpers.peer
@@ -90,6 +91,53 @@ def test_a_clients_backlog_does_not_delay_another_clients_single_request(main):
     done_before, finished = asyncio.run(run())
     assert len(finished) == backlog_size
     assert done_before <= backlog_size - 10, f"the newcomer waited for {done_before} of the backlog's requests"
+
+
+FLOOD_LIMIT_S = 60.0  # the flooder stops by itself after this long: a starved engine serves only then
+
+
+def flood_queries(endpoint: str, flooding, stop, sent) -> None:
+    """Health queries as fast as one process can send them, replies read only when they are there."""
+    peer = Peer(endpoint)
+    frames = peer.codec.encode(HealthQuery())
+    try:
+        flooding.set()
+        end = time.monotonic() + FLOOD_LIMIT_S
+        while not stop.is_set() and time.monotonic() < end:
+            for _ in range(100):
+                peer.socket.send_multipart(frames)
+                while peer.socket.poll(0):
+                    peer.socket.recv_multipart()
+            sent.value += 100
+    finally:
+        peer.close()
+
+
+def test_a_client_flooding_queries_does_not_stall_another_clients_requests(main):
+    """The frontend reads whatever has arrived, burst after burst: with a client that keeps its
+    socket full, an await that never suspends would give the engine's loop no turn for workers'
+    replies, and other clients' results would wait until the flood ends."""
+    endpoint, _ = main
+    context = multiprocessing.get_context("spawn")
+    flooding, stop, sent = context.Event(), context.Event(), context.Value("q", 0)
+    flooder = context.Process(target=flood_queries, args=(endpoint, flooding, stop, sent), daemon=True)
+    flooder.start()
+    try:
+        assert flooding.wait(60), "the flooder did not start"
+        while sent.value < 20_000:  # the flood is on
+            assert flooder.is_alive()
+            time.sleep(0.01)
+        with Client(endpoint) as client:
+            for seed in range(3):
+                with client.encode([image(seed=seed)]) as result:
+                    assert tuple(result.items[0].embeddings.shape) == (64, 128)
+        assert flooder.is_alive() and not stop.is_set(), "the flood ended before the requests did"
+    finally:
+        stop.set()
+        flooder.join(10)
+        if flooder.is_alive():
+            flooder.kill()
+    still_serves(endpoint)
 
 
 def test_a_client_holding_output_rows_while_others_wait_is_refused_and_the_others_complete(pair):

@@ -31,6 +31,7 @@ class BurstSocket:
         self._waiters: list[tuple[int, asyncio.Future]] = []  # (zmq event awaited, its future)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._interrupted = False
+        self._in_a_row = False  # the last receive found messages waiting: the loop has had no turn since
 
     # -- sending -----------------------------------------------------------------------------
     def send_now(self, frames: Sequence[Any]) -> bool:
@@ -50,11 +51,17 @@ class BurstSocket:
 
     # -- receiving ---------------------------------------------------------------------------
     async def receive(self, timeout_s: float | None = None) -> list[list[zmq.Frame]]:
-        """The messages that have arrived: at least one, or none once `timeout_s` has passed."""
+        """The messages that have arrived: at least one, or none once `timeout_s` has passed.
+        A receive that finds messages waiting right after one that did lets the event loop take a
+        turn first: a peer that keeps the socket busy cannot starve the loop's other work (an
+        await that does not suspend gives the loop no turn)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
             burst = self._take()
+            if burst and self._in_a_row:
+                await asyncio.sleep(0)
+            self._in_a_row = bool(burst)
             if burst or self._interrupted or (deadline is not None and loop.time() >= deadline):
                 self._interrupted = False
                 return burst
