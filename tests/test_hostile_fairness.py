@@ -1,9 +1,9 @@
 """Hostile or careless clients against a live `vitserve serve`, on sharing the engine: the
 connection limit, priorities out of range, a client's backlog against another client's single
 request, a client flooding cheap queries, a client holding output rows while others wait, and a
-request past a client's share of the queue. Each test shows that one class of misbehaviour is contained. The engine stays up (every
-served process must exit 0 on SIGTERM), other clients keep being served, and what a client may
-take (connections, queue, output rows) stays bounded.
+request past a client's share of the queue. Each test shows that one class of misbehaviour is
+contained. The engine stays up (every served process must exit 0 on SIGTERM), other clients keep
+being served, and what a client may take (connections, queue, output rows) stays bounded.
 
 The engines are hostile_helpers' `main` and `pair` (two connections at most, little output
 memory), started once for this module."""
