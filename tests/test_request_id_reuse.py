@@ -76,9 +76,10 @@ def served_fast(tmp_path_factory):
         yield served
 
 
-def encode(peer: RawPeer, request_id: int) -> list:
+def encode(peer: RawPeer, request_id: int, inline: bool = False) -> list:
+    """`inline`: the result's rows come in the reply (as for a remote client), held until released."""
     pixels = np.full((32, 32, 3), request_id % 256, np.uint8)
-    return peer.codec.encode(Encode(request_id, [ImageItem(array_ref(pixels, 0))]), [pixels])
+    return peer.codec.encode(Encode(request_id, [ImageItem(array_ref(pixels, 0))], inline=inline), [pixels])
 
 
 def as_one_burst(loop: asyncio.AbstractEventLoop, peer: RawPeer, messages: list[list], hold_s: float = 0.3) -> None:
@@ -155,24 +156,24 @@ def test_an_id_reused_in_the_burst_that_ends_its_request_is_still_in_use(served_
         peer.close()
 
 
-_messages = st.tuples(st.sampled_from(["encode", "encode", "release", "cancel"]), st.integers(0, 3))
+_messages = st.tuples(st.sampled_from(["encode", "encode", "inline", "release", "cancel"]), st.integers(0, 3))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bursts=st.lists(st.tuples(st.lists(_messages, min_size=1, max_size=5), st.booleans()), min_size=1, max_size=6))
 def test_every_encode_ends_once_and_nothing_stays_held_whatever_the_ids(served_fast, bursts):
-    """Encodes, releases and cancels over four ids, sent in bursts (some held: read as one burst)
-    while requests run; results are released as they come. Every encode gets exactly one reply (a
+    """Encodes (some inline), releases and cancels over four ids, sent in bursts (some held: read as
+    one burst) while requests run; results are released as they come. Every encode gets exactly one reply (a
     refusal, a result or an error), and once all is done the engine holds nothing."""
     endpoint, loop = served_fast
     peer = RawPeer(endpoint)
     encodes, replies = 0, []
     try:
         for burst, held in bursts:
-            messages = [encode(peer, request_id) if kind == "encode" else
+            messages = [encode(peer, request_id, kind == "inline") if kind in ("encode", "inline") else
                         peer.codec.encode(Release([request_id]) if kind == "release" else Cancel(request_id))
                         for kind, request_id in burst]
-            encodes += sum(kind == "encode" for kind, _ in burst)
+            encodes += sum(kind in ("encode", "inline") for kind, _ in burst)
             if held:
                 as_one_burst(loop, peer, messages, hold_s=0.05)
             else:
