@@ -138,7 +138,8 @@ class Peer(RawPeer):
                     self.socket.send_multipart(self.codec.encode(Release([request_id])))
 
     def drain(self, timeout_s: float = 60.0) -> dict:
-        """Wait until no generated request is left open, releasing results as they come."""
+        """Wait until no generated request is left open and every window is back (a cancelled
+        request's window holds its rows until it returns), releasing results as they come."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.socket.send_multipart(self.codec.encode(StatsQuery()))
@@ -148,10 +149,10 @@ class Peer(RawPeer):
                     self.socket.send_multipart(self.codec.encode(Release([message.id])))
                 elif isinstance(message, Stats):
                     break
-            if message.values["requests_open"] == 0:
+            if message.values["requests_open"] == 0 and message.values["windows_in_flight"] == 0:
                 return message.values
             time.sleep(0.05)
-        raise AssertionError(f"requests still open after {timeout_s} s: {message.values}")
+        raise AssertionError(f"requests or windows still open after {timeout_s} s: {message.values}")
 
 
 
