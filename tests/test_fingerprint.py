@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vitserve.engine.outputs_layout import agreed_capacities
-from vitserve.ipc.messages import WorkerCost, WorkerReady
+from vitserve.ipc.worker_messages import WorkerCost, WorkerReady
 from vitserve.models import load_model
 from vitserve.models.fingerprint import weights_fingerprint
 

@@ -25,7 +25,7 @@ from vitserve.bench.workloads import make_requests
 from vitserve.engine.admission import admit
 from vitserve.engine.outputs_layout import predictor
 from vitserve.ipc.input_slabs import InputSlab, aligned, input_slab_name
-from vitserve.ipc.messages import Begin, MakeSlabs, MapInputs, RunWindow, WindowItem
+from vitserve.ipc.worker_messages import Begin, MakeSlabs, MapInputs, RunWindow, WindowItem
 from vitserve.ipc.slabs import slab_plan
 from vitserve.preprocess import PreprocessConfig, preprocess_batch
 from vitserve.workers import WindowConfig

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import msgspec
 
-from vitserve.ipc.messages import ServedModel, WorkerCost, WorkerReady
+from vitserve.ipc.messages import ServedModel
+from vitserve.ipc.worker_messages import WorkerCost, WorkerReady
 from vitserve.ipc.slab_maps import SlabReader
 from vitserve.ipc.slabs import SlabPool, Slot
 from vitserve.launch import EarlyWorkers

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from vitserve.ipc.input_slabs import InputSlab, Regions, aligned, input_slab_name
-from vitserve.ipc.messages import DropInputs, MapInputs
+from vitserve.ipc.worker_messages import DropInputs, MapInputs
 from vitserve.ipc.slabs import SlabError
 
 from .admission import AdmittedItem

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-from vitserve.ipc.messages import WorkerCost, WorkerReady
+from vitserve.ipc.worker_messages import WorkerCost, WorkerReady
 from vitserve.ipc.slabs import numpy_dtype
 from vitserve.scheduler import Predictor
 from vitserve.workers import Capacities, CostModel

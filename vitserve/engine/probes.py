@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from vitserve.ipc.messages import Probe, ProbeDone
+from vitserve.ipc.worker_messages import Probe, ProbeDone
 
 
 class ReadinessProbes:

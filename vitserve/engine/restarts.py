@@ -23,7 +23,7 @@ import time
 
 import msgspec
 
-from vitserve.ipc.messages import Begin, WorkerReady, WorkerWarm
+from vitserve.ipc.worker_messages import Begin, WorkerReady, WorkerWarm
 from vitserve.ipc.slabs import SlabPool, slab_plan
 from vitserve.launch import WorkerSpec, worker_endpoint
 

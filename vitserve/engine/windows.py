@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 
-from vitserve.ipc.messages import (
-    InputsDropped, OutputRef, ProbeDone, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerWarm,
+from vitserve.ipc.messages import OutputRef
+from vitserve.ipc.worker_messages import (
+    InputsDropped, ProbeDone, RunWindow, WindowDone, WindowFailed, WindowItem, WorkerWarm,
 )
 from vitserve.ipc.slabs import SlabError, Slot
 from vitserve.models.protocol import item_rows

@@ -14,7 +14,7 @@ import msgspec.structs
 
 from vitserve.ipc.codec import Codec, ProtocolError
 from vitserve.ipc.link import EngineLink, LinkError
-from vitserve.ipc.messages import (
+from vitserve.ipc.worker_messages import (
     Begin, FromWorker, MakeSlabs, Shutdown, SlabsMade, WorkerLoaded, WorkerReady, WorkerStartFailed,
 )
 from vitserve.ipc.sealed import SealError, reopen_read_only

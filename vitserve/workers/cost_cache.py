@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from vitserve.ipc.messages import WorkerCost
+from vitserve.ipc.worker_messages import WorkerCost
 
 from .cost_model import CostModel
 

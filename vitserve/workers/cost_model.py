@@ -38,7 +38,7 @@ class CostModel:
 
     @classmethod
     def from_message(cls, cost) -> CostModel:
-        """From a WorkerCost message (ipc/messages.py), as workers report it and the cache keeps it."""
+        """From a WorkerCost message (ipc/worker_messages.py), as workers report it and the cache keeps it."""
         return cls.from_lists(cost.attention_ms_per_token2, cost.padded_base_ms, cost.eager_base_points)
 
     def to_lists(self) -> tuple[float, list[tuple[int, int, float]], list[tuple[int, float]]]:

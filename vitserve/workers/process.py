@@ -30,7 +30,7 @@ from vitserve.ipc.codec import Codec
 from vitserve.log_lines import configure_logging
 from vitserve.ipc.link import LinkError
 from vitserve.ipc.worker_link import WorkerLink
-from vitserve.ipc.messages import (
+from vitserve.ipc.worker_messages import (
     Begin, DropInputs, InputsDropped, MakeSlabs, MapInputs, Probe, RunWindow, Shutdown, ToWorker, WorkerLoaded,
     WorkerStartFailed,
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitserve.ipc.messages import FromWorker, ProbeDone, WindowDone, WindowFailed
+from vitserve.ipc.worker_messages import FromWorker, ProbeDone, WindowDone, WindowFailed
 
 from .runner import EncodeResult
 

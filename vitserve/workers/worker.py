@@ -17,7 +17,9 @@ import torch
 
 from vitserve.log_lines import event
 
-from vitserve.ipc.messages import Begin, MakeSlabs, MapInputs, RunWindow, SlabsMade, WorkerCost, WorkerReady, WorkerWarm
+from vitserve.ipc.worker_messages import (
+    Begin, MakeSlabs, MapInputs, RunWindow, SlabsMade, WorkerCost, WorkerReady, WorkerWarm,
+)
 from vitserve.ipc.sealed import SealError, create_sealed
 from vitserve.launch import WorkerSpec
 from vitserve.models import VisionEncoder

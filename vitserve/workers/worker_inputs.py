@@ -16,7 +16,7 @@ import mmap
 import torch
 
 from vitserve.ipc.input_slabs import InputSlab, aligned
-from vitserve.ipc.messages import MapInputs, WindowItem
+from vitserve.ipc.worker_messages import MapInputs, WindowItem
 from vitserve.ipc.outputs import read_only_tensor
 from vitserve.ipc.slabs import SlabError
 
