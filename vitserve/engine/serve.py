@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 
+from vitserve.gc_pauses import freeze_start_up_objects
 from vitserve.ipc.auth import ServerKeys
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, EndpointError
 from vitserve.launch import EarlyWorkers
@@ -102,6 +103,7 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
 async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task, signalled: asyncio.Task,
                          began: float) -> int:
     config, ready = engine.config, engine.ready
+    freeze_start_up_objects()
     frontend.engine_started()
     print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "
           f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, worker ready {ready.ready_s:.1f} s after Begin, "

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import torch
 
+from vitserve.gc_pauses import freeze_start_up_objects
 from vitserve.ipc.codec import Codec
 from vitserve.log_lines import configure_logging
 from vitserve.ipc.link import LinkError
@@ -106,6 +107,7 @@ def serve_engine(spec: WorkerSpec, link: WorkerLink, engine_pid: int) -> None:
     try:
         if begin is not None and problem is None:
             worker = Worker(spec, engine_pid, begin, model)
+            freeze_start_up_objects()  # (before the first window: the full pass it takes is a pause)
             link.send(encoder.encode(worker.ready))
     except Exception as err:
         log.exception("start-up failed")
@@ -203,6 +205,7 @@ def serve_windows(worker: Worker, link: WorkerLink, encoder: msgspec.msgpack.Enc
             stepped_at = worker.started
             if (warm := worker.warm_step()) is not None:
                 link.send(encoder.encode(warm))
+                freeze_start_up_objects()  # what the capture made lives as long as the process too
             continue
         if len(running) >= MAX_RUNNING:
             reply_oldest()  # full: wait for the oldest
