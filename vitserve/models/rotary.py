@@ -58,7 +58,8 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: in
 
 if triton is not None:
 
-    @triton.jit
+    # (tokens varies with every eager window: not compiled anew for counts equal to 1 or divisible by 16)
+    @triton.jit(do_not_specialize=["tokens"])
     def _rotary_kernel(qkv, cos, sin, out, qkv_row_stride, tokens, HEADS: tl.constexpr, HALF: tl.constexpr,
                        WIDTH: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
                        BLOCK_PAD: tl.constexpr):

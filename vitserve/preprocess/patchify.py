@@ -10,6 +10,8 @@ columns over (C, P, P).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vitserve.preprocess.config import PreprocessConfig
@@ -71,8 +73,17 @@ def pad_bottom_right(frames: torch.Tensor, height: int, width: int) -> torch.Ten
 
 def normalize_(pixel_values: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """In place on rows (N, C*T*P*P) of 0..255 values: (x - mean*255) / (std*255) per channel."""
-    mean = torch.tensor(config.image_mean, dtype=torch.float32, device=pixel_values.device) * _INVERSE_RESCALE
-    std = torch.tensor(config.image_std, dtype=torch.float32, device=pixel_values.device) * _INVERSE_RESCALE
+    mean, std = _scaled_mean_std(pixel_values.device, config.image_mean, config.image_std)
     by_channel = pixel_values.view(pixel_values.shape[0], 3, config.patch_dim // 3)  # (N, C, T*P*P)
     by_channel.sub_(mean[:, None]).div_(std[:, None])
     return pixel_values
+
+
+@functools.lru_cache(maxsize=64)
+def _scaled_mean_std(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean*255 and std*255 (C,) on `device`, made once per device and config: a tensor made from a
+    list goes to the device in a synchronous copy, which waits for all the work queued there (a
+    worker preprocessing window N+1 would wait for window N's forward)."""
+    mean_255 = torch.tensor(mean, dtype=torch.float32, device=device) * _INVERSE_RESCALE  # (C,)
+    std_255 = torch.tensor(std, dtype=torch.float32, device=device) * _INVERSE_RESCALE  # (C,)
+    return mean_255, std_255
