@@ -24,7 +24,7 @@ step() {  # name, seconds allowed, command...
 
 for what in "$@"; do
     case $what in
-        tests) step gpu-tests 330 python3 -m pytest -p no:cacheprovider -q -m gpu tests ;;
+        tests) step gpu-tests 450 python3 -m pytest -p no:cacheprovider -q -m gpu tests ;;
         families)
             for model in qwen3.5-9b glm-4.6v kimi-k2.5; do
                 step "bench-$model" 150 python3 -m vitserve.cli bench --model "random:$model" \
