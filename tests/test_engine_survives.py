@@ -6,6 +6,7 @@ marks the engine stopped (and `vitserve serve` exits non-zero)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import pytest
@@ -186,6 +187,9 @@ def test_serve_exits_non_zero_when_the_engine_stops_by_itself(tmp_path, monkeypa
 
     monkeypatch.setattr(Scheduler, "poll", broken)
     socket = tmp_path / "engine.sock"
+    frozen = gc.get_freeze_count()
     code = asyncio.run(asyncio.wait_for(serve(EngineConfig(window=WINDOW), f"ipc://{socket}"), 120))
     assert code == 1
     assert not socket.exists()
+    # serve() in a process that is not vitserve's own (here pytest's) leaves its collector alone
+    assert gc.get_freeze_count() == frozen

@@ -100,16 +100,25 @@ def main() -> None:
     done = threading.Event()
     helper_took: dict[str, float] = {}
 
+    failed: list[BaseException] = []
+
     def helper() -> None:
-        helper_took["register"] = register(mapping)
-        helper_took["unregister"] = unregister(mapping)
-        done.set()
+        try:
+            torch.cuda.set_device(a.device)  # (a new thread's current device is device 0)
+            helper_took["register"] = register(mapping)
+            helper_took["unregister"] = unregister(mapping)
+        except BaseException as error:  # said after the join: the main thread's loop must end either way
+            failed.append(error)
+        finally:
+            done.set()
 
     thread = threading.Thread(target=helper)
     thread.start()
     times = steps(done.is_set, a, b)
     thread.join()
     mapping.close()
+    if failed:
+        raise failed[0]
     print(summary("register + unregister in a thread", times,
                   f"register {helper_took['register'] * 1e3:.0f} ms, unregister {helper_took['unregister'] * 1e3:.0f} ms"))
 

@@ -142,7 +142,7 @@ def _run_serve(args: argparse.Namespace, early) -> int:
         return 2
     try:
         return run(settings.config, settings.endpoint, settings.socket_mode, settings.keys, args.allow_insecure_tcp,
-                   early, settings.http)
+                   early, settings.http, freeze_gc=True)  # (this process is vitserve's own)
     except (EndpointError, AuthError) as err:  # raised before the engine starts: the endpoint is taken or unusable
         print(f"vitserve serve: {err}", file=sys.stderr)
         return 2

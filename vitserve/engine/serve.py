@@ -36,10 +36,13 @@ RELEASE_POLL_S = 0.02
 
 async def serve(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
                 keys: ServerKeys | None = None, allow_insecure_tcp: bool = False,
-                early: EarlyWorkers | None = None, http: tuple[str, int] | None = None) -> int:
+                early: EarlyWorkers | None = None, http: tuple[str, int] | None = None,
+                freeze_gc: bool = False) -> int:
     """The process's exit code: 0 after a signal and a drain, 1 when the engine or the frontend
     stopped by itself (a supervisor should start it again). `early`: worker processes started
-    before (launch.py), for the engine to adopt. `http`: (host, port) of /metrics, /livez and /readyz."""
+    before (launch.py), for the engine to adopt. `http`: (host, port) of /metrics, /livez and /readyz.
+    `freeze_gc`: the process is vitserve's own (`vitserve serve`): once ready, what it made while
+    starting leaves the garbage collector's passes (gc_pauses.py); never in someone else's process."""
     web = None
     try:
         frontend = Frontend(endpoint, config, socket_mode, keys, allow_insecure_tcp)
@@ -55,14 +58,15 @@ async def serve(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_
         raise
     frontend.watch()  # floods and silent peers are shed while the engine starts, too
     try:
-        return await _serve(config, frontend, early, web)
+        return await _serve(config, frontend, early, web, freeze_gc)
     finally:
         if web is not None:
             web.close()
         frontend.close()
 
 
-async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers | None, web: HttpEndpoint | None) -> int:
+async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers | None, web: HttpEndpoint | None,
+                 freeze_gc: bool) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for name in (signal.SIGINT, signal.SIGTERM):
@@ -95,15 +99,16 @@ async def _serve(config: EngineConfig, frontend: Frontend, early: EarlyWorkers |
             return 0
         raise starting.exception()  # a failed start raises, as it always has
     try:
-        return await _serve_started(engine, frontend, task, signalled, began)
+        return await _serve_started(engine, frontend, task, signalled, began, freeze_gc)
     finally:
         await engine.close()
 
 
 async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task, signalled: asyncio.Task,
-                         began: float) -> int:
+                         began: float, freeze_gc: bool) -> int:
     config, ready = engine.config, engine.ready
-    freeze_start_up_objects()
+    if freeze_gc:
+        freeze_start_up_objects()
     frontend.engine_started()
     print(f"vitserve ready on {frontend.endpoint}: model {config.model} on {', '.join(config.devices)} "
           f"({ready.dtype}), budgets {list(engine.capacities.budgets)}, worker ready {ready.ready_s:.1f} s after Begin, "
@@ -134,10 +139,10 @@ async def _serve_started(engine: Engine, frontend: Frontend, task: asyncio.Task,
 
 def run(config: EngineConfig, endpoint: str, socket_mode: int = DEFAULT_SOCKET_MODE,
         keys: ServerKeys | None = None, allow_insecure_tcp: bool = False, early: EarlyWorkers | None = None,
-        http: tuple[str, int] | None = None) -> int:
+        http: tuple[str, int] | None = None, freeze_gc: bool = False) -> int:
     """Serve until a signal (exit code 0) or a failure (1); EndpointError or AuthError (before the
-    engine starts) when an endpoint cannot be had or may not be served so."""
-    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp, early, http)
+    engine starts) when an endpoint cannot be had or may not be served so. `freeze_gc`: as `serve`'s."""
+    serving = serve(config, endpoint, socket_mode, keys, allow_insecure_tcp, early, http, freeze_gc)
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency, but a missing one should not stop the server

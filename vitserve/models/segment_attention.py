@@ -32,13 +32,14 @@ except ImportError:  # CPU-only installs
     triton = None
 
 MIN_DOT = 16  # smallest tensor-core operand dimension Triton accepts
-# One compiled kernel for every window of up to 2**8 segments. Each constexpr value is a kernel of its
-# own, compiled (about a second) the first time a window needs it: with the search's steps fitted to
-# each window, an eager window of 9 to 15 or 33 to 63 segments needed a kernel that no graph and no
-# calibration run had compiled, in the middle of serving. The spare steps cost little: the kernel
-# alone took -7 to +4 % against the fitted one on windows of 1 to 64 segments (H200). Triton also
-# compiles an integer argument equal to 1 or divisible by 16 separately (`do_not_specialize` below).
-MIN_SEARCH_STEPS = 8
+# One compiled kernel for every window of up to 2**8 segments (and one more up to 2**16: the
+# search's steps go in multiples of 8). Each constexpr value is a kernel of its own, compiled (about
+# a second) the first time a window needs it: with the search's steps fitted to each window, an
+# eager window of 9 to 15 or 33 to 63 segments needed a kernel that no graph and no calibration run
+# had compiled, in the middle of serving. The spare steps cost little: the kernel alone took -7 to
+# +4 % against the fitted one on windows of 1 to 64 segments (H200). Triton also compiles an integer
+# argument equal to 1 or divisible by 16 separately (`do_not_specialize` below).
+MIN_SEARCH_STEPS = 8  # (the step count is a multiple of it)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     num_segments = cu_seqlens.numel() - 1
     out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)  # (tokens, heads, head_dim)
     main, tail = split_head_dim(head_dim)
-    search_steps = max(MIN_SEARCH_STEPS, (num_segments - 1).bit_length())
+    search_steps = -(-max(1, (num_segments - 1).bit_length()) // MIN_SEARCH_STEPS) * MIN_SEARCH_STEPS  # 8, 16, ...
     grid = (triton.cdiv(tokens, config.block_m) + num_segments, heads)
     _segment_attention_kernel[grid](
         q, k, v, out, cu_seqlens, num_segments,

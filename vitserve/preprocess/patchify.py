@@ -83,7 +83,10 @@ def normalize_(pixel_values: torch.Tensor, config: PreprocessConfig) -> torch.Te
 def _scaled_mean_std(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """mean*255 and std*255 (C,) on `device`, made once per device and config: a tensor made from a
     list goes to the device in a synchronous copy, which waits for all the work queued there (a
-    worker preprocessing window N+1 would wait for window N's forward)."""
-    mean_255 = torch.tensor(mean, dtype=torch.float32, device=device) * _INVERSE_RESCALE  # (C,)
-    std_255 = torch.tensor(std, dtype=torch.float32, device=device) * _INVERSE_RESCALE  # (C,)
+    worker preprocessing window N+1 would wait for window N's forward). Made on the host (float32
+    products, rounded as on any device) and copied synchronously, so every stream sees them whole;
+    outside inference mode, so that a later call that autograd tracks may use them too."""
+    with torch.inference_mode(False):
+        mean_255 = (torch.tensor(mean, dtype=torch.float32) * _INVERSE_RESCALE).to(device)  # (C,)
+        std_255 = (torch.tensor(std, dtype=torch.float32) * _INVERSE_RESCALE).to(device)  # (C,)
     return mean_255, std_255
