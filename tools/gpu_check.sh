@@ -5,6 +5,7 @@
 #   tools/gpu_check.sh served overhead    # issue 14's served bench and what the engine adds to one request
 #   tools/gpu_check.sh soak               # the 8-minute soak with faults (a device call of its own)
 #   tools/gpu_check.sh scaling            # one GPU against all (or two workers on one)
+#   tools/gpu_check.sh stalls             # bursts against vitserve serve: slow worker steps, gc pauses (burst_stalls.py)
 # Logs and bench outputs go under $OUT (the device tool's folder that comes back); a summary is printed last.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -42,7 +43,10 @@ print(','.join(f'cuda:{i}' for i in range(n)) if n > 1 else 'cuda:0,cuda:0')")
             # the log's name without ':' or ',' (the device tool does not bring such names back)
             step "scaling-${devices//[:,]/-}" 300 python3 -m vitserve.cli bench --scaling --devices "$devices" \
                 --workloads arena-mix,many-336 --out "$OUT/scaling" ;;
-        *) echo "unknown step $what (tests, families, served, overhead, soak, scaling)"; exit 2 ;;
+        stalls)  # the worker's slow steps and gc pauses go to the log with the bursts' lines
+            step stalls 240 python3 tools/burst_stalls.py --model random:qwen3-vl-8b --device cuda:0 --bursts 30
+            grep -E "took|gc of|gaps over 50 ms: \[" "$OUT/stalls.log" | tail -n 20 ;;
+        *) echo "unknown step $what (tests, families, served, overhead, soak, scaling, stalls)"; exit 2 ;;
     esac
 done
 for line in "${summary[@]}"; do echo "$line"; done
