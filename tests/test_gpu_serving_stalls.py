@@ -37,17 +37,11 @@ def images(sides, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, device="cuda", generator=generator) for h, w in sides]
 
 
-def test_windows_queue_without_waiting_for_the_device(runner):
-    eager = list(runner.cost.eager_base_points)
-    runner.cost.eager_base_points.clear()  # no eager prediction: a window that fits a budget replays its graph
-    try:
-        check_windows_queue_without_waiting(runner)
-    finally:
-        runner.cost.eager_base_points[:] = eager
-
-
-def check_windows_queue_without_waiting(runner):
+def test_windows_queue_without_waiting_for_the_device(runner, monkeypatch):
     from vitserve.preprocess import PreprocessConfig, preprocess_batch
+
+    # no eager prediction: a window that fits a budget replays its graph
+    monkeypatch.setattr(runner.cost, "eager_base_points", [])
 
     config = PreprocessConfig()
     items = images([(448, 448), (300, 500), (1280, 1280)])  # fits a graph; resized; more tokens than any budget
@@ -91,21 +85,17 @@ def compiled_kernels() -> int:
     return count
 
 
-def test_eager_windows_compile_nothing_after_the_warm_up(runner):
-    padded = dict(runner.cost.padded_base_ms)
-    runner.cost.padded_base_ms.clear()  # no graph is measured: every window runs eagerly
+def test_eager_windows_compile_nothing_after_the_warm_up(runner, monkeypatch):
+    monkeypatch.setattr(runner.cost, "padded_base_ms", {})  # no graph is measured: every window runs eagerly
     patch_dim = runner.model.geometry.patch_dim
-    try:
-        before = compiled_kernels()
-        # Windows of 1 to 64 segments (each item one segment), with token counts divisible by 16 and
-        # not (4 tokens per smallest item; 484 per 22x22 grid); and a two-frame video.
-        windows = [[(1, 2, 2)] * count for count in [*range(1, 21), 31, 32, 33, 40, 63, 64]]
-        windows += [[(1, 22, 22)], [(1, 22, 22)] * 3, [(2, 28, 28)]]
-        for grids in windows:
-            tokens = sum(t * h * w for t, h, w in grids)
-            pixels = torch.randn(tokens, patch_dim, device="cuda")  # (tokens, patch_dim)
-            result = runner.encode(pixels, grids)
-            assert {reason for _, reason, _, _ in result.runs} == {"not_measured"}, result.runs
-        assert compiled_kernels() == before, "a kernel was compiled for a window after the warm-up"
-    finally:
-        runner.cost.padded_base_ms.update(padded)
+    before = compiled_kernels()
+    # Windows of 1 to 64 segments (each item one segment), with token counts divisible by 16 and
+    # not (4 tokens per smallest item; 484 per 22x22 grid); and a two-frame video.
+    windows = [[(1, 2, 2)] * count for count in [*range(1, 21), 31, 32, 33, 40, 63, 64]]
+    windows += [[(1, 22, 22)], [(1, 22, 22)] * 3, [(2, 28, 28)]]
+    for grids in windows:
+        tokens = sum(t * h * w for t, h, w in grids)
+        pixels = torch.randn(tokens, patch_dim, device="cuda")  # (tokens, patch_dim)
+        result = runner.encode(pixels, grids)
+        assert {reason for _, reason, _, _ in result.runs} == {"not_measured"}, result.runs
+    assert compiled_kernels() == before, "a kernel was compiled for a window after the warm-up"

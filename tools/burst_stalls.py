@@ -24,9 +24,7 @@ import asyncio
 import functools
 import gc
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,13 +63,14 @@ def slow(function, label: str, slow_ms: float):
 
 # -- the server (its engine and its workers) --------------------------------------------------
 def serve_watched(slow_ms: float, argv: list[str]) -> None:
+    """The CLI with `argv` (`serve ...`), watched."""
     from vitserve import cli, launch
     from vitserve.engine import worker_handle
 
     watch_gc("engine")
     # Both entry points are looked up by name when a worker is spawned (see tools/trace_hops.py).
     launch.run_worker = worker_handle.worker_main = functools.partial(watched_worker_main, slow_ms)
-    sys.exit(cli.main(["serve", *argv]))
+    sys.exit(cli.main(argv))
 
 
 def watched_worker_main(slow_ms: float, spec) -> None:
@@ -154,31 +153,18 @@ def main() -> None:
     parser.add_argument("--slow-ms", type=float, default=50.0)
     args, extra = parser.parse_known_args()
     sys.path.insert(0, os.path.dirname(TOOLS_DIR))
-    from vitserve.bench.server_process import run_loop
+    from vitserve.bench.server_process import run_loop, start_server, stop_server
 
     folder = tempfile.mkdtemp(prefix="vitserve-bursts-")
     endpoint = f"ipc://{folder}/engine"
+    # `python -c`, not this script, so that spawn does not import the script again in the worker
     code = f"import sys; sys.path.insert(0, {TOOLS_DIR!r}); import burst_stalls; " \
            f"burst_stalls.serve_watched(float(sys.argv[1]), sys.argv[2:])"
-    command = [sys.executable, "-c", code, str(args.slow_ms), "--model", args.model, "--devices", args.device,
-               "--endpoint", endpoint, *extra]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    server = start_server(endpoint, args.model, args.device, extra, launcher=(sys.executable, "-c", code, str(args.slow_ms)))
     try:
-        for line in server.stdout:
-            if line.startswith("vitserve ready"):
-                break
-        else:
-            raise RuntimeError("`vitserve serve` did not become ready; see its log above")
         run_loop(run_bursts(endpoint, args))
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        shutil.rmtree(folder, ignore_errors=True)
-
+        stop_server(server, folder)
 
 if __name__ == "__main__":
     main()

@@ -14,39 +14,39 @@ and while a helper thread registers (then unregisters) a fresh mapping of the sa
 from __future__ import annotations
 
 import argparse
-import ctypes
+import itertools
 import mmap
 import os
 import statistics
+import sys
 import threading
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vitserve.ipc.input_slabs import InputSlab, input_slab_name  # noqa: E402
+from vitserve.workers.worker_inputs import pin_for_cuda, unpin_for_cuda  # noqa: E402
 
-def fresh_mapping(size: int) -> mmap.mmap:
-    """Shared memory as the engine makes its slabs: a memory file, pages not yet touched."""
-    fd = os.memfd_create("vitserve-pin-probe")
-    try:
-        os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
+
+def fresh_slab(size: int) -> InputSlab:
+    """Shared memory as the engine makes its input slabs (pages not yet touched)."""
+    return InputSlab.create(input_slab_name(os.getpid(), "probe", next(_serials)), size)
+
+
+_serials = itertools.count()
 
 
 def register(mapping: mmap.mmap) -> float:
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    """Seconds to page-lock `mapping` as a worker does its input slabs."""
     began = time.perf_counter()
-    status = int(torch.cuda.cudart().cudaHostRegister(address, len(mapping), 0))
-    if status:
-        raise RuntimeError(f"cudaHostRegister failed with status {status}")
+    pin_for_cuda(mapping)
     return time.perf_counter() - began
 
 
 def unregister(mapping: mmap.mmap) -> float:
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
     began = time.perf_counter()
-    torch.cuda.cudart().cudaHostUnregister(address)
+    unpin_for_cuda(mapping)
     return time.perf_counter() - began
 
 
@@ -83,20 +83,20 @@ def main() -> None:
     stop = time.perf_counter() + 1.0
     print(summary("nothing else", steps(lambda: time.perf_counter() > stop, a, b)))
 
-    mapping = fresh_mapping(size)
+    slab = fresh_slab(size)
     took = []
     stop = time.perf_counter() + 0.2
     times = steps(lambda: time.perf_counter() > stop, a, b)
     began = time.perf_counter()
-    took.append(register(mapping))
+    took.append(register(slab.mapping))
     times.append((time.perf_counter() - began) * 1e3)  # the step that could not run meanwhile
     stop = time.perf_counter() + 0.2
     times += steps(lambda: time.perf_counter() > stop, a, b)
     print(summary("register on the main thread", times, f"register {took[0] * 1e3:.0f} ms"))
-    unregister(mapping)
-    mapping.close()
+    unregister(slab.mapping)
+    slab.close()
 
-    mapping = fresh_mapping(size)
+    slab = fresh_slab(size)
     done = threading.Event()
     helper_took: dict[str, float] = {}
 
@@ -105,8 +105,8 @@ def main() -> None:
     def helper() -> None:
         try:
             torch.cuda.set_device(a.device)  # (a new thread's current device is device 0)
-            helper_took["register"] = register(mapping)
-            helper_took["unregister"] = unregister(mapping)
+            helper_took["register"] = register(slab.mapping)
+            helper_took["unregister"] = unregister(slab.mapping)
         except BaseException as error:  # said after the join: the main thread's loop must end either way
             failed.append(error)
         finally:
@@ -116,7 +116,7 @@ def main() -> None:
     thread.start()
     times = steps(done.is_set, a, b)
     thread.join()
-    mapping.close()
+    slab.close()
     if failed:
         raise failed[0]
     print(summary("register + unregister in a thread", times,

@@ -8,13 +8,16 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 SERVER_START_TIMEOUT_S = 600.0
 
 
-def start_server(endpoint: str, model: str, devices: str, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vitserve.cli", "serve", "--model", model, "--devices", devices,
-               "--endpoint", endpoint, *extra]
+def start_server(endpoint: str, model: str, devices: str, extra: list[str],
+                 launcher: Sequence[str] = (sys.executable, "-m", "vitserve.cli")) -> subprocess.Popen:
+    """`vitserve serve` once it is ready. `launcher`: the command that takes the CLI's arguments (a
+    tool may run the CLI with its own wrapping, as tools/burst_stalls.py does)."""
+    command = [*launcher, "serve", "--model", model, "--devices", devices, "--endpoint", endpoint, *extra]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     for line in server.stdout:
