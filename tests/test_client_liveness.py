@@ -46,12 +46,13 @@ async def failure_of(request, within_s: float) -> tuple[EngineError, float]:
     return info.value, time.monotonic() - began
 
 
-def test_a_killed_engine_fails_waiting_requests_at_once_and_a_restarted_one_serves_the_same_client(tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-link", "zeromq"])
+def test_a_killed_engine_fails_waiting_requests_at_once_and_a_restarted_one_serves_the_same_client(tmp_path, direct):
     endpoint = f"ipc://{tmp_path}/liveness.sock"
 
     async def run() -> None:
         with engine(endpoint) as process:
-            async with AsyncClient(endpoint) as client:
+            async with AsyncClient(endpoint, direct=direct) as client:
                 (await client.encode([image(64)])).release()
                 waiting = [asyncio.ensure_future(client.encode([image(BIG, i)])) for i in range(2)]
                 await asyncio.sleep(0.3)
@@ -69,12 +70,13 @@ def test_a_killed_engine_fails_waiting_requests_at_once_and_a_restarted_one_serv
     asyncio.run(run())
 
 
-def test_a_stopped_engine_is_noticed_within_a_few_heartbeats(tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-link", "zeromq"])
+def test_a_stopped_engine_is_noticed_within_a_few_heartbeats(tmp_path, direct):
     endpoint = f"ipc://{tmp_path}/stopped.sock"
 
     async def run() -> None:
         with engine(endpoint) as process:
-            async with AsyncClient(endpoint, heartbeat_s=0.5) as client:
+            async with AsyncClient(endpoint, heartbeat_s=0.5, direct=direct) as client:
                 running = asyncio.ensure_future(client.encode([image(BIG)]))
                 await asyncio.sleep(0.3)
                 os.kill(process.pid, signal.SIGSTOP)

@@ -55,10 +55,10 @@ def test_a_client_closes_while_its_engine_goes_away(tmp_path):
     with served(endpoint, "--min-budget", "64", "--max-budget", "512") as process:
 
         async def run() -> None:
-            client = AsyncClient(endpoint)
+            client = AsyncClient(endpoint, direct=False)  # ZeroMQ's socket and its monitor
             await client.connect()
             (await client.encode([np.zeros((64, 64, 3), np.uint8)])).release()
-            link_close = client._link.close
+            link_close = client._transport.close_events
 
             def close_link_then_lose_the_engine(*args):
                 link_close(*args)
@@ -66,7 +66,7 @@ def test_a_client_closes_while_its_engine_goes_away(tmp_path):
                 process.wait()
                 time.sleep(0.3)
 
-            client._link.close = close_link_then_lose_the_engine
+            client._transport.close_events = close_link_then_lose_the_engine
             await client.close()
 
         assert finishes(lambda: asyncio.run(run())), "the client hung in close()"

@@ -89,7 +89,7 @@ def serve_traced(folder: str, argv: list[str]) -> None:
     from vitserve.engine.frontend import Frontend
     from vitserve.ipc.link import EngineLink
 
-    patch(Frontend, "_receive", "receive", exit=False)  # any client message, releases too
+    patch(Frontend, "_checked", "receive", exit=False)  # any client message (either link), releases too
     patch(Engine, "submit", "submit")
     patch(Engine, "_poll", "poll", exit=False)
     patch(Engine, "_send", "send_window", exit=False)
@@ -170,17 +170,17 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-async def run_client(endpoint: str, image, warmup: int, requests: int, gap_s: float) -> None:
+async def run_client(endpoint: str, image, warmup: int, requests: int, gap_s: float, direct: bool) -> None:
     from vitserve.bench.load import until_settled
     from vitserve.client import AsyncClient
 
-    async with AsyncClient(endpoint) as client:
+    async with AsyncClient(endpoint, direct=direct) as client:
         await until_settled(client.stats)
         for _ in range(warmup):  # untraced: the first windows, slab mappings
             (await client.encode([image])).release()
             await asyncio.sleep(gap_s)
         # This instance's: encode's send (and releases, which go out in the pause between requests).
-        client._socket.send_now = timed(client._socket.send_now, "send", exit=False)
+        client._transport.send_now = timed(client._transport.send_now, "send", exit=False)
         patch(AsyncClient, "_dispatch", "dispatch", exit=False)  # a reply arrived (called from _receive)
         for _ in range(requests):
             record("encode>")  # around the await: the same task steps as encode's own start and end
@@ -262,6 +262,7 @@ def main() -> None:
                         "right after the last one's reply, as `vitserve bench --overhead` sends them)")
     parser.add_argument("--skip", type=int, default=30, help="traced requests left out of the table")
     parser.add_argument("--out", help="write each request's hops (ms) to this JSON file")
+    parser.add_argument("--zeromq", action="store_true", help="the client talks ZeroMQ, not the direct link")
     args, extra = parser.parse_known_args()
     if args.requests <= args.skip:
         parser.error("--requests must be more than --skip")
@@ -273,7 +274,8 @@ def main() -> None:
         endpoint = f"ipc://{folder}/engine"
         server = start_server(endpoint, folder, args, extra)
         try:
-            run_loop(run_client(endpoint, image, args.warmup, args.requests, args.gap_ms / 1e3))
+            run_loop(run_client(endpoint, image, args.warmup, args.requests, args.gap_ms / 1e3,
+                                not args.zeromq))
             dump(folder, "client")
         finally:
             stop_server(server)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,15 +27,15 @@ import zmq
 from vitserve.checks import check_seconds
 from vitserve.client_arena import ClientArena
 from vitserve.client_kept import ClientKeptItems
-from vitserve.client_link import HEARTBEAT_S, LINK_EVENTS, ClientLink
+from vitserve.client_direct import DirectTransport, ZmqTransport
+from vitserve.client_link import HEARTBEAT_S, ClientLink
 from vitserve.client_releases import ClientReleases
 from vitserve.engine.errors import EngineError
-from vitserve.ipc.auth import connect_with_curve
-from vitserve.ipc.burst import BurstSocket
+from vitserve.ipc.direct import link_path
 from vitserve.ipc.codec import ProtocolError, array_ref, client_codec
 from vitserve.ipc.messages import (
-    Encode, Error, Found, Health, HealthQuery, ImageItem, Lookup, PatchItem, Result, ServedModel, Stats, StatsQuery,
-    VideoItem, Welcome,
+    Encode, Error, Found, Health, HealthQuery, ImageItem, Lookup, PatchItem, Pong, Result, ServedModel, Stats,
+    StatsQuery, VideoItem, Welcome,
 )
 from vitserve.ipc.endpoints import split_endpoint
 from vitserve.ipc.outputs import Encoded, encoded_from_refs
@@ -56,12 +55,15 @@ def _no_slabs(slab: str) -> int:
 class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
     def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
                  timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
-                 curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
+                 curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None,
+                 direct: bool = True):
         """timeout_s: how long a request without a deadline waits for its reply (None: for ever; a
         request with a deadline waits deadline + REPLY_MARGIN_S). heartbeat_s: how often the link to
         the engine is checked; a connection silent for three beats is taken for lost.
         curve_secret_key, curve_server_key: this client's secret certificate and the server's public
-        one (files from `vitserve keys`), for an engine that requires CURVE authentication."""
+        one (files from `vitserve keys`), for an engine that requires CURVE authentication.
+        direct: over ipc://, talk over the engine's direct link (a Unix socket beside the endpoint,
+        without ZeroMQ's I/O threads) when it offers one; False: always ZeroMQ."""
         check_seconds("timeout_s", timeout_s, "or None to wait for ever", none_ok=True)
         check_seconds("heartbeat_s", heartbeat_s, "a silent engine is noticed within three beats")
         if (curve_secret_key is None) != (curve_server_key is None):
@@ -76,20 +78,13 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
                              f"passed over the socket beside it (slab channel); leave inline unset for tcp://")
         self.name = name
         self.welcome: Welcome | None = None
-        self._context = zmq.Context()
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        # A random routing id of our own: the ids ZeroMQ would generate are a counter that others
-        # could predict (the server binds requests to the connection, not to this id, either way).
-        socket.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))
-        socket.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1e3))
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * heartbeat_s * 1e3))
-        if curve_secret_key is not None:
-            connect_with_curve(socket, Path(curve_secret_key), Path(curve_server_key))
-        self._link = BurstSocket(socket.get_monitor_socket(LINK_EVENTS))
+        self._curve = (curve_secret_key, curve_server_key) if curve_secret_key is not None else None
+        # Over ipc://, the engine's direct link beside the endpoint when it offers one (client_direct.py).
+        self._link_path = link_path(where) if scheme == "ipc" and direct and self._curve is None else ""
+        self._transport: ZmqTransport | DirectTransport | None = None  # opened by connect()
+        self._context: zmq.Context | None = None
         self._ready = asyncio.Event()  # connected and welcomed: requests may go out
         self._generation = 0  # connections so far: what an earlier one held, the engine has released
-        self._socket = BurstSocket(socket)
         self._codec = client_codec()
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
@@ -154,7 +149,7 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
         future = self._loop.create_future()
         self._waiting[request_id] = future
         try:
-            await self._socket.send(self._codec.encode(message, frames))
+            await self._transport.send(self._codec.encode(message, frames))
         except BaseException:  # not sent: nothing to cancel at the engine
             self._waiting.pop(request_id, None)
             raise
@@ -225,7 +220,7 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
         future = self._loop.create_future()
         self._queries[reply_type].append(future)
         try:
-            await self._socket.send(self._codec.encode(query))
+            await self._transport.send(self._codec.encode(query))
         except BaseException:  # not sent: no reply will come for it
             self._queries[reply_type].remove(future)
             raise
@@ -238,7 +233,7 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
 
     async def _receive(self) -> None:
         while True:
-            for frames in await self._socket.receive():
+            for frames in await self._transport.receive():
                 self._dispatch(frames)
 
     def _dispatch(self, frames: list) -> None:
@@ -248,6 +243,8 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
             return  # not ours to answer; the engine only sends valid messages
         if isinstance(message, Welcome):  # the answer to the hello of a new connection
             self._welcomed(message)
+            return
+        if isinstance(message, Pong):  # the direct link's heartbeat: its arrival was the point
             return
         queries = self._queries.get(type(message))
         if queries is not None:  # one reply per query, in order (its caller may have given up)
@@ -282,11 +279,9 @@ class AsyncClient(ClientLink, ClientReleases, ClientKeptItems):
         for future in [*self._waiting.values(), *self._queries[Stats], *self._queries[Health]]:
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
-        # Events stopped before their reader closes: libzmq's I/O thread would block for ever sending
-        # one (a disconnect) to a PAIR without its reader, holding the lock that disabling takes
-        self._socket.socket.disable_monitor()
-        self._link.close()
-        self._socket.close()
-        self._context.term()
+        if self._transport is not None:
+            self._transport.close()
+        if self._context is not None:
+            self._context.term()
         self._reader.close()
         self._arena.close()

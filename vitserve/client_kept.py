@@ -30,4 +30,4 @@ class ClientKeptItems:
     async def forget(self, names: Sequence[str]) -> None:
         """Keep these names no longer (what a lookup holds stays readable until released)."""
         await self._until_ready(self.timeout_s)
-        await self._socket.send(self._codec.encode(Forget(list(names))))
+        await self._transport.send(self._codec.encode(Forget(list(names))))

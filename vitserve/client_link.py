@@ -6,18 +6,24 @@ waiting on it with `unavailable`, and ZeroMQ's reconnection brings a new connect
 hello before anything else goes out (requests wait for its welcome). A handshake the engine
 refuses (CURVE keys it does not admit) is reported at once rather than after the connect timeout.
 
-A mixin of `AsyncClient` (client.py), which owns the sockets and the requests waiting.
+The link is the engine's direct link over ipc:// when it offers one, else ZeroMQ's socket
+(client_direct.py), chosen as the client connects.
+
+A mixin of `AsyncClient` (client.py), which owns the transport and the requests waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
+import os
+from pathlib import Path
 
 import zmq
 
+from vitserve.client_direct import CONNECTED, DISCONNECTED, DirectTransport, ZmqTransport
 from vitserve.engine.errors import EngineError
-from vitserve.ipc.messages import PROTOCOL_VERSION, Error, Health, Hello, Stats, Welcome
+from vitserve.ipc.auth import connect_with_curve
+from vitserve.ipc.messages import PROTOCOL_VERSION, Error, Health, Hello, Ping, Stats, Welcome
 
 CONNECT_TIMEOUT_S = 30.0
 HEARTBEAT_S = 2.0  # ZMTP heartbeats: a silent engine (stopped, host gone) is noticed within three of them
@@ -30,7 +36,8 @@ class ClientLink:
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Welcome:
         """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
         self._loop = asyncio.get_running_loop()
-        self._socket.socket.connect(self.endpoint)
+        if self._transport is None:
+            self._open_transport()
         try:
             reply = await self._handshake(timeout_s)
         except asyncio.TimeoutError:
@@ -49,22 +56,44 @@ class ClientLink:
         await asyncio.shield(self._arena_asked)  # the first requests already use the input arena
         return self.welcome
 
+    def _open_transport(self) -> None:
+        """The direct link when the engine offers one here, else a ZeroMQ socket connecting (it
+        waits for an engine that is not there yet, and reconnects by itself)."""
+        if self._link_path:
+            try:
+                self._transport = DirectTransport(self._link_path, self._codec.encode(Ping()), self.heartbeat_s)
+                return
+            except OSError:
+                pass  # no direct link (no engine yet, or one that offers none): ZeroMQ
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        # A random routing id of our own: the ids ZeroMQ would generate are a counter that others
+        # could predict (the server binds requests to the connection, not to this id, either way).
+        socket.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1e3))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * self.heartbeat_s * 1e3))
+        if self._curve is not None:
+            connect_with_curve(socket, Path(self._curve[0]), Path(self._curve[1]))
+        self._transport = ZmqTransport(socket, LINK_EVENTS)
+        socket.connect(self.endpoint)
+
     async def _handshake(self, timeout_s: float) -> list:
         """The reply to the hello; ConnectionError as soon as the engine refuses the connection's
         handshake (a CURVE key it does not accept, or none where it requires one)."""
         async def exchange() -> list:
-            await self._socket.send(self._hello())  # waits for the connection (and its handshake) to be up
-            return await self._socket.receive_one()
+            await self._transport.send(self._hello())  # waits for the connection (and its handshake) to be up
+            return await self._transport.receive_one()
 
         reply = asyncio.ensure_future(asyncio.wait_for(exchange(), timeout_s))
         try:
             while True:
-                link = asyncio.ensure_future(self._link.receive())
+                link = asyncio.ensure_future(self._transport.events())
                 await asyncio.wait({reply, link}, return_when=asyncio.FIRST_COMPLETED)
                 link.cancel()
                 if reply.done():
                     return reply.result()
-                if any(_event(frames) & HANDSHAKE_FAILED for frames in link.result()):
+                if any(event & HANDSHAKE_FAILED for event in link.result()):
                     raise ConnectionError(f"the engine at {self.endpoint} refused the connection's handshake: "
                                           f"its CURVE keys do not admit this client (curve_secret_key, "
                                           f"curve_server_key), or it requires keys this client did not give")
@@ -79,18 +108,17 @@ class ClientLink:
         requests belong to their connection); the new one says hello before anything else goes."""
         connected = True
         while True:
-            events = await self._link.receive(self.heartbeat_s)
-            for frames in events:
-                event = _event(frames)
-                if event == zmq.EVENT_DISCONNECTED:
+            events = await self._transport.events(self.heartbeat_s)
+            for event in events:
+                if event == DISCONNECTED:
                     connected = False
-                    while messages := self._socket.take():  # replies that came before the loss are theirs
+                    while messages := self._transport.take():  # replies that came before the loss are theirs
                         for message in messages:
                             self._dispatch(message)
                     if self._ready.is_set():
                         self._lost(f"the connection to the engine at {self.endpoint} was lost (the engine stopped, "
                                    f"restarted or stopped answering): the request may or may not have run")
-                elif event == zmq.EVENT_CONNECTED:
+                elif event == CONNECTED:
                     connected = True
                     if not self._ready.is_set():  # (the first connection's hello is connect()'s)
                         self._send_control(self._hello())
@@ -121,7 +149,3 @@ class ClientLink:
             raise EngineError("unavailable", f"no connection to the engine at {self.endpoint} within "
                                              f"{limit:.1f} s") from None
 
-
-def _event(frames: list) -> int:
-    """The event of a socket monitor's message."""
-    return struct.unpack("=H", bytes(frames[0])[:2])[0]

@@ -41,8 +41,8 @@ class ClientReleases:
         """Small messages that must not wait (or frames already encoded): queued by ZeroMQ, or sent
         as soon as it has room (they are lost only with the socket or its connection)."""
         frames = message if isinstance(message, list) else self._codec.encode(message)
-        if not self._socket.socket.closed and not self._socket.send_now(frames):
-            asyncio.ensure_future(self._socket.send(frames))
+        if not self._transport.closed and not self._transport.send_now(frames):
+            asyncio.ensure_future(self._transport.send(frames))
 
     def _unwanted(self, request_id: int, reply: Result | Found | Error) -> None:
         """The reply to a request given up on: a result that finished before the cancel is released."""

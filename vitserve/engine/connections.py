@@ -10,6 +10,10 @@ message, and everything a client asks for belongs to that record. When the conne
 (its process exited, it closed, or we shut it), its requests end and the record goes; a peer
 that later claims the same routing id is a new connection that reaches nothing of the old one.
 
+Local clients may connect over the direct link instead (direct_clients.py): those connections are
+kept apart from the socket's (`direct`), by serial, since libzmq reports a descriptor's close only
+after it closed it, when the descriptor may already be a direct connection's.
+
 Bounds. Each connection holds a descriptor. Connections past `max_connections` are shut down
 as soon as their accept is seen (the socket is shut down under libzmq, which then closes it as
 if the peer had left), and so are connections that do not say hello within HELLO_TIMEOUT_S.
@@ -33,11 +37,15 @@ import socket as sockets
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
 
 import zmq
 
 from vitserve.ipc.burst import POLLIN
 from vitserve.log_limits import LogLimiter
+
+if TYPE_CHECKING:
+    from vitserve.ipc.direct import DirectStream
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class Connection:
     queued: list[int] = field(default_factory=lambda: [0, 0, 0])  # unfinished requests' items, tokens, bytes
     input_token: str = ""  # given in its welcome: claims its input arena over the slab channel
     arena: str = ""  # the input arena it writes its inputs into, once it asked for one
+    stream: DirectStream | None = None  # a direct link's (direct_clients.py); None: the ZeroMQ socket's
 
 
 def seed_routing_ids() -> None:
@@ -84,7 +93,8 @@ def raise_descriptor_limit(needed: int) -> int:
 class Connections:
     def __init__(self, socket: zmq.Socket, context: zmq.Context, max_connections: int):
         self.max_connections = max_connections
-        self.by_fd: dict[int, Connection] = {}
+        self.by_fd: dict[int, Connection] = {}  # the ZeroMQ socket's
+        self.direct: dict[int, Connection] = {}  # the direct link's, by serial
         self.counters = {"connections_opened": 0, "connections_refused": 0}
         self._serials = itertools.count(1)
         self._log_limits = LogLimiter(log)
@@ -99,7 +109,14 @@ class Connections:
         self._local: str | int | None = None  # see listening_on
 
     def __len__(self) -> int:
-        return len(self.by_fd)
+        return len(self.by_fd) + len(self.direct)
+
+    def all(self) -> Iterator[Connection]:
+        yield from list(self.by_fd.values())
+        yield from list(self.direct.values())
+
+    def direct_ones(self) -> list[Connection]:
+        return list(self.direct.values())
 
     def take_events(self) -> list[Connection]:
         """Apply the connection events that have arrived; returns the connections that closed."""
@@ -123,18 +140,36 @@ class Connections:
         return closed
 
     def _accepted(self, fd: int) -> None:
+        self.shed_if_over(self.opened(fd))
+
+    def opened(self, fd: int, direct: bool = False) -> Connection:
+        """A connection just accepted (its stream, for a direct one, is set by its caller)."""
         connection = Connection(next(self._serials), fd, _now())
-        self.by_fd[fd] = connection
+        if direct:
+            self.direct[connection.serial] = connection
+        else:
+            self.by_fd[fd] = connection
         self.counters["connections_opened"] += 1
-        if len(self.by_fd) > SHED_FACTOR * self.max_connections:
+        return connection
+
+    def shed_if_over(self, connection: Connection) -> None:
+        """Shut a connection just accepted when far too many are open."""
+        if len(self) > SHED_FACTOR * self.max_connections:
             self._log_limits.warning("shed", "%d connections are open, over %d × max_connections=%d: shutting "
-                                             "the newest", len(self.by_fd), SHED_FACTOR, self.max_connections)
+                                             "the newest", len(self), SHED_FACTOR, self.max_connections)
             self.shut(connection)
 
     def _forget(self, connection: Connection) -> Connection:
         connection.closed = True
         del self.by_fd[connection.fd]
         return connection
+
+    def forget(self, connection: Connection) -> bool:
+        """A direct connection ended: whether it was still open (its end is then the caller's to apply)."""
+        if self.direct.pop(connection.serial, None) is None:
+            return False
+        connection.closed = True
+        return True
 
     def of_message(self, routing_id: bytes, fd: int) -> tuple[Connection | None, list[Connection]]:
         """The connection a message arrived on, and the connections that closed meanwhile (their
@@ -153,12 +188,12 @@ class Connections:
         return connection, closed
 
     def helloed(self) -> int:
-        return sum(1 for connection in self.by_fd.values() if connection.helloed)
+        return sum(1 for connection in self.all() if connection.helloed)
 
     def overdue(self) -> list[Connection]:
         """Connections that have not said hello within HELLO_TIMEOUT_S."""
         oldest = _now() - HELLO_TIMEOUT_S
-        return [c for c in self.by_fd.values() if not c.helloed and c.opened_at < oldest]
+        return [c for c in self.all() if not c.helloed and c.opened_at < oldest]
 
     def listening_on(self, address: str) -> None:
         """The bound endpoint: a descriptor is shut only if it is a connection accepted there."""
@@ -168,7 +203,12 @@ class Connections:
     def shut(self, connection: Connection) -> None:
         """Shut the connection's socket down; libzmq closes it and reports the disconnect. Only a
         descriptor that is still this connection's: one closed and reused since (by another
-        connection, or by libzmq itself) is left alone."""
+        connection, or by libzmq itself) is left alone. A direct connection is closed here."""
+        if connection.stream is not None:
+            if not connection.closed:
+                self.counters["connections_refused"] += 1
+                connection.stream.close("shut by the engine")
+            return
         if connection.closed or self.by_fd.get(connection.fd) is not connection:
             return
         try:

@@ -14,6 +14,10 @@ the client until it acknowledges them with a release), or until its connection c
 The endpoint is bound when the Frontend is made, before the engine it will serve has started
 (minutes of model load and graph capture): a taken endpoint fails at once (see ipc/endpoints.py).
 Its socket file is removed when serving ends, or by `close()` when the engine never started.
+
+Beside an ipc:// endpoint the frontend also listens for local clients on the direct link
+(direct_clients.py; not with CURVE keys, which only the ZeroMQ socket checks): the same messages and
+the same handling, without ZeroMQ's I/O threads on either side.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from vitserve.ipc.burst import BurstSocket
 from vitserve.ipc.codec import ProtocolError, server_codec
 from vitserve.ipc.endpoints import DEFAULT_SOCKET_MODE, bind_endpoint
 from vitserve.ipc.messages import (
-    MAX_ITEMS_PER_REQUEST, Cancel, Encode, Error, Forget, HealthQuery, Hello, Lookup, Release, Stats, StatsQuery,
+    MAX_ITEMS_PER_REQUEST, Cancel, Encode, Error, Forget, HealthQuery, Hello, Lookup, Ping, Pong, Release, Stats,
+    StatsQuery,
 )
 from vitserve.ipc.slab_channel import SlabChannel
 from vitserve.log_limits import LogLimiter
@@ -41,6 +46,7 @@ from .config import EngineConfig
 from .connections import (
     RESERVED_DESCRIPTORS, SHED_FACTOR, Connection, Connections, raise_descriptor_limit, seed_routing_ids,
 )
+from .direct_clients import DirectClients
 from .engine import Engine
 
 log = logging.getLogger(__name__)
@@ -82,11 +88,19 @@ class Frontend(ClientRequests, Handshakes):
         self.connections = Connections(socket, self._context, self.limits.max_connections)  # before the bind
         self._authenticator = None if keys is None else serve_with_curve(self._context, socket, keys)
         self._bound = None
+        self.slab_channel: SlabChannel | None = None
+        self.direct: DirectClients | None = None
         try:
             self._bound = bind_endpoint(socket, endpoint, socket_mode)
             # Local clients get the slabs' descriptors beside the endpoint (ipc/slab_channel.py).
             self.slab_channel = SlabChannel(self._bound.path, socket_mode) if self._bound.path else None
+            if self._bound.path and keys is None:
+                self.direct = DirectClients(self._bound.path, socket_mode, self.connections, MAX_FRAMES,
+                                            MAX_HEADER_BYTES, config.max_request_bytes + MAX_HEADER_BYTES,
+                                            UNREAD_REPLIES_PER_CLIENT)
         except BaseException:
+            if self.slab_channel is not None:
+                self.slab_channel.close()
             if self._bound is not None:
                 self._bound.release()
             if self._authenticator is not None:
@@ -119,6 +133,8 @@ class Frontend(ClientRequests, Handshakes):
         self.watch()
         if self.slab_channel is not None:
             self._slab_task = asyncio.ensure_future(self.slab_channel.serve(engine.slab_descriptor, self._arena))
+        if self.direct is not None:
+            self.direct.start(self._checked, engine.dispatch_now, lambda connection: self._ended([connection]))
         try:
             while True:
                 burst = await self.socket.receive()
@@ -140,6 +156,8 @@ class Frontend(ClientRequests, Handshakes):
             self._slab_task.cancel()
         if self.slab_channel is not None:
             self.slab_channel.close()
+        if self.direct is not None:
+            self.direct.close()
         self.connections.stop_events()  # before the reader closes (see stop_events)
         self._events.close()
         self.socket.close(CLOSE_LINGER_MS)
@@ -168,6 +186,10 @@ class Frontend(ClientRequests, Handshakes):
         self._ended(closed)
         if connection is None:
             return  # from a connection that has closed since: nobody to answer
+        self._checked(connection, frames)
+
+    def _checked(self, connection: Connection, frames: list) -> None:
+        """A message of `connection` (either socket's), handled within the protocol's bounds."""
         if len(frames) > MAX_FRAMES or (frames and len(frames[0]) > MAX_HEADER_BYTES):
             self._log_limits.warning("frames", "a message of %d frames (header %d bytes) exceeds the protocol's "
                                      "bounds: shutting its connection", len(frames), len(frames[0]) if frames else 0)
@@ -186,7 +208,7 @@ class Frontend(ClientRequests, Handshakes):
             self._log_limits.warning("protocol", "undecodable message: %s", err)
             self._error(connection, None, err.code, str(err))
             return
-        if not connection.helloed and not isinstance(message, (Hello, HealthQuery)):
+        if not connection.helloed and not isinstance(message, (Hello, HealthQuery, Ping)):
             self._error(connection, getattr(message, "id", None), "protocol",
                         "say hello first: send a hello with the protocol version before anything else")
             return
@@ -209,6 +231,8 @@ class Frontend(ClientRequests, Handshakes):
                 self._send(connection, Stats(self.stats()))
             case HealthQuery():
                 self._send(connection, self.engine.health())
+            case Ping():
+                self._send(connection, Pong())
 
     def stats(self) -> dict[str, float]:
         """The frontend's and the engine's counters and gauges: what a stats query and /metrics give."""
@@ -229,7 +253,7 @@ class Frontend(ClientRequests, Handshakes):
 
     def _forget_reclaimed(self) -> None:
         """Requests the engine no longer holds (leases that expired) are no longer the clients'."""
-        for connection in self.connections.by_fd.values():
+        for connection in self.connections.all():
             gone = [request_id for request_id, key in connection.requests.items() if not self.engine.is_open(key)]
             for request_id in gone:
                 del connection.requests[request_id]
@@ -245,7 +269,9 @@ class Frontend(ClientRequests, Handshakes):
         if self.socket.socket.closed:
             return False  # the server stopped: requests still ending (failed by the engine's close) go unanswered
         sent = False
-        if not connection.closed:
+        if connection.stream is not None:
+            sent = connection.stream.send_now(self._codec.encode(message, frames or []))
+        elif not connection.closed:
             try:
                 sent = self.socket.send_now([connection.routing_id, *self._codec.encode(message, frames or [])])
             except zmq.ZMQError:  # EHOSTUNREACH: the connection is gone

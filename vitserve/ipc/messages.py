@@ -131,6 +131,11 @@ class HealthQuery(msgspec.Struct, frozen=True, tag="health"):
     pass
 
 
+class Ping(msgspec.Struct, frozen=True, tag="ping"):
+    """A direct link's heartbeat (ipc/direct.py), answered with a Pong even before hello: a client
+    that hears nothing for three beats takes the engine for stopped (ZeroMQ's links beat in ZMTP)."""
+
+
 # -- server to client -------------------------------------------------------------------------
 
 
@@ -186,8 +191,12 @@ class Health(msgspec.Struct, frozen=True, tag="health_reply"):
     pids_by_worker: dict[int, int] = {}  # worker number -> its running process (worker_pids is not by number)
 
 
-ClientMessage = Union[Hello, Encode, Lookup, Forget, Cancel, Release, StatsQuery, HealthQuery]
-ServerMessage = Union[Welcome, Result, Found, Error, Stats, Health]
+class Pong(msgspec.Struct, frozen=True, tag="pong"):
+    pass
+
+
+ClientMessage = Union[Hello, Encode, Lookup, Forget, Cancel, Release, StatsQuery, HealthQuery, Ping]
+ServerMessage = Union[Welcome, Result, Found, Error, Stats, Health, Pong]
 
 
 # -- the slab channel (a Unix socket beside an ipc:// endpoint; descriptors ride as SCM_RIGHTS) -------
