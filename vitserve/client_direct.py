@@ -69,7 +69,9 @@ class DirectTransport:
         self._stream: DirectStream | None = None
         self._messages: deque[list] = deque()
         self._events: list[int] = []
-        self._waiters: list[asyncio.Future] = []  # receives' and events' waits
+        # receives' and events' waits, apart: a message wakes only what waits for messages
+        self._message_waiters: list[asyncio.Future] = []
+        self._event_waiters: list[asyncio.Future] = []
         self._heard = self._loop.time()  # when the engine's bytes last came
         self._reconnect: asyncio.TimerHandle | None = None
         self.closed = False
@@ -95,7 +97,7 @@ class DirectTransport:
     def _arrived(self, messages: list) -> None:
         self._heard = self._loop.time()
         self._messages.extend(messages)
-        self._wake()
+        self._wake(self._message_waiters)
 
     def _lost(self, reason: str, broken: bool) -> None:
         self._stream = None
@@ -105,33 +107,31 @@ class DirectTransport:
 
     def _event(self, event: int) -> None:
         self._events.append(event)
-        self._wake()
+        self._wake(self._event_waiters)
 
-    def _wake(self) -> None:
-        for waiter in self._waiters:
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future]) -> None:
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _wait(self, timeout_s: float | None) -> None:
-        """Until anything happens (a message, an event, the close) or `timeout_s` has passed."""
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        timer = None if timeout_s is None else self._loop.call_later(timeout_s, self._wake)
-        try:
-            await waiter
-        finally:
-            self._waiters.remove(waiter)
-            if timer is not None:
-                timer.cancel()
-
-    async def _until(self, condition, timeout_s: float | None) -> None:
-        """Until `condition()` holds, the transport is closed, or `timeout_s` has passed."""
+    async def _until(self, condition, waiters: list[asyncio.Future], timeout_s: float | None) -> None:
+        """Until `condition()` holds (checked whenever `waiters` are woken), the transport is closed,
+        or `timeout_s` has passed."""
         deadline = None if timeout_s is None else self._loop.time() + timeout_s
         while not condition() and not self.closed:
             left = None if deadline is None else deadline - self._loop.time()
             if left is not None and left <= 0:
                 return
-            await self._wait(left)
+            waiter = self._loop.create_future()
+            waiters.append(waiter)
+            timer = None if left is None else self._loop.call_later(left, self._wake, [waiter])
+            try:
+                await waiter
+            finally:
+                waiters.remove(waiter)
+                if timer is not None:
+                    timer.cancel()
 
     # -- sending ---------------------------------------------------------------------------------
     def send_now(self, frames: Sequence[Any]) -> bool:
@@ -156,12 +156,12 @@ class DirectTransport:
         if self._messages:
             await asyncio.sleep(0)
         else:
-            await self._until(lambda: self._messages, timeout_s)
+            await self._until(lambda: self._messages, self._message_waiters, timeout_s)
         return self.take()
 
     async def receive_one(self, timeout_s: float | None = None) -> list:
         async def one() -> list:
-            await self._until(lambda: self._messages, None)
+            await self._until(lambda: self._messages, self._message_waiters, None)
             if not self._messages:
                 raise ConnectionError("the client was closed")
             return self._messages.popleft()
@@ -171,7 +171,7 @@ class DirectTransport:
     async def events(self, timeout_s: float | None = None) -> list[int]:
         """The connection's events since the last call: at least one, or none after `timeout_s`; and
         the heartbeat: a ping after a beat of silence, the connection lost after three."""
-        await self._until(lambda: self._events, timeout_s)
+        await self._until(lambda: self._events, self._event_waiters, timeout_s)
         stream = self._stream
         if stream is not None:
             silent = self._loop.time() - self._heard
@@ -188,4 +188,5 @@ class DirectTransport:
             self._reconnect.cancel()
         if self._stream is not None:
             self._stream.close("the client closed")
-        self._wake()
+        self._wake(self._message_waiters)
+        self._wake(self._event_waiters)

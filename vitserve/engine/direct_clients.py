@@ -25,6 +25,7 @@ from .connections import Connection, Connections
 log = logging.getLogger(__name__)
 
 ACCEPTS_PER_WAKE = 64  # connections taken per wake-up of the listener: a flood of them cannot hold the loop
+ACCEPT_PAUSE_S = 0.1  # out of descriptors: accepting waits this long instead of spinning
 BACKLOG = 128
 
 
@@ -49,7 +50,11 @@ class DirectClients:
         """Accept connections from now on (in the running loop)."""
         self._handlers = (on_message, on_burst, on_closed)
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._listener.fileno(), self._accept)
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._handlers is not None:  # (not closed meanwhile)
+            self._loop.add_reader(self._listener.fileno(), self._accept)
 
     def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_WAKE):
@@ -59,6 +64,8 @@ class DirectClients:
                 return
             except OSError as error:  # e.g. out of descriptors: the connection waits in the backlog
                 self._log_limits.warning("accept", "direct link: accept failed: %s", error)
+                self._loop.remove_reader(self._listener.fileno())
+                self._loop.call_later(ACCEPT_PAUSE_S, self._listen)
                 return
             connection = self._connections.opened(sock.fileno(), direct=True)
             connection.stream = DirectStream(sock, FrameSplitter(*self._bounds),

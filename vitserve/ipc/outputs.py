@@ -8,9 +8,9 @@ the slots are released at once.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,17 +21,33 @@ from .slab_maps import SlabReader
 from .slabs import numpy_dtype
 
 
-@dataclass(frozen=True)
 class EncodedItem:
-    embeddings: torch.Tensor  # (rows, out_hidden): what the language model consumes
-    deepstack: torch.Tensor  # (num_deepstack, rows, out_hidden)
-    kind: str  # "image", "video" or "patches" (sent already processed)
-    # (t, h, w) in patches, as the processor's grid_thw; rows = t * h * w / merge² (Kimi K2.5: per
-    # chunk of 4 frames, t rounded up to whole chunks)
-    grid: tuple[int, int, int]
-    # (rows, (1 + num_deepstack) * out_hidden): each row's embedding then its deepstack features, the
-    # layout vLLM's encoder cache holds for Qwen3-VL; the same memory as the two above
-    packed: torch.Tensor
+    """One item's outputs, viewing its rows where they lie (shared memory, or the reply's frame).
+    The views are made on first use: a consumer that reads one of them pays for that one only."""
+
+    def __init__(self, rows: torch.Tensor, kind: str, grid: tuple[int, int, int]):
+        self.rows = rows  # (rows, 1 + num_deepstack, out_hidden): row r's embedding, then its deepstack features
+        self.kind = kind  # "image", "video" or "patches" (sent already processed)
+        # (t, h, w) in patches, as the processor's grid_thw; rows = t * h * w / merge² (Kimi K2.5: per
+        # chunk of 4 frames, t rounded up to whole chunks)
+        self.grid = grid
+
+    @functools.cached_property
+    def embeddings(self) -> torch.Tensor:
+        return self.rows[:, 0]  # (rows, out_hidden): what the language model consumes
+
+    @functools.cached_property
+    def deepstack(self) -> torch.Tensor:
+        return self.rows[:, 1:].transpose(0, 1)  # (num_deepstack, rows, out_hidden)
+
+    @functools.cached_property
+    def packed(self) -> torch.Tensor:
+        # (rows, (1 + num_deepstack) * out_hidden): each row's embedding then its deepstack features,
+        # the layout vLLM's encoder cache holds for Qwen3-VL; the same memory as the two above
+        return self.rows.reshape(self.rows.shape[0], -1)
+
+    def __repr__(self) -> str:
+        return f"EncodedItem(kind={self.kind!r}, grid={self.grid}, rows={tuple(self.rows.shape)}, {self.rows.dtype})"
 
 
 class Encoded:
@@ -104,8 +120,7 @@ def encoded_from_refs(refs: Sequence[OutputRef | None], reader: SlabReader, rele
             rows = rows.view(torch.bfloat16)  # stored as uint16 (numpy has no bfloat16)
         if output_device is not None:
             rows = rows.to(output_device, copy=True)
-        items.append(EncodedItem(rows[:, 0], rows[:, 1:].transpose(0, 1), ref.kind, tuple(ref.grid),
-                                 rows.reshape(rows.shape[0], -1)))
+        items.append(EncodedItem(rows, ref.kind, tuple(ref.grid)))
     if output_device is not None and release is not None:
         release()
         release = None
