@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vitserve.ipc.direct import link_path
 from vitserve.ipc.slab_channel import channel_path
 from vitserve.ipc.slabs import SlabError, SlabPool, Slot
 from vitserve.soak.resources import slab_sizes
@@ -70,6 +71,7 @@ def slab_files(pid: int) -> list[str]:
 
 
 def socket_files_left(endpoint: str) -> list[str]:
-    """The socket files of an ipc:// endpoint (and its slab channel) that are still there."""
+    """The socket files of an ipc:// endpoint (its slab channel, its direct link) that are still there."""
     path = endpoint.removeprefix("ipc://")
-    return [name for name in (path, channel_path(path)) if endpoint.startswith("ipc://") and os.path.exists(name)]
+    return [name for name in (path, channel_path(path), link_path(path))
+            if endpoint.startswith("ipc://") and os.path.exists(name)]

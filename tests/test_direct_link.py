@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import threading
 import time
 
 import numpy as np
@@ -41,13 +42,13 @@ def test_messages_come_out_whole_however_the_stream_cuts_them():
     assert [[bytes(frame) for frame in frames] for frames in received] == sent
 
 
-@pytest.mark.parametrize("prefix, problem", [
-    (COUNT.pack(0), "0 frames"),
-    (COUNT.pack(9), "9 frames"),
-    (COUNT.pack(2) + LENGTH.pack(2 << 10) + LENGTH.pack(0), "header"),
-    (COUNT.pack(2) + LENGTH.pack(10) + LENGTH.pack(1 << 62), "bytes"),
-])
-def test_a_prefix_past_the_bounds_breaks_the_stream_before_its_bytes_are_awaited(prefix, problem):
+@pytest.mark.parametrize("prefix", [
+    COUNT.pack(0),
+    COUNT.pack(9),
+    COUNT.pack(2) + LENGTH.pack(2 << 10) + LENGTH.pack(0),  # a header over its bound
+    COUNT.pack(2) + LENGTH.pack(10) + LENGTH.pack(1 << 62),  # a message over its bound
+], ids=["no-frames", "too-many-frames", "header-too-large", "message-too-large"])
+def test_a_prefix_past_the_bounds_breaks_the_stream_before_its_bytes_are_awaited(prefix):
     with pytest.raises(LinkBroken):
         FrameSplitter(8, 1 << 10, 1 << 20).feed(prefix, [])
 
@@ -138,7 +139,7 @@ def test_ping_is_answered_before_hello_and_anything_else_asks_for_hello(endpoint
 @pytest.mark.parametrize("garbage", [
     COUNT.pack(100_000),  # more frames than any request has
     COUNT.pack(1) + LENGTH.pack(1 << 40),  # more bytes than any request may have
-])
+], ids=["too-many-frames", "too-many-bytes"])
 def test_a_peer_that_breaks_the_bounds_loses_its_connection_and_others_go_on(endpoint, garbage):
     honest, hostile = DirectPeer(endpoint), DirectPeer(endpoint)
     try:
@@ -184,3 +185,29 @@ def test_the_stats_of_a_direct_client_count_its_connection(endpoint):
         assert isinstance(reply, Stats) and reply.values["connections"] >= 1
     finally:
         peer.close()
+
+
+def test_a_client_started_before_its_engine_waits_for_it_and_takes_the_direct_link(tmp_path):
+    endpoint = f"ipc://{tmp_path}/later.sock"
+
+    async def run() -> None:
+        async with AsyncClient(endpoint) as client:
+            assert isinstance(client._transport, DirectTransport)
+            with await client.encode([image(64)]) as result:
+                assert tuple(result.items[0].embeddings.shape) == (64, 128)
+
+    outcome = []
+    early = threading.Thread(target=lambda: outcome.append(run_catching(run)))
+    early.start()
+    time.sleep(0.5)  # the client is waiting for the endpoint
+    with served(endpoint, *FLAGS):
+        early.join(120)
+    assert outcome == [None], outcome
+
+
+def run_catching(coroutine_function) -> BaseException | None:
+    try:
+        asyncio.run(coroutine_function())
+    except BaseException as error:  # the test's thread reports it to the test
+        return error
+    return None

@@ -27,7 +27,9 @@ def vitserve_commands() -> dict[str, set[str]]:
 
 
 def example_flags() -> set[str]:
-    return set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', (ROOT / "examples/vllm_epd_client.py").read_text()))
+    """The flags of the vLLM example and of the tools (tools/*.py), which the docs run too."""
+    scripts = [ROOT / "examples/vllm_epd_client.py", *sorted((ROOT / "tools").glob("*.py"))]
+    return {flag for script in scripts for flag in re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', script.read_text())}
 
 
 def test_every_docs_page_is_reachable_from_the_readme():

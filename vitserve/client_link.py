@@ -1,9 +1,9 @@
 """The client's link to its engine: the connection, its handshake, and noticing its loss.
 
 A request belongs to the connection it was sent on, so a lost connection (the engine was killed,
-restarted or stopped answering: ZMTP heartbeats find a silent one) ends every request and query
-waiting on it with `unavailable`, and ZeroMQ's reconnection brings a new connection, which says
-hello before anything else goes out (requests wait for its welcome). A handshake the engine
+restarted or stopped answering: heartbeats find a silent one) ends every request and query
+waiting on it with `unavailable`, and the transport's reconnection brings a new connection, which
+says hello before anything else goes out (requests wait for its welcome). A handshake the engine
 refuses (CURVE keys it does not admit) is reported at once rather than after the connect timeout.
 
 The link is the engine's direct link over ipc:// when it offers one, else ZeroMQ's socket
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zmq
 
-from vitserve.client_direct import CONNECTED, DISCONNECTED, DirectTransport, ZmqTransport
+from vitserve.client_direct import CONNECTED, DISCONNECTED, RECONNECT_S, DirectTransport, ZmqTransport
 from vitserve.engine.errors import EngineError
 from vitserve.ipc.auth import connect_with_curve
 from vitserve.ipc.messages import PROTOCOL_VERSION, Error, Health, Hello, Ping, Stats, Welcome
@@ -36,10 +36,11 @@ class ClientLink:
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> Welcome:
         """Connect and shake hands (protocol version); raises ConnectionError when no engine answers."""
         self._loop = asyncio.get_running_loop()
+        began = self._loop.time()
         if self._transport is None:
-            self._open_transport()
+            await self._open_transport(began + timeout_s)
         try:
-            reply = await self._handshake(timeout_s)
+            reply = await self._handshake(max(began + timeout_s - self._loop.time(), 0.0))
         except asyncio.TimeoutError:
             raise ConnectionError(f"no vitserve engine answered at {self.endpoint} within {timeout_s:.0f} s") from None
         message, _ = self._codec.decode(reply)
@@ -56,15 +57,20 @@ class ClientLink:
         await asyncio.shield(self._arena_asked)  # the first requests already use the input arena
         return self.welcome
 
-    def _open_transport(self) -> None:
-        """The direct link when the engine offers one here, else a ZeroMQ socket connecting (it
-        waits for an engine that is not there yet, and reconnects by itself)."""
-        if self._link_path:
+    async def _open_transport(self, deadline: float) -> None:
+        """The direct link when the engine offers one here, else a ZeroMQ socket connecting (which
+        reconnects by itself). An engine not started yet (no endpoint) is waited for until
+        `deadline` (loop time), so that a client started alongside it takes its link too."""
+        endpoint_path = self.endpoint.removeprefix("ipc://")
+        while self._link_path:
             try:
                 self._transport = DirectTransport(self._link_path, self._codec.encode(Ping()), self.heartbeat_s)
                 return
             except OSError:
-                pass  # no direct link (no engine yet, or one that offers none): ZeroMQ
+                pass
+            if os.path.exists(endpoint_path) or self._loop.time() >= deadline:
+                break  # an engine that offers no link (CURVE keys), or a stale link: ZeroMQ
+            await asyncio.sleep(RECONNECT_S)
         self._context = zmq.Context()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)

@@ -18,11 +18,13 @@ class Client:
 
     def __init__(self, endpoint: str, *, inline: bool | None = None, name: str = "",
                  timeout_s: float | None = TIMEOUT_S, heartbeat_s: float = HEARTBEAT_S,
-                 curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None):
+                 curve_secret_key: str | Path | None = None, curve_server_key: str | Path | None = None,
+                 direct: bool = True):
         self._background = BackgroundLoop("vitserve-client")
         self._call = self._background.call
         self._client = AsyncClient(endpoint, inline=inline, name=name, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
-                                   curve_secret_key=curve_secret_key, curve_server_key=curve_server_key)
+                                   curve_secret_key=curve_secret_key, curve_server_key=curve_server_key,
+                                   direct=direct)
         self.welcome = self._call(self._client.connect())
 
     @property
