@@ -94,8 +94,8 @@ class FrameSplitter:
 class DirectStream:
     """One end of a direct link in an asyncio loop: reads whole messages as they come (`on_messages`),
     writes messages at once or, when the socket is full, as soon as it has room, and reports its end
-    once (`on_closed(reason, broken)`; broken: the peer broke the stream's bounds). Sending never blocks: past `max_unsent` messages waiting for room, a send is
-    refused (the peer is not reading)."""
+    once (`on_closed(reason, broken)`; broken: the peer broke the stream's bounds). Sending never
+    blocks: past `max_unsent` messages waiting for room, a send is refused (the peer is not reading)."""
 
     def __init__(self, sock: socket.socket, splitter: FrameSplitter, on_messages: Callable[[list], None],
                  on_closed: Callable[[str, bool], None], max_unsent: int):
