@@ -28,7 +28,8 @@ def test_live_objects_are_frozen_and_garbage_is_freed(unfrozen):
     before = gc.get_freeze_count()
     frozen = freeze_start_up_objects()
     assert dropped_ref() is None, "garbage alive at the freeze must be freed, not frozen for good"
-    assert frozen == gc.get_freeze_count() > before
+    # (a frozen object freed since, by another thread of the test session, lowers the count again)
+    assert gc.get_freeze_count() <= frozen and frozen > before
     walked = [o for g in range(3) for o in gc.get_objects(generation=g)]
     assert not any(o is kept for o in walked), "an object alive at the freeze is out of the collector's passes"
     later = Node()
