@@ -53,6 +53,7 @@ class FrameSplitter:
         self._max_frames, self._max_first, self._max_total = max_frames, max_first_bytes, max_message_bytes
         self._buffer = bytearray()
         self._lengths: list[int] | None = None  # the lengths of the message being read, once its prefix is
+        self._total = 0  # and their sum
 
     def feed(self, data: bytes, messages: list) -> None:
         """Append `data`; every message now complete goes into `messages`. LinkBroken past the bounds."""
@@ -70,12 +71,13 @@ class FrameSplitter:
                 if len(buffer) - start < prefix:
                     break
                 lengths = [LENGTH.unpack_from(buffer, start + COUNT.size + i * LENGTH.size)[0] for i in range(count)]
-                if lengths[0] > self._max_first or sum(lengths) > self._max_total:
-                    raise LinkBroken(f"a message of {sum(lengths)} bytes, header {lengths[0]} (at most "
+                total = sum(lengths)
+                if lengths[0] > self._max_first or total > self._max_total:
+                    raise LinkBroken(f"a message of {total} bytes, header {lengths[0]} (at most "
                                      f"{self._max_total} and {self._max_first})")
-                self._lengths = lengths
+                self._lengths, self._total = lengths, total
                 start += prefix
-            end = start + sum(self._lengths)
+            end = start + self._total
             if len(buffer) < end:
                 break
             whole = bytes(buffer[start:end])  # the message's own memory: its frames outlive the buffer
