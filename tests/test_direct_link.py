@@ -211,3 +211,52 @@ def run_catching(coroutine_function) -> BaseException | None:
     except BaseException as error:  # the test's thread reports it to the test
         return error
     return None
+
+
+def stale_socket_file(path: str) -> None:
+    """What a killed engine leaves: a socket file that nothing accepts on."""
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(path)
+    left.close()
+
+
+def test_a_client_started_among_a_killed_engines_socket_files_waits_and_takes_the_direct_link(tmp_path):
+    """The endpoint's file alone does not mean an engine: a client waits for one that accepts, and
+    takes its link rather than ZeroMQ (which it kept for its whole life before)."""
+    endpoint = f"ipc://{tmp_path}/restarted.sock"
+    stale_socket_file(f"{tmp_path}/restarted.sock")
+    stale_socket_file(link_path(f"{tmp_path}/restarted.sock"))
+
+    async def run() -> None:
+        async with AsyncClient(endpoint) as client:
+            assert isinstance(client._transport, DirectTransport)
+            with await client.encode([image(64)]) as result:
+                assert tuple(result.items[0].embeddings.shape) == (64, 128)
+
+    outcome = []
+    early = threading.Thread(target=lambda: outcome.append(run_catching(run)))
+    early.start()
+    time.sleep(1.0)  # the client is waiting among the stale files
+    with served(endpoint, *FLAGS):
+        early.join(120)
+    assert outcome == [None], outcome
+
+
+def test_an_engine_without_a_link_is_reached_over_zeromq_and_its_refusal_told_at_once(tmp_path):
+    """An engine with CURVE keys offers no link: a client with admitted keys talks ZeroMQ, and one
+    without keys looks for the link only briefly before it is told that the handshake was refused."""
+    zmq_auth = pytest.importorskip("zmq.auth")
+    zmq_auth.create_certificates(tmp_path, "server")
+    (tmp_path / "allowed").mkdir()
+    zmq_auth.create_certificates(tmp_path / "allowed", "admitted")
+    endpoint = f"ipc://{tmp_path}/keyed.sock"
+    with served(endpoint, *FLAGS, "--curve-secret-key", str(tmp_path / "server.key_secret"),
+                "--curve-clients", str(tmp_path / "allowed")):
+        with Client(endpoint, curve_secret_key=tmp_path / "allowed" / "admitted.key_secret",
+                    curve_server_key=tmp_path / "server.key") as keyed:
+            with keyed.encode([image(64)]) as result:
+                assert tuple(result.items[0].embeddings.shape) == (64, 128)
+        began = time.monotonic()
+        with pytest.raises(ConnectionError, match="refused the connection's handshake"):
+            Client(endpoint)
+        assert time.monotonic() - began < 10, "told at once, not after the connect timeout"
