@@ -79,8 +79,7 @@ class ClientLink:
             except OSError:
                 pass
             now = self._loop.time()
-            no_link_offered = accepted_at is not None and now - accepted_at >= LINK_GRACE_S
-            if zeromq is not None and (now >= deadline or no_link_offered):
+            if zeromq is not None and (now >= deadline or (accepted_at is not None and now - accepted_at >= LINK_GRACE_S)):
                 self._transport = zeromq
                 return
             if zeromq is None and (os.path.exists(endpoint_path) or now >= deadline):
