@@ -30,7 +30,6 @@ HEARTBEAT_S = 2.0  # ZMTP heartbeats: a silent engine (stopped, host gone) is no
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
-LINK_GRACE_S = 0.5  # an engine accepting on its endpoint offers its link within this, or never
 
 
 class ClientLink:
@@ -60,41 +59,18 @@ class ClientLink:
 
     async def _open_transport(self, deadline: float) -> None:
         """The direct link when the engine offers one here, else a ZeroMQ socket connecting (which
-        reconnects by itself). An engine not started yet (no endpoint, or a killed one's socket files
-        that nothing accepts on) is waited for until `deadline` (loop time), so that a client started
-        alongside it takes its link too: ZeroMQ is taken only from an engine that accepts on its
-        endpoint and, LINK_GRACE_S later, still offers no link (CURVE keys, or an older vitserve)."""
-        if not self._link_path:
-            self._transport = self._zmq_transport()
-            return
+        reconnects by itself). An engine not started yet (no endpoint) is waited for until
+        `deadline` (loop time), so that a client started alongside it takes its link too."""
         endpoint_path = self.endpoint.removeprefix("ipc://")
-        zeromq: ZmqTransport | None = None  # connecting, to tell an engine that accepts from a stale file
-        accepted_at = None  # when it connected: the engine binds its link just after its endpoint
-        while True:
+        while self._link_path:
             try:
                 self._transport = DirectTransport(self._link_path, self._codec.encode(Ping()), self.heartbeat_s)
-                if zeromq is not None:
-                    zeromq.close()
                 return
             except OSError:
                 pass
-            now = self._loop.time()
-            if zeromq is not None and (now >= deadline or (accepted_at is not None and now - accepted_at >= LINK_GRACE_S)):
-                self._transport = zeromq
-                return
-            if zeromq is None and (os.path.exists(endpoint_path) or now >= deadline):
-                zeromq = self._zmq_transport()
-            if zeromq is None:
-                await asyncio.sleep(RECONNECT_S)
-                continue
-            events = await zeromq.events(RECONNECT_S)
-            if any(event & HANDSHAKE_FAILED for event in events):
-                zeromq.close()
-                raise self._refused_handshake()
-            if CONNECTED in events and accepted_at is None:
-                accepted_at = self._loop.time()
-
-    def _zmq_transport(self) -> ZmqTransport:
+            if os.path.exists(endpoint_path) or self._loop.time() >= deadline:
+                break  # an engine that offers no link (CURVE keys), or a stale link: ZeroMQ
+            await asyncio.sleep(RECONNECT_S)
         self._context = zmq.Context()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
@@ -105,9 +81,8 @@ class ClientLink:
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * self.heartbeat_s * 1e3))
         if self._curve is not None:
             connect_with_curve(socket, Path(self._curve[0]), Path(self._curve[1]))
-        transport = ZmqTransport(socket, LINK_EVENTS)
+        self._transport = ZmqTransport(socket, LINK_EVENTS)
         socket.connect(self.endpoint)
-        return transport
 
     async def _handshake(self, timeout_s: float) -> list:
         """The reply to the hello; ConnectionError as soon as the engine refuses the connection's
@@ -125,14 +100,11 @@ class ClientLink:
                 if reply.done():
                     return reply.result()
                 if any(event & HANDSHAKE_FAILED for event in link.result()):
-                    raise self._refused_handshake()
+                    raise ConnectionError(f"the engine at {self.endpoint} refused the connection's handshake: "
+                                          f"its CURVE keys do not admit this client (curve_secret_key, "
+                                          f"curve_server_key), or it requires keys this client did not give")
         finally:
             reply.cancel()
-
-    def _refused_handshake(self) -> ConnectionError:
-        return ConnectionError(f"the engine at {self.endpoint} refused the connection's handshake: its CURVE keys "
-                               f"do not admit this client (curve_secret_key, curve_server_key), or it requires keys "
-                               f"this client did not give")
 
     def _hello(self) -> list:
         return self._codec.encode(Hello(PROTOCOL_VERSION, self.name))
